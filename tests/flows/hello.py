@@ -1,0 +1,28 @@
+"""Flows used by the end-to-end tests (run by `python -m prefect.engine` in the child)."""
+
+import json
+import os
+import time
+
+from prefect import flow
+
+
+@flow
+def hello(name: str = "world", out: str = "", sleep: float = 0.0) -> str:
+    start = time.time()
+    if sleep:
+        time.sleep(sleep)
+    print(f"hello {name} from flow-worker test")
+    if out:
+        record = {
+            "name": name,
+            "FOO": os.environ.get("FOO"),
+            "BAR": os.environ.get("BAR"),
+            "run_id": os.environ.get("PREFECT__FLOW_RUN_ID"),
+            "start": start,
+            "end": time.time(),
+            "cwd": os.getcwd(),
+        }
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return name

@@ -1,0 +1,331 @@
+"""The Prefect REST client: httpx on trio, Prefect's headers and auth, CSRF, retries, typed calls.
+
+Every call here is one of the REST calls in PROTOCOL.md §2, with the same body a
+Prefect 3.9.1 worker sends. Errors say whose fault they are:
+
+* :class:`ApiUnavailable`: the server or the network (connection refused, timeouts,
+  5xx, 429 after the retries ran out). Callers back off and try again later.
+* :class:`ApiRefused`: the server understood and said no (4xx): a wrong key, a
+  missing object, a bad name. :class:`ApiNotFound` is the 404 case.
+* :class:`~worker.models.ProtocolError`: a 2xx whose body is not what the API documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+import httpx
+import structlog
+import trio
+
+from worker import templating
+from worker.models import (
+    Deployment,
+    Flow,
+    FlowRun,
+    OrchestrationResult,
+    StateType,
+    WorkPool,
+    structure,
+)
+from worker.retry import RetryPolicy
+from worker.settings import Settings
+
+PREFECT_VERSION: Final = "3.9.1"
+API_VERSION: Final = "0.8.4"
+USER_AGENT: Final = f"prefect/{PREFECT_VERSION} (API {API_VERSION})"
+_MUTATING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+log = structlog.get_logger("flow_worker.api")
+
+
+class ApiError(Exception):
+    def __init__(self, method: str, path: str, status: int | None, detail: str) -> None:
+        self.method, self.path, self.status, self.detail = method, path, status, detail
+        code = f" {status}" if status is not None else ""
+        super().__init__(f"{method} {path}{code}: {detail}")
+
+
+class ApiUnavailable(ApiError):
+    """Not our fault: the API could not be reached or is overloaded; try again later."""
+
+
+class ApiRefused(ApiError):
+    """The API refused the request (4xx): a configuration or a programming error."""
+
+
+class ApiNotFound(ApiRefused):
+    """404: the object does not exist (any more)."""
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("exception_message") or body)[:500]
+    return str(body)[:500]
+
+
+def _state_body(
+    state_type: StateType,
+    name: str,
+    run_id: str,
+    message: str | None,
+    force: bool,
+    state_details: dict[str, Any] | None,
+    transition_id: str,
+) -> dict[str, Any]:
+    details = {**(state_details or {}), "flow_run_id": run_id, "transition_id": transition_id}
+    return {
+        "state": {
+            "type": state_type.value,
+            "name": name,
+            "message": message,
+            "state_details": details,
+            "data": None,
+        },
+        "force": force,
+    }
+
+
+@attrs.define
+class PrefectClient:
+    """One client per worker process (never per run): its connections are pooled."""
+
+    settings: Settings
+    http: httpx.AsyncClient
+    retry: RetryPolicy = attrs.Factory(RetryPolicy)
+    rng: random.Random = attrs.Factory(random.Random)
+    csrf: dict[str, str] | None = None
+    csrf_disabled: bool = False
+    requests_sent: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> PrefectClient:
+        headers = {
+            "User-Agent": USER_AGENT,
+            "X-PREFECT-API-VERSION": API_VERSION,
+            "X-Prefect-Worker-Name": settings.worker_name,
+        }
+        if settings.api_auth_string:
+            token = base64.b64encode(settings.api_auth_string.encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        elif settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        assert settings.api_url, "settings.validated() checks this"
+        http = httpx.AsyncClient(
+            base_url=settings.api_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(settings.api_request_timeout),
+            transport=transport,
+        )
+        return cls(settings, http)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.http.aclose()
+
+    # ---------------------------------------------------------------- transport
+
+    async def _csrf_headers(self, method: str) -> dict[str, str]:
+        if method not in _MUTATING or self.csrf_disabled:
+            return {}
+        if self.csrf is None:
+            client_id = str(uuid.uuid4())
+            response = await self._send("GET", "csrf-token", params={"client": client_id})
+            if response.status_code == 422:
+                self.csrf_disabled = True
+                return {}
+            if response.status_code != 200:
+                raise ApiRefused("GET", "/csrf-token", response.status_code, _detail(response))
+            token = response.json()["token"]
+            self.csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client_id}
+        return self.csrf
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request with retries of what is safe to retry (see ``retry.py``)."""
+        policy = self.retry
+        while True:
+            try:
+                self.requests_sent += 1
+                response = await self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if policy.exhausted:
+                    raise ApiUnavailable(method, "/" + path, None, f"{type(exc).__name__}: {exc}") from None
+                delay = policy.delay(rng=self.rng)
+                log.debug("api.retry", method=method, path=path, error=type(exc).__name__, delay=round(delay, 2))
+            else:
+                if not policy.is_retryable_status(response.status_code):
+                    return response
+                if policy.exhausted:
+                    raise ApiUnavailable(method, "/" + path, response.status_code, _detail(response))
+                delay = policy.delay(response.headers.get("Retry-After"), rng=self.rng)
+                log.debug("api.retry", method=method, path=path, status=response.status_code, delay=round(delay, 2))
+            policy = policy.increment()
+            await trio.sleep(delay)
+
+    async def request(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """A request whose non-2xx answer is raised as the matching :class:`ApiError`."""
+        for _ in range(2):
+            headers = await self._csrf_headers(method)
+            response = await self._send(method, path, json=json, params=params, headers=headers)
+            if response.status_code == 403 and "csrf" in _detail(response).lower() and self.csrf:
+                self.csrf = None  # expired or rotated: fetch a new token once
+                continue
+            break
+        if response.is_success:
+            return response
+        detail = _detail(response)
+        if response.status_code == 404:
+            raise ApiNotFound(method, "/" + path, 404, detail)
+        if response.status_code >= 500:
+            raise ApiUnavailable(method, "/" + path, response.status_code, detail)
+        raise ApiRefused(method, "/" + path, response.status_code, detail)
+
+    # ---------------------------------------------------------------- work pools
+
+    async def read_work_pool(self, pool: str) -> WorkPool | None:
+        try:
+            response = await self.request("GET", f"work_pools/{pool}")
+        except ApiNotFound:
+            return None
+        return structure(response.json(), WorkPool)
+
+    async def create_work_pool(self, pool: str) -> WorkPool:
+        """Create a process pool (bare, as Prefect's worker does); 409 means it exists now."""
+        try:
+            response = await self.request("POST", "work_pools/", json={"name": pool, "type": "process"})
+        except ApiRefused as exc:
+            if exc.status != 409:
+                raise
+            found = await self.read_work_pool(pool)
+            if found is None:
+                raise
+            return found
+        return structure(response.json(), WorkPool)
+
+    async def set_base_job_template(self, pool: str, template: dict[str, Any]) -> None:
+        await self.request("PATCH", f"work_pools/{pool}", json={"base_job_template": template})
+
+    async def send_heartbeat(self, pool: str, worker_name: str, interval: float) -> None:
+        await self.request(
+            "POST",
+            f"work_pools/{pool}/workers/heartbeat",
+            json={"name": worker_name, "heartbeat_interval_seconds": int(interval)},
+        )
+
+    async def get_scheduled_flow_runs(
+        self, pool: str, queues: Sequence[str], scheduled_before: datetime.datetime
+    ) -> list[FlowRun]:
+        response = await self.request(
+            "POST",
+            f"work_pools/{pool}/get_scheduled_flow_runs",
+            json={"work_queue_names": list(queues), "scheduled_before": str(scheduled_before)},
+        )
+        rows = response.json()
+        if not isinstance(rows, list):
+            return []
+        return [structure(row["flow_run"], FlowRun) for row in rows if isinstance(row, dict)]
+
+    # ---------------------------------------------------------------- reads
+
+    async def read_deployment(self, deployment_id: str) -> Deployment | None:
+        try:
+            response = await self.request("GET", f"deployments/{deployment_id}")
+        except ApiNotFound:
+            return None
+        return structure(response.json(), Deployment)
+
+    async def read_flow(self, flow_id: str) -> Flow:
+        return structure((await self.request("GET", f"flows/{flow_id}")).json(), Flow)
+
+    async def read_flow_run(self, run_id: str) -> FlowRun | None:
+        try:
+            response = await self.request("GET", f"flow_runs/{run_id}")
+        except ApiNotFound:
+            return None
+        return structure(response.json(), FlowRun)
+
+    async def filter_flow_runs(
+        self, ids: Iterable[str], state_types: Iterable[StateType] | None = None
+    ) -> list[FlowRun]:
+        flow_runs: dict[str, Any] = {"id": {"any_": list(ids)}}
+        if state_types is not None:
+            flow_runs["state"] = {"type": {"any_": [t.value for t in state_types]}}
+        body = {"flow_runs": flow_runs, "limit": None, "offset": 0}
+        response = await self.request("POST", "flow_runs/filter", json=body)
+        return [structure(row, FlowRun) for row in response.json()]
+
+    # ---------------------------------------------------------------- writes
+
+    async def set_flow_run_state(
+        self,
+        run_id: str,
+        state_type: StateType,
+        name: str,
+        message: str | None = None,
+        *,
+        force: bool = False,
+        state_details: dict[str, Any] | None = None,
+        transition_id: str | None = None,
+    ) -> OrchestrationResult:
+        """Propose a state. The ``transition_id`` is fixed across retries, so a proposal
+        replayed after a lost answer is recognisable (``decisions.claim_outcome``)."""
+        body = _state_body(
+            state_type, name, run_id, message, force, state_details, transition_id or str(uuid.uuid4())
+        )
+        for _ in range(10):
+            response = await self.request("POST", f"flow_runs/{run_id}/set_state", json=body)
+            result = structure(response.json(), OrchestrationResult)
+            if result.status.value != "WAIT":
+                return result
+            delay = float(result.details.get("delay_seconds") or 1.0)
+            await trio.sleep(min(max(delay, 0.1), 30.0))
+        return result
+
+    async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:
+        await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)})
+
+    async def update_labels(self, run_id: str, labels: dict[str, str]) -> None:
+        await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels)
+
+    # ---------------------------------------------------------------- template resolution
+
+    async def read_block_document_by_name(self, slug: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = await self.request(
+                "GET",
+                f"block_types/slug/{slug}/block_documents/name/{name}",
+                params={"include_secrets": "true"},
+            )
+        except ApiNotFound:
+            return None
+        data = response.json().get("data")
+        return data if isinstance(data, dict) else {}
+
+    async def read_block_document_by_id(self, block_id: str) -> dict[str, Any] | None:
+        try:
+            response = await self.request(
+                "GET", f"block_documents/{block_id}", params={"include_secrets": "true"}
+            )
+        except ApiNotFound:
+            return None
+        data = response.json().get("data")
+        return data if isinstance(data, dict) else {}
+
+    async def read_variable_value(self, name: str) -> Any:
+        try:
+            response = await self.request("GET", f"variables/name/{name}")
+        except ApiNotFound:
+            return templating.MISSING
+        return response.json().get("value")

@@ -1,0 +1,76 @@
+"""``flow-worker``: parse arguments, load settings, run the supervisor, map the outcome to an exit code.
+
+Exit codes: 0 all good (with ``--once``: every child exited 0), 1 a run crashed or
+could not start (``--once``), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from worker import __version__
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flow-worker",
+        description="A lightweight drop-in replacement for `prefect worker start --type process`.",
+        argument_default=argparse.SUPPRESS,  # only flags that were given override file/env
+    )
+    p.add_argument("-p", "--pool", help="work pool to serve")
+    p.add_argument("-q", "--work-queue", dest="work_queues", action="append", help="queue name (repeatable)")
+    p.add_argument("-n", "--name", help="worker name (default: 'ProcessWorker <uuid>')")
+    p.add_argument("-l", "--limit", type=int, help="most flow runs at once")
+    p.add_argument("--prefetch-seconds", type=float, help="claim runs due this many seconds ahead")
+    p.add_argument("--once", action="store_true", help="drain the runs due now, wait for them, exit")
+    p.add_argument("--run-once", dest="once", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--with-healthcheck", action="store_true", help="serve GET /health")
+    p.add_argument("--config", dest="config_path", type=Path, help="TOML config file")
+    p.add_argument("--log-format", choices=["auto", "console", "json"])
+    p.add_argument("--version", action="version", version=f"flow-worker {__version__}")
+    return p
+
+
+async def _first_signal() -> str:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            return signal.Signals(signum).name
+    return "signal receiver closed"
+
+
+async def _amain(settings: Any) -> int:
+    from worker.api import PrefectClient
+    from worker.supervisor import Supervisor
+
+    client = PrefectClient.from_settings(settings)
+    try:
+        return await Supervisor(settings, client).run(shutdown=_first_signal)
+    finally:
+        await client.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from worker import logs, settings as settings_mod
+
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config_path", None)
+    try:
+        settings = settings_mod.validated(settings_mod.load(args, config_path=config_path))
+    except settings_mod.SettingsError as exc:
+        print(f"flow-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(settings.log_format, settings.log_level)
+    return trio.run(_amain, settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

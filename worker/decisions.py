@@ -1,0 +1,94 @@
+"""What the worker concludes from what it sees: orchestration answers and exit codes.
+
+Pure functions and tables, called by the supervisor and by the tests directly.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Final
+
+import attrs
+
+from worker.models import OrchestrationResult, SetStateStatus, StateType
+
+
+@attrs.frozen
+class ClaimOutcome:
+    proceed: bool
+    reason: str = ""
+
+
+def claim_outcome(result: OrchestrationResult, transition_id: str) -> ClaimOutcome:
+    """Whether a PENDING claim made the run ours.
+
+    =========================================  ========  =====================================
+    server answer                              proceed?  why
+    =========================================  ========  =====================================
+    ACCEPT, state PENDING                      yes       the claim was written
+    REJECT, state PENDING with our transition  yes       our retried claim had already been
+                                                         written (the first answer was lost)
+    ABORT                                      no        another worker has it, or it is past
+                                                         PENDING (RUNNING, CANCELLED …)
+    REJECT (anything else)                     no        e.g. deployment concurrency limit
+                                                         → AwaitingConcurrencySlot
+    =========================================  ========  =====================================
+    """
+    state = result.state
+    if result.status is SetStateStatus.ACCEPT and state is not None and state.type is StateType.PENDING:
+        return ClaimOutcome(True)
+    if (
+        result.status is SetStateStatus.REJECT
+        and state is not None
+        and state.type is StateType.PENDING
+        and state.state_details.get("transition_id") == transition_id
+    ):
+        return ClaimOutcome(True, "claim replayed after a lost answer")
+    if result.status is SetStateStatus.ABORT:
+        return ClaimOutcome(False, f"Server sent an abort signal: {result.reason}")
+    shown = state.type.value if state is not None else "unknown"
+    why = f": {result.reason}" if result.reason else ""
+    return ClaimOutcome(False, f"Server returned a non-pending state {shown!r}{why}")
+
+
+_EXPLANATIONS: Final[dict[int, str]] = {
+    -signal.SIGKILL: (
+        "Process exited due to a SIGKILL signal. Typically caused by the operating system "
+        "terminating the process for exceeding memory limits, or by manual cancellation."
+    ),
+    -signal.SIGTERM: (
+        "Process exited due to a SIGTERM signal. Typically caused by graceful shutdown or "
+        "manual cancellation."
+    ),
+    1: "Process exited with a general error.",
+    126: "Command found but not executable.",
+    127: "Command not found.",
+    137: (
+        "Process exited with status code 137 (SIGKILL), typically caused by the operating "
+        "system terminating the process for exceeding memory limits."
+    ),
+    143: "Process exited with status code 143 (SIGTERM): the flow run was terminated by a signal.",
+}
+
+
+def exit_message(returncode: int) -> str:
+    """The CRASHED message for a process that exited with ``returncode`` (Prefect's
+    wording, with the signal named for every signal, not just TERM and KILL)."""
+    explanation = _EXPLANATIONS.get(returncode)
+    if explanation is None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        explanation = f"Process exited due to a {name} signal."
+    if explanation is None:
+        explanation = "Process exited with an unexpected status code."
+    return f"Process exited with status code: {returncode}. {explanation}"
+
+
+CANCELLED_MESSAGE: Final = "Flow run was cancelled successfully."
+SUBMIT_FAILED: Final = "Failed to submit flow run to infrastructure: {}"
+START_FAILED: Final = "Flow run could not start: {}"
+WORKER_STOPPED: Final = (
+    "The worker stopped before the flow run finished: its process was terminated ({})."
+)

@@ -1,0 +1,273 @@
+"""One frozen :class:`Settings`, from a TOML file < environment < command-line flags.
+
+Every setting has one key (its name in the TOML file), the environment variables that
+set it (``FLOW_WORKER_<KEY>`` always, plus the ``PREFECT_*`` name Prefect's worker
+reads, where there is one), and a flag where ``prefect worker start`` has one. Values
+are converted by one cattrs converter with strict hooks (``"false"`` is false, ``"3.5"``
+is not an int), one key at a time, so an error names the key, the value and where it
+came from: ``/etc/flow-worker/p.toml line 4: 'limit' = "two": expected an integer``.
+
+This is the only module that reads the environment; everything else gets ``Settings``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import types
+import typing
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import attrs
+import cattrs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class SettingsError(ValueError):
+    """A setting is missing or bad: the user's configuration, not the worker, is at fault."""
+
+
+LogFormat = Literal["auto", "console", "json"]
+
+
+def _positive(inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _port(inst: Any, attr: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+
+
+def _worker_name(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and ("/" in value or "%" in value or not value.strip()):
+        raise ValueError("a worker name must be non-empty and contain neither '/' nor '%'")
+
+
+def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("auto", "console", "json"):
+        raise ValueError("must be one of 'auto', 'console', 'json'")
+
+
+def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
+    return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
+
+
+@attrs.frozen
+class Settings:
+    """Everything flow-worker can be told. Defaults are Prefect's worker's unless noted."""
+
+    api_url: str | None = _setting(None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api")
+    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer")
+    api_auth_string: str | None = _setting(
+        None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
+    )
+    api_request_timeout: float = _setting(
+        60.0, env=["PREFECT_API_REQUEST_TIMEOUT"], validator=_positive, doc="seconds per HTTP request"
+    )
+    pool: str | None = _setting(None, doc="the work pool to serve (required)")
+    work_queues: tuple[str, ...] = _setting((), doc="queue names; empty means every queue of the pool")
+    name: str | None = _setting(None, validator=_worker_name, doc="worker name; default 'ProcessWorker <uuid>'")
+    limit: int | None = _setting(
+        None, validator=_positive, doc="most flow runs at once; unset means no limit, as Prefect"
+    )
+    prefetch_seconds: float = _setting(10.0, env=["PREFECT_WORKER_PREFETCH_SECONDS"])
+    query_seconds: float = _setting(10.0, env=["PREFECT_WORKER_QUERY_SECONDS"], validator=_positive)
+    heartbeat_seconds: float = _setting(30.0, env=["PREFECT_WORKER_HEARTBEAT_SECONDS"], validator=_positive)
+    cancel_poll_seconds: float = _setting(10.0, validator=_positive, doc="how often CANCELLING runs are looked for")
+    cancel_grace_seconds: float = _setting(
+        30.0, validator=_positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
+    )
+    create_pool_if_not_found: bool = _setting(True)
+    once: bool = _setting(False, doc="drain what is due now, wait for it, exit")
+    with_healthcheck: bool = _setting(False)
+    webserver_host: str = _setting("127.0.0.1", env=["PREFECT_WORKER_WEBSERVER_HOST"], doc="differs from Prefect's 0.0.0.0: loopback unless asked")
+    webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=_port)
+    log_format: str = _setting("auto", validator=_log_format, doc="console on a TTY, JSON lines otherwise")
+    log_level: str = _setting("INFO", doc="DEBUG, INFO, WARNING, ERROR")
+    python: str | None = _setting(
+        None, doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own"
+    )
+
+    @property
+    def worker_name(self) -> str:
+        """The name given, else the Prefect default, fixed for this Settings object."""
+        return self.name or _DEFAULT_NAME
+
+    def child_prefect_env(self) -> dict[str, str]:
+        """Prefect settings that were set explicitly, as env vars for flow-run processes."""
+        env = {"PREFECT_API_URL": self.api_url} if self.api_url else {}
+        if self.api_key:
+            env["PREFECT_API_KEY"] = self.api_key
+        if self.api_auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.api_auth_string
+        return env
+
+
+attrs.resolve_types(Settings)
+_DEFAULT_NAME: Final = f"ProcessWorker {uuid.uuid4()}"
+FIELDS: Final = {f.name: f for f in attrs.fields(Settings)}
+
+# ---------------------------------------------------------------- strict conversion
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+_converter = cattrs.Converter()
+
+
+def _to_bool(value: Any, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _to_int(value: Any, _: type) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError("expected an integer")
+
+
+def _to_float(value: Any, _: type) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError("expected a number")
+
+
+def _to_str(value: Any, _: type) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("expected a string")
+
+
+def _to_strs(value: Any, _: type) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("expected a list of strings")
+
+
+_converter.register_structure_hook(bool, _to_bool)
+_converter.register_structure_hook(int, _to_int)
+_converter.register_structure_hook(float, _to_float)
+_converter.register_structure_hook(str, _to_str)
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strs)
+
+
+@attrs.frozen
+class Sourced:
+    """A raw value and where it came from, for error messages."""
+
+    value: Any
+    source: str
+
+
+def _convert(key: str, raw: Sourced) -> Any:
+    field = FIELDS[key]
+    try:
+        if raw.value is None or (raw.value == "" and field.default is None):
+            return None
+        target = field.type
+        if isinstance(target, types.UnionType):  # X | None: None was handled above
+            target = next(a for a in typing.get_args(target) if a is not type(None))
+        value = _converter.structure(raw.value, target)
+        if field.validator is not None:
+            field.validator(None, field, value)
+        return value
+    except Exception as exc:  # noqa: BLE001 - cattrs wraps errors in several classes
+        reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
+        raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
+
+
+def _toml_line(text: str, key: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def read_file(path: Path) -> dict[str, Sourced]:
+    """Raw values from a TOML file (flat keys, as the field names)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, Sourced] = {}
+    for key, value in data.items():
+        line = _toml_line(text, key)
+        where = f"{path} line {line}" if line else str(path)
+        if key not in FIELDS:
+            known = ", ".join(sorted(FIELDS))
+            raise SettingsError(f"{where}: unknown key {key!r} (known keys: {known})")
+        out[key] = Sourced(value, where)
+    return out
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Sourced]:
+    """Raw values from ``FLOW_WORKER_*`` (unknown names rejected) and Prefect's names."""
+    out: dict[str, Sourced] = {}
+    for key, field in FIELDS.items():
+        for var in field.metadata["env"]:
+            if var in environ:
+                out[key] = Sourced(environ[var], f"environment variable {var}")
+    for var, value in environ.items():
+        if var.startswith("FLOW_WORKER_"):
+            key = var.removeprefix("FLOW_WORKER_").lower()
+            if key not in FIELDS:
+                raise SettingsError(f"environment variable {var}: unknown setting {key!r}")
+            out[key] = Sourced(value, f"environment variable {var}")
+    return out
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> Settings:
+    """Merge file < env < flags and validate. ``flags`` holds only flags that were given."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Sourced] = {}
+    if config_path is None and environ.get("FLOW_WORKER_CONFIG"):
+        config_path = Path(environ["FLOW_WORKER_CONFIG"])
+    if config_path is not None:
+        raw.update(read_file(config_path))
+    raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
+    for key, value in flags.items():
+        if key not in FIELDS:
+            raise SettingsError(f"unknown setting {key!r}")
+        raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
+    return Settings(**{key: _convert(key, sourced) for key, sourced in raw.items()})
+
+
+def validated(settings: Settings) -> Settings:
+    """Check what a run needs beyond types: an API URL and a pool."""
+    if not settings.api_url:
+        raise SettingsError(
+            "PREFECT_API_URL is not set: point it at your Prefect server, "
+            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+        )
+    if not settings.pool:
+        raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
+    return settings
