@@ -30,6 +30,7 @@ from worker.models import (
     Flow,
     FlowRun,
     OrchestrationResult,
+    State,
     StateType,
     WorkPool,
     structure,
@@ -82,6 +83,7 @@ def _state_body(
     force: bool,
     state_details: dict[str, Any] | None,
     transition_id: str,
+    data: Any = None,
 ) -> dict[str, Any]:
     details = {**(state_details or {}), "flow_run_id": run_id, "transition_id": transition_id}
     return {
@@ -90,7 +92,7 @@ def _state_body(
             "name": name,
             "message": message,
             "state_details": details,
-            "data": None,
+            "data": data,
         },
         "force": force,
     }
@@ -256,6 +258,11 @@ class PrefectClient:
             return None
         return structure(response.json(), FlowRun)
 
+    async def read_flow_run_states(self, run_id: str) -> list[State]:
+        """The run's state history, oldest first (the server orders by timestamp)."""
+        response = await self.request("GET", "flow_run_states/", params={"flow_run_id": run_id})
+        return [structure(row, State) for row in response.json()]
+
     async def filter_flow_runs(
         self, ids: Iterable[str], state_types: Iterable[StateType] | None = None
     ) -> list[FlowRun]:
@@ -278,11 +285,12 @@ class PrefectClient:
         force: bool = False,
         state_details: dict[str, Any] | None = None,
         transition_id: str | None = None,
+        data: Any = None,
     ) -> OrchestrationResult:
         """Propose a state. The ``transition_id`` is fixed across retries, so a proposal
         replayed after a lost answer is recognisable (``decisions.claim_outcome``)."""
         body = _state_body(
-            state_type, name, run_id, message, force, state_details, transition_id or str(uuid.uuid4())
+            state_type, name, run_id, message, force, state_details, transition_id or str(uuid.uuid4()), data
         )
         for _ in range(10):
             response = await self.request("POST", f"flow_runs/{run_id}/set_state", json=body)

@@ -10,7 +10,7 @@ from typing import Final
 
 import attrs
 
-from worker.models import OrchestrationResult, SetStateStatus, StateType
+from worker.models import OrchestrationResult, SetStateStatus, State, StateType
 
 
 @attrs.frozen
@@ -49,6 +49,25 @@ def claim_outcome(result: OrchestrationResult, transition_id: str) -> ClaimOutco
     shown = state.type.value if state is not None else "unknown"
     why = f": {result.reason}" if result.reason else ""
     return ClaimOutcome(False, f"Server returned a non-pending state {shown!r}{why}")
+
+
+def displaced_state(history: list[State], transition_id: str) -> State | None:
+    """The state our accepted claim replaced, if it was not SCHEDULED; else None.
+
+    The server accepts PENDING over COMPLETED (without a persisted result), FAILED and
+    CRASHED, so a worker whose poll is stale can "claim" a run that another worker has
+    already finished and execute it a second time (PROTOCOL §7 item 6, pain point 40).
+
+    The state we replaced is the newest state that is not ours. "Newest" is by
+    timestamp, which the server stamps when it *parses* a proposal, not when it commits
+    it: under SQLite lock contention our PENDING may carry an older timestamp than the
+    states it was committed after. So ours is excluded instead of used as an anchor.
+    """
+    others = [s for s in history if s.state_details.get("transition_id") != transition_id]
+    if len(others) == len(history) or not others:
+        return None  # our claim is not in the history (or nothing else is): nothing to judge
+    newest = max(others, key=lambda s: s.timestamp or "")
+    return None if newest.type is StateType.SCHEDULED else newest
 
 
 _EXPLANATIONS: Final[dict[int, str]] = {

@@ -38,10 +38,12 @@ FINAL_STATES = frozenset(
 @attrs.frozen
 class State:
     type: StateType
+    id: str | None = None
     name: str | None = None
     message: str | None = None
     timestamp: str | None = None
     state_details: dict[str, Any] = attrs.Factory(dict)
+    data: Any = None
 
 
 @attrs.frozen

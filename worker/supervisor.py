@@ -301,6 +301,17 @@ class Supervisor:
         if not claim.proceed:
             run_log.info("run.not_claimed", reason=claim.reason)
             return
+        displaced = decisions.displaced_state(
+            await self.client.read_flow_run_states(flow_run.id), transition_id
+        )
+        if displaced is not None:
+            # another worker ran it after our poll: put its final state back, run nothing
+            await self.client.set_flow_run_state(
+                flow_run.id, displaced.type, displaced.name or displaced.type.value.title(),
+                displaced.message, force=True, state_details=displaced.state_details, data=displaced.data,
+            )
+            run_log.warning("run.claim_raced", restored_state=displaced.type.value)
+            return
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
         # From here the run is ours: every path ends in a started child or a reported state.
         try:

@@ -1,0 +1,201 @@
+"""flow-worker against a real Prefect 3.9.1 server: pools, failures, cancellation, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import BIN, FLOWS, Api, PrefectServer, WorkerProcess, free_port, wait_for
+
+FAST = {"FLOW_WORKER_QUERY_SECONDS": "1", "FLOW_WORKER_CANCEL_POLL_SECONDS": "1",
+        "FLOW_WORKER_HEARTBEAT_SECONDS": "5"}
+FAKE_ENGINE = f"{sys.executable} {FLOWS / 'fake_engine.py'}"
+
+
+def crashed_states(api: Api, run_id: str) -> list[dict[str, Any]]:
+    return [s for s in api.states(run_id) if s["type"] == "CRASHED"]
+
+
+def test_missing_pool_is_created_with_prefects_template(
+    prefect_server: PrefectServer, api: Api, pool_name: str
+) -> None:
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool_name, "--once"],
+        env=prefect_server.env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ours = api.call("GET", f"work_pools/{pool_name}")
+    assert ours["type"] == "process"
+    reference = f"ref-{pool_name}"
+    api.create_pool_with_cli(reference)
+    theirs = api.call("GET", f"work_pools/{reference}")
+    assert ours["base_job_template"] == theirs["base_job_template"]
+
+
+def test_failures_crash_once_with_the_reason_and_the_daemon_goes_on(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    api.create_pool_with_cli(pool_name)
+    # a template mistake the server cannot catch: an untyped variable fed into a string field
+    template = api.call("GET", f"work_pools/{pool_name}")["base_job_template"]
+    template["variables"]["properties"]["team"] = {"title": "Team"}
+    template["job_configuration"]["labels"] = {"team": "{{ team }}"}
+    api.call("PATCH", f"work_pools/{pool_name}", {"base_job_template": template})
+    worker = start_worker("--pool", pool_name, **FAST)
+    good = api.deployment(pool_name)
+    cases = [
+        ({"command": "sh -c 'exit 3'"}, "Process exited with status code: 3."),
+        ({"command": "no-such-command-xyz --flag"}, "command not found: 'no-such-command-xyz'"),
+        ({"working_dir": str(tmp_path / "nope")}, f"working directory '{tmp_path / 'nope'}' does not exist"),
+        ({"team": 7}, "job variable 'labels.team' must be a string, got int 7"),
+        ({"env": {"S": "{{ prefect.blocks.secret.no-such-block }}"}}, "block not found: 'no-such-block'"),
+    ]
+    for job_variables, expected in cases:
+        bad = api.run(api.deployment(pool_name, job_variables=job_variables))
+        final = api.wait_final(bad, 60)
+        assert final["state_type"] == "CRASHED", final["state"]
+        assert expected in final["state"]["message"], final["state"]["message"]
+        assert len(crashed_states(api, bad)) == 1
+        ok = api.run(good, {"name": "after-crash"})
+        assert api.wait_final(ok, 120)["state_type"] == "COMPLETED"
+    assert worker.proc.poll() is None, "the daemon must keep running"
+    # the same CRASHED message is visible in the worker's log for the operator
+    assert worker.saw("run.crashed")
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def test_cancelling_kills_the_whole_process_group(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    api.create_pool_with_cli(pool_name)
+    start_worker("--pool", pool_name, **FAST)
+    dep = api.deployment(pool_name, job_variables={"command": "sh -c 'sleep 300 & wait'"})
+    run_id = api.run(dep)
+    pid = int(wait_for(lambda: api.flow_run(run_id)["infrastructure_pid"], 60, what="infrastructure_pid"))
+    wait_for(lambda: len(_group_members(pid)) >= 2, 10, what="sh and its sleep")
+    api.call("POST", f"flow_runs/{run_id}/set_state",
+             {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    final = api.wait_final(run_id, 60)
+    assert final["state_type"] == "CANCELLED"
+    assert final["state"]["message"] == "Flow run was cancelled successfully."
+    wait_for(lambda: not _group_members(pid), 10, what=f"process group {pid} to be empty")
+
+
+def test_two_daemons_run_each_of_30_runs_exactly_once(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    api.create_pool_with_cli(pool_name)
+    ran = tmp_path / "ran.txt"
+    ran.touch()
+    dep = api.deployment(pool_name, job_variables={"command": FAKE_ENGINE, "env": {"FAKE_ENGINE_LOG": str(ran)}})
+    a = start_worker("--pool", pool_name, "--name", "worker-a", **FAST)
+    b = start_worker("--pool", pool_name, "--name", "worker-b", **FAST)
+    runs = [api.run(dep) for _ in range(30)]
+    for run_id in runs:
+        assert api.wait_final(run_id, 180)["state_type"] == "COMPLETED"
+    executed = ran.read_text().split()
+    assert sorted(executed) == sorted(runs), "every run executed exactly once"
+    claimed = [e["flow_run_id"] for w in (a, b) for e in w.events() if e.get("event") == "run.claimed"]
+    assert sorted(claimed) == sorted(runs)
+
+
+def test_limit_two_never_runs_more_than_two(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    api.create_pool_with_cli(pool_name)
+    out = tmp_path / "out.jsonl"
+    dep = api.deployment(pool_name)
+    runs = [api.run(dep, {"name": f"r{i}", "out": str(out), "sleep": 1.0}) for i in range(6)]
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool_name, "--once", "--limit", "2"],
+        env=prefect_server.env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(api.state_type(r) == "COMPLETED" for r in runs)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6
+    edges = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
+    running = peak = 0
+    for _, delta in edges:
+        running += delta
+        peak = max(peak, running)
+    assert peak == 2, f"peak concurrency {peak}"
+
+
+def test_worker_is_online_while_it_runs(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    name = f"online-{uuid.uuid4().hex[:6]}"
+    worker = start_worker("--pool", pool_name, "--name", name, **FAST)
+
+    def online() -> bool:
+        try:
+            rows = api.call("POST", f"work_pools/{pool_name}/workers/filter", {})
+        except AssertionError:
+            return False  # the pool does not exist until the worker's first sync
+        return any(r["name"] == name and r["status"] == "ONLINE" for r in rows)
+
+    wait_for(online, 30, what="the worker to be ONLINE")
+    assert worker.stop() == 0
+
+
+def test_health_endpoint(api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]) -> None:
+    port = free_port()
+    worker = start_worker("--pool", pool_name, "--with-healthcheck",
+                          PREFECT_WORKER_WEBSERVER_PORT=str(port), **FAST)
+    base = f"http://127.0.0.1:{port}"
+
+    def ok() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ok, 30, what="/health to answer 200")
+    assert httpx.get(f"{base}/health").json() == {"message": "OK"}
+    assert httpx.get(f"{base}/nope").status_code == 404
+    assert httpx.post(f"{base}/health").status_code == 405
+    assert worker.stop() == 0
+
+
+def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
+    env = {k: v for k, v in prefect_server.env.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([str(BIN / "flow-worker"), "--pool", "p", "--once"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "flow-worker: PREFECT_API_URL is not set: point it at your Prefect server, "
+        "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+    ]
+
+
+def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('pool = "p"\nlimit = -1\n')
+    proc = subprocess.run([str(BIN / "flow-worker"), "--config", str(cfg)], env=prefect_server.env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{cfg} line 2: 'limit' = -1: must be greater than 0" in proc.stderr
+    assert os.path.exists(cfg)
