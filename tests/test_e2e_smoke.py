@@ -19,15 +19,20 @@ sys.exit(rc)
 """
 
 
-def test_once_runs_a_real_flow_with_merged_env(prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path) -> None:
+def test_once_runs_a_real_flow_with_merged_env(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
     api.create_pool_with_cli(pool_name)
     dep = api.deployment(pool_name, job_variables={"env": {"FOO": "from-deployment", "BAR": "dep"}})
     out = tmp_path / "out.jsonl"
     run_id = api.run(dep, {"name": "e2e", "out": str(out)}, {"env": {"BAR": "from-run"}})
     proc = subprocess.run(
         [sys.executable, "-c", IN_PROCESS, "--pool", pool_name, "--once"],
-        env={**prefect_server.env, "FLOW_WORKER_LOG_FORMAT": "json"}, cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
+        env={**prefect_server.env, "FLOW_WORKER_LOG_FORMAT": "json"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert api.state_type(run_id) == "COMPLETED"

@@ -15,8 +15,11 @@ import httpx
 
 from tests.conftest import BIN, FLOWS, Api, PrefectServer, WorkerProcess, free_port, wait_for
 
-FAST = {"FLOW_WORKER_QUERY_SECONDS": "1", "FLOW_WORKER_CANCEL_POLL_SECONDS": "1",
-        "FLOW_WORKER_HEARTBEAT_SECONDS": "5"}
+FAST = {
+    "FLOW_WORKER_QUERY_SECONDS": "1",
+    "FLOW_WORKER_CANCEL_POLL_SECONDS": "1",
+    "FLOW_WORKER_HEARTBEAT_SECONDS": "5",
+}
 FAKE_ENGINE = f"{sys.executable} {FLOWS / 'fake_engine.py'}"
 
 
@@ -29,7 +32,10 @@ def test_missing_pool_is_created_with_prefects_template(
 ) -> None:
     proc = subprocess.run(
         [str(BIN / "flow-worker"), "--pool", pool_name, "--once"],
-        env=prefect_server.env, capture_output=True, text=True, timeout=120,
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     ours = api.call("GET", f"work_pools/{pool_name}")
@@ -54,9 +60,15 @@ def test_failures_crash_once_with_the_reason_and_the_daemon_goes_on(
     cases = [
         ({"command": "sh -c 'exit 3'"}, "Process exited with status code: 3."),
         ({"command": "no-such-command-xyz --flag"}, "command not found: 'no-such-command-xyz'"),
-        ({"working_dir": str(tmp_path / "nope")}, f"working directory '{tmp_path / 'nope'}' does not exist"),
+        (
+            {"working_dir": str(tmp_path / "nope")},
+            f"working directory '{tmp_path / 'nope'}' does not exist",
+        ),
         ({"team": 7}, "job variable 'labels.team' must be a string, got int 7"),
-        ({"env": {"S": "{{ prefect.blocks.secret.no-such-block }}"}}, "block not found: 'no-such-block'"),
+        (
+            {"env": {"S": "{{ prefect.blocks.secret.no-such-block }}"}},
+            "block not found: 'no-such-block'",
+        ),
     ]
     for job_variables, expected in cases:
         bad = api.run(api.deployment(pool_name, job_variables=job_variables))
@@ -95,8 +107,11 @@ def test_cancelling_kills_the_whole_process_group(
     run_id = api.run(dep)
     pid = int(wait_for(lambda: api.flow_run(run_id)["infrastructure_pid"], 60, what="infrastructure_pid"))
     wait_for(lambda: len(_group_members(pid)) >= 2, 10, what="sh and its sleep")
-    api.call("POST", f"flow_runs/{run_id}/set_state",
-             {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    api.call(
+        "POST",
+        f"flow_runs/{run_id}/set_state",
+        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+    )
     final = api.wait_final(run_id, 60)
     assert final["state_type"] == "CANCELLED"
     assert final["state"]["message"] == "Flow run was cancelled successfully."
@@ -109,7 +124,9 @@ def test_two_daemons_run_each_of_30_runs_exactly_once(
     api.create_pool_with_cli(pool_name)
     ran = tmp_path / "ran.txt"
     ran.touch()
-    dep = api.deployment(pool_name, job_variables={"command": FAKE_ENGINE, "env": {"FAKE_ENGINE_LOG": str(ran)}})
+    dep = api.deployment(
+        pool_name, job_variables={"command": FAKE_ENGINE, "env": {"FAKE_ENGINE_LOG": str(ran)}}
+    )
     a = start_worker("--pool", pool_name, "--name", "worker-a", **FAST)
     b = start_worker("--pool", pool_name, "--name", "worker-b", **FAST)
     runs = [api.run(dep) for _ in range(30)]
@@ -130,7 +147,10 @@ def test_limit_two_never_runs_more_than_two(
     runs = [api.run(dep, {"name": f"r{i}", "out": str(out), "sleep": 1.0}) for i in range(6)]
     proc = subprocess.run(
         [str(BIN / "flow-worker"), "--pool", pool_name, "--once", "--limit", "2"],
-        env=prefect_server.env, capture_output=True, text=True, timeout=600,
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(api.state_type(r) == "COMPLETED" for r in runs)
@@ -163,8 +183,9 @@ def test_worker_is_online_while_it_runs(
 
 def test_health_endpoint(api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]) -> None:
     port = free_port()
-    worker = start_worker("--pool", pool_name, "--with-healthcheck",
-                          PREFECT_WORKER_WEBSERVER_PORT=str(port), **FAST)
+    worker = start_worker(
+        "--pool", pool_name, "--with-healthcheck", PREFECT_WORKER_WEBSERVER_PORT=str(port), **FAST
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ok() -> bool:
@@ -182,8 +203,13 @@ def test_health_endpoint(api: Api, pool_name: str, start_worker: Callable[..., W
 
 def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
     env = {k: v for k, v in prefect_server.env.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.run([str(BIN / "flow-worker"), "--pool", "p", "--once"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", "p", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "flow-worker: PREFECT_API_URL is not set: point it at your Prefect server, "
@@ -194,8 +220,13 @@ def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
 def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_path: Path) -> None:
     cfg = tmp_path / "p.toml"
     cfg.write_text('pool = "p"\nlimit = -1\n')
-    proc = subprocess.run([str(BIN / "flow-worker"), "--config", str(cfg)], env=prefect_server.env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--config", str(cfg)],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert f"{cfg} line 2: 'limit' = -1: must be greater than 0" in proc.stderr
     assert os.path.exists(cfg)

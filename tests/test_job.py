@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from worker import templating
-from worker.job import ConfigurationError, ProcessJobConfiguration, ProcessVariables, merge_job_variables
+from worker.job import (
+    ConfigurationError,
+    ProcessJobConfiguration,
+    ProcessVariables,
+    merge_job_variables,
+)
 from worker.models import Deployment, Flow, FlowRun, WorkPool
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "job_cases.json").read_text())
@@ -68,7 +73,7 @@ def test_default_template_is_prefects() -> None:
 async def test_error_messages_name_the_problem() -> None:
     resolver = FixtureResolver()
     tmpl = ProcessJobConfiguration.default_base_job_template()
-    with pytest.raises(ConfigurationError, match="'labels.a' must be a string"):
+    with pytest.raises(ConfigurationError, match=r"'labels\.a' must be a string"):
         await ProcessJobConfiguration.from_template_and_values(tmpl, {"labels": {"a": 1}}, resolver)
     with pytest.raises(ConfigurationError, match="block not found: 'nope' of type 'secret'"):
         await ProcessJobConfiguration.from_template_and_values(
@@ -80,7 +85,8 @@ async def test_error_messages_name_the_problem() -> None:
 
 def test_merge_job_variables_env_key_by_key() -> None:
     merged = merge_job_variables(
-        {"env": {"FOO": "dep", "BAR": "dep"}, "command": "a"}, {"env": {"BAR": "run"}, "command": "b"}
+        {"env": {"FOO": "dep", "BAR": "dep"}, "command": "a"},
+        {"env": {"BAR": "run"}, "command": "b"},
     )
     assert merged == {"env": {"FOO": "dep", "BAR": "run"}, "command": "b"}
 
@@ -95,7 +101,11 @@ def test_prepare_for_flow_run_env_layers() -> None:
     run, dep, flow, pool = _objects()
     cfg = ProcessJobConfiguration(env={"JOB": "j", "PREFECT_API_URL": "from-job", "DROP": None})
     cfg.prepare_for_flow_run(
-        run, dep, flow, pool, "w1",
+        run,
+        dep,
+        flow,
+        pool,
+        "w1",
         environ={"INHERITED": "i", "DROP": "inherited", "PREFECT_API_URL": "env"},
         settings_env={"PREFECT_API_URL": "settings"},
         python="/py",
@@ -116,7 +126,9 @@ def test_prepare_for_flow_run_env_layers() -> None:
 
 def test_prepare_keeps_configured_command_and_renders_name() -> None:
     run, dep, flow, pool = _objects()
-    cfg = ProcessJobConfiguration(command="sh -c 'exit 3'", name="{{ ctx.flow.name }}-{{ ctx.flow_run.name }}")
+    cfg = ProcessJobConfiguration(
+        command="sh -c 'exit 3'", name="{{ ctx.flow.name }}-{{ ctx.flow_run.name }}"
+    )
     cfg.prepare_for_flow_run(run, dep, flow, pool, "w1", environ={})
     assert cfg.command_configured
     assert cfg.argv() == ["sh", "-c", "exit 3"]

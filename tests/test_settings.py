@@ -20,8 +20,14 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_prefect_env_names() -> None:
-    s = load({}, {"PREFECT_API_URL": "http://x/api", "PREFECT_WORKER_QUERY_SECONDS": "2.5",
-                  "PREFECT_WORKER_WEBSERVER_PORT": "9000"})
+    s = load(
+        {},
+        {
+            "PREFECT_API_URL": "http://x/api",
+            "PREFECT_WORKER_QUERY_SECONDS": "2.5",
+            "PREFECT_WORKER_WEBSERVER_PORT": "9000",
+        },
+    )
     assert s.api_url == "http://x/api"
     assert s.query_seconds == 2.5
     assert s.webserver_port == 9000
@@ -43,7 +49,10 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
 
 
 def test_bad_env_value_names_variable() -> None:
-    with pytest.raises(SettingsError, match="environment variable FLOW_WORKER_ONCE: 'once' = 'perhaps': expected true or false"):
+    with pytest.raises(
+        SettingsError,
+        match="environment variable FLOW_WORKER_ONCE: 'once' = 'perhaps': expected true or false",
+    ):
         load({}, {"FLOW_WORKER_ONCE": "perhaps"})
     with pytest.raises(SettingsError, match="environment variable FLOW_WORKER_LIMT: unknown setting 'limt'"):
         load({}, {"FLOW_WORKER_LIMT": "2"})

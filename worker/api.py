@@ -111,7 +111,9 @@ class PrefectClient:
     requests_sent: int = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> PrefectClient:
+    def from_settings(
+        cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> PrefectClient:
         headers = {
             "User-Agent": USER_AGENT,
             "X-PREFECT-API-VERSION": API_VERSION,
@@ -163,14 +165,26 @@ class PrefectClient:
                 if policy.exhausted:
                     raise ApiUnavailable(method, "/" + path, None, f"{type(exc).__name__}: {exc}") from None
                 delay = policy.delay(rng=self.rng)
-                log.debug("api.retry", method=method, path=path, error=type(exc).__name__, delay=round(delay, 2))
+                log.debug(
+                    "api.retry",
+                    method=method,
+                    path=path,
+                    error=type(exc).__name__,
+                    delay=round(delay, 2),
+                )
             else:
                 if not policy.is_retryable_status(response.status_code):
                     return response
                 if policy.exhausted:
                     raise ApiUnavailable(method, "/" + path, response.status_code, _detail(response))
                 delay = policy.delay(response.headers.get("Retry-After"), rng=self.rng)
-                log.debug("api.retry", method=method, path=path, status=response.status_code, delay=round(delay, 2))
+                log.debug(
+                    "api.retry",
+                    method=method,
+                    path=path,
+                    status=response.status_code,
+                    delay=round(delay, 2),
+                )
             policy = policy.increment()
             await trio.sleep(delay)
 
@@ -290,7 +304,14 @@ class PrefectClient:
         """Propose a state. The ``transition_id`` is fixed across retries, so a proposal
         replayed after a lost answer is recognisable (``decisions.claim_outcome``)."""
         body = _state_body(
-            state_type, name, run_id, message, force, state_details, transition_id or str(uuid.uuid4()), data
+            state_type,
+            name,
+            run_id,
+            message,
+            force,
+            state_details,
+            transition_id or str(uuid.uuid4()),
+            data,
         )
         for _ in range(10):
             response = await self.request("POST", f"flow_runs/{run_id}/set_state", json=body)

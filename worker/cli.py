@@ -1,4 +1,5 @@
-"""``flow-worker``: parse arguments, load settings, run the supervisor, map the outcome to an exit code.
+"""``flow-worker``: parse arguments, load settings, run the supervisor, map the outcome
+to an exit code.
 
 Exit codes: 0 all good (with ``--once``: every child exited 0), 1 a run crashed or
 could not start (``--once``), 2 usage or configuration error.
@@ -59,7 +60,8 @@ async def _amain(settings: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from worker import logs, settings as settings_mod
+    from worker import logs
+    from worker import settings as settings_mod
 
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)

@@ -108,6 +108,4 @@ def exit_message(returncode: int) -> str:
 CANCELLED_MESSAGE: Final = "Flow run was cancelled successfully."
 SUBMIT_FAILED: Final = "Failed to submit flow run to infrastructure: {}"
 START_FAILED: Final = "Flow run could not start: {}"
-WORKER_STOPPED: Final = (
-    "The worker stopped before the flow run finished: its process was terminated ({})."
-)
+WORKER_STOPPED: Final = "The worker stopped before the flow run finished: its process was terminated ({})."

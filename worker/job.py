@@ -97,8 +97,7 @@ class ProcessVariables:
             "schema": {
                 "default": True,
                 "description": (
-                    "If enabled, workers will stream output from flow run processes to "
-                    "local standard output."
+                    "If enabled, workers will stream output from flow run processes to local standard output."
                 ),
                 "title": "Stream Output",
                 "type": "boolean",
@@ -190,7 +189,12 @@ class ProcessJobConfiguration:
     """Whether the user set ``command`` (else the engine command was generated)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
-        "command", "env", "labels", "name", "stream_output", "working_dir",
+        "command",
+        "env",
+        "labels",
+        "name",
+        "stream_output",
+        "working_dir",
     )
 
     @classmethod
@@ -236,14 +240,17 @@ class ProcessJobConfiguration:
         environ: Mapping[str, str],
     ) -> Any:
         """Pass 1 of the templating (pure): defaults, merged values and ``env``."""
-        try:
-            job_config = dict(base_job_template["job_configuration"])
-            properties = base_job_template["variables"].get("properties", {})
-        except (KeyError, TypeError, AttributeError) as exc:
+        job_config = (
+            base_job_template.get("job_configuration") if isinstance(base_job_template, Mapping) else None
+        )
+        schema = base_job_template.get("variables") if isinstance(base_job_template, Mapping) else None
+        if not isinstance(job_config, dict) or not isinstance(schema, dict):
             raise ConfigurationError(
-                "the work pool's base job template must have 'job_configuration' and "
-                f"'variables' objects ({type(exc).__name__}: {exc})"
-            ) from None
+                "the work pool's base job template must be an object with 'job_configuration' "
+                "and 'variables' objects"
+            )
+        job_config = dict(job_config)
+        properties = schema.get("properties", {})
         if not isinstance(properties, dict):
             raise ConfigurationError("the work pool's 'variables.properties' is not an object")
         variables = {
@@ -252,6 +259,10 @@ class ProcessJobConfiguration:
             if isinstance(v, dict) and v.get("default") is not None
         }
         if variables.get("env"):
+            if not isinstance(variables["env"], dict):
+                raise ConfigurationError(
+                    f"the work pool's default for 'env' must be an object, got {_describe(variables['env'])}"
+                )
             if isinstance(job_config.get("env"), dict):
                 job_config["env"] = job_config["env"] | variables["env"]
             else:

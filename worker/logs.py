@@ -12,7 +12,12 @@ from typing import Any, TextIO
 
 import structlog
 
-LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
 
 
 def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:

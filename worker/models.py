@@ -30,9 +30,7 @@ class StateType(enum.StrEnum):
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset(
-    {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
-)
+FINAL_STATES = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
 
 
 @attrs.frozen

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-import structlog
 import trio
 
 from worker.job import ProcessJobConfiguration
@@ -180,4 +179,3 @@ class RunHandle:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
-

@@ -72,12 +72,10 @@ class RetryPolicy:
         return backoff(self.attempt, self.base, self.cap, self.jitter, rng)
 
 
-def backoff(
-    attempt: int, base: float, cap: float, jitter: float, rng: random.Random | None = None
-) -> float:
+def backoff(attempt: int, base: float, cap: float, jitter: float, rng: random.Random | None = None) -> float:
     """``base * 2**attempt`` capped at ``cap``, with ±``jitter`` relative noise."""
     raw = min(cap, base * (2 ** min(attempt, 32)))
-    return raw * (rng or random).uniform(1 - jitter, 1 + jitter)
+    return float(raw * (rng or random).uniform(1 - jitter, 1 + jitter))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import tomllib
 import types
 import typing
 import uuid
@@ -24,11 +24,6 @@ from typing import Any, Final, Literal
 
 import attrs
 import cattrs
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class SettingsError(ValueError):
@@ -66,36 +61,50 @@ def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, do
 class Settings:
     """Everything flow-worker can be told. Defaults are Prefect's worker's unless noted."""
 
-    api_url: str | None = _setting(None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api")
+    api_url: str | None = _setting(
+        None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api"
+    )
     api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer")
     api_auth_string: str | None = _setting(
         None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
     )
     api_request_timeout: float = _setting(
-        60.0, env=["PREFECT_API_REQUEST_TIMEOUT"], validator=_positive, doc="seconds per HTTP request"
+        60.0,
+        env=["PREFECT_API_REQUEST_TIMEOUT"],
+        validator=_positive,
+        doc="seconds per HTTP request",
     )
     pool: str | None = _setting(None, doc="the work pool to serve (required)")
     work_queues: tuple[str, ...] = _setting((), doc="queue names; empty means every queue of the pool")
-    name: str | None = _setting(None, validator=_worker_name, doc="worker name; default 'ProcessWorker <uuid>'")
+    name: str | None = _setting(
+        None, validator=_worker_name, doc="worker name; default 'ProcessWorker <uuid>'"
+    )
     limit: int | None = _setting(
         None, validator=_positive, doc="most flow runs at once; unset means no limit, as Prefect"
     )
     prefetch_seconds: float = _setting(10.0, env=["PREFECT_WORKER_PREFETCH_SECONDS"])
     query_seconds: float = _setting(10.0, env=["PREFECT_WORKER_QUERY_SECONDS"], validator=_positive)
     heartbeat_seconds: float = _setting(30.0, env=["PREFECT_WORKER_HEARTBEAT_SECONDS"], validator=_positive)
-    cancel_poll_seconds: float = _setting(10.0, validator=_positive, doc="how often CANCELLING runs are looked for")
+    cancel_poll_seconds: float = _setting(
+        10.0, validator=_positive, doc="how often CANCELLING runs are looked for"
+    )
     cancel_grace_seconds: float = _setting(
         30.0, validator=_positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
     )
     create_pool_if_not_found: bool = _setting(True)
     once: bool = _setting(False, doc="drain what is due now, wait for it, exit")
     with_healthcheck: bool = _setting(False)
-    webserver_host: str = _setting("127.0.0.1", env=["PREFECT_WORKER_WEBSERVER_HOST"], doc="differs from Prefect's 0.0.0.0: loopback unless asked")
+    webserver_host: str = _setting(
+        "127.0.0.1",
+        env=["PREFECT_WORKER_WEBSERVER_HOST"],
+        doc="differs from Prefect's 0.0.0.0: loopback unless asked",
+    )
     webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=_port)
     log_format: str = _setting("auto", validator=_log_format, doc="console on a TTY, JSON lines otherwise")
     log_level: str = _setting("INFO", doc="DEBUG, INFO, WARNING, ERROR")
     python: str | None = _setting(
-        None, doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own"
+        None,
+        doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
     )
 
     @property
@@ -185,14 +194,14 @@ def _convert(key: str, raw: Sourced) -> Any:
     try:
         if raw.value is None or (raw.value == "" and field.default is None):
             return None
-        target = field.type
+        target: Any = field.type
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
         value = _converter.structure(raw.value, target)
         if field.validator is not None:
             field.validator(None, field, value)
         return value
-    except Exception as exc:  # noqa: BLE001 - cattrs wraps errors in several classes
+    except Exception as exc:
         reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
         raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
 

@@ -140,7 +140,10 @@ class Supervisor:
                 from worker import health
 
                 await loops.start(
-                    health.serve, self.settings.webserver_host, self.settings.webserver_port, self.healthy
+                    health.serve,
+                    self.settings.webserver_host,
+                    self.settings.webserver_port,
+                    self.healthy,
                 )
             if shutdown is not None:
                 loops.start_soon(self._watch_shutdown, shutdown, loops.cancel_scope)
@@ -165,7 +168,12 @@ class Supervisor:
         pool = await self.client.read_work_pool(self.pool_name)
         if pool is None:
             if not self.settings.create_pool_if_not_found:
-                raise ApiNotFound("GET", f"/work_pools/{self.pool_name}", 404, f"Work pool {self.pool_name!r} not found!")
+                raise ApiNotFound(
+                    "GET",
+                    f"/work_pools/{self.pool_name}",
+                    404,
+                    f"Work pool {self.pool_name!r} not found!",
+                )
             pool = await self.client.create_work_pool(self.pool_name)
             log.info("pool.created", work_pool=self.pool_name)
         if pool.base_job_template == {}:
@@ -181,7 +189,9 @@ class Supervisor:
             log.warning("pool.paused", work_pool=self.pool_name)
         elif not pool.is_paused:
             self._pool_warnings.discard("paused")
-        await self.client.send_heartbeat(self.pool_name, self.settings.worker_name, self.settings.heartbeat_seconds)
+        await self.client.send_heartbeat(
+            self.pool_name, self.settings.worker_name, self.settings.heartbeat_seconds
+        )
         self.pool = pool
         if not self.synced.is_set():
             log.info("worker.synced", work_pool=self.pool_name, work_pool_id=pool.id)
@@ -286,7 +296,9 @@ class Supervisor:
             deployment = await self.client.read_deployment(flow_run.deployment_id)
             if deployment is None:
                 await self.client.set_flow_run_state(
-                    flow_run.id, StateType.CANCELLED, "Cancelled",
+                    flow_run.id,
+                    StateType.CANCELLED,
+                    "Cancelled",
                     f"Deployment {flow_run.deployment_id} no longer exists, cancelled run.",
                     force=True,
                 )
@@ -307,8 +319,13 @@ class Supervisor:
         if displaced is not None:
             # another worker ran it after our poll: put its final state back, run nothing
             await self.client.set_flow_run_state(
-                flow_run.id, displaced.type, displaced.name or displaced.type.value.title(),
-                displaced.message, force=True, state_details=displaced.state_details, data=displaced.data,
+                flow_run.id,
+                displaced.type,
+                displaced.name or displaced.type.value.title(),
+                displaced.message,
+                force=True,
+                state_details=displaced.state_details,
+                data=displaced.data,
             )
             run_log.warning("run.claim_raced", restored_state=displaced.type.value)
             return
@@ -336,8 +353,13 @@ class Supervisor:
             self.pool.base_job_template, values, self.client
         )
         config.prepare_for_flow_run(
-            flow_run, deployment, flow, self.pool, self.settings.worker_name,
-            settings_env=self.settings.child_prefect_env(), python=self.settings.python,
+            flow_run,
+            deployment,
+            flow,
+            self.pool,
+            self.settings.worker_name,
+            settings_env=self.settings.child_prefect_env(),
+            python=self.settings.python,
         )
         config.env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
         return config
@@ -364,7 +386,9 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 self.failed_runs += 1
                 rc = handle.process.returncode if handle.process is not None else None
-                message = decisions.WORKER_STOPPED.format(decisions.exit_message(rc if rc is not None else -15))
+                message = decisions.WORKER_STOPPED.format(
+                    decisions.exit_message(rc if rc is not None else -15)
+                )
                 await self._report_crash(flow_run, message, run_log, deadline=10.0)
             raise
         run_log.info("run.exited", returncode=returncode, cancelled=handle.cancel_requested)
@@ -374,20 +398,31 @@ class Supervisor:
             self.failed_runs += 1
             await self._report_crash(flow_run, decisions.exit_message(returncode), run_log)
 
-    async def _report_crash(self, flow_run: FlowRun, message: str, run_log: Any, deadline: float = 60.0) -> None:
+    async def _report_crash(
+        self, flow_run: FlowRun, message: str, run_log: Any, deadline: float = 60.0
+    ) -> None:
         """Propose CRASHED once, retrying transient API failures up to ``deadline``."""
         transition_id = str(uuid.uuid4())
         with trio.move_on_after(deadline):
             while True:
                 try:
                     result = await self.client.set_flow_run_state(
-                        flow_run.id, StateType.CRASHED, "Crashed", message, transition_id=transition_id
+                        flow_run.id,
+                        StateType.CRASHED,
+                        "Crashed",
+                        message,
+                        transition_id=transition_id,
                     )
                 except (ApiError, ProtocolError) as exc:
                     self.outage.failed(exc, "report")
                     await trio.sleep(min(5.0, self.outage.delay()))
                     continue
-                run_log.info("run.crashed", message=message, status=result.status.value, reason=result.reason or None)
+                run_log.info(
+                    "run.crashed",
+                    message=message,
+                    status=result.status.value,
+                    reason=result.reason or None,
+                )
                 return
         run_log.error("run.crash_not_reported", message=message)
 
@@ -398,8 +433,12 @@ class Supervisor:
                     current = await self.client.read_flow_run(flow_run.id)
                     details = dict(current.state.state_details) if current and current.state else {}
                     result = await self.client.set_flow_run_state(
-                        flow_run.id, StateType.CANCELLED, "Cancelled", decisions.CANCELLED_MESSAGE,
-                        force=True, state_details=details,
+                        flow_run.id,
+                        StateType.CANCELLED,
+                        "Cancelled",
+                        decisions.CANCELLED_MESSAGE,
+                        force=True,
+                        state_details=details,
                     )
                 except (ApiError, ProtocolError) as exc:
                     self.outage.failed(exc, "report")

@@ -310,9 +310,7 @@ def _block_value(ph: Placeholder, text: str, by_name: Mapping[tuple[str, str], A
     if keypath:
         value = get_path(data, keypath)
         if value is MISSING:
-            raise TemplateError(
-                f"{ph.full_match!r} in {text!r}: the block has no value at {keypath!r}"
-            )
+            raise TemplateError(f"{ph.full_match!r} in {text!r}: the block has no value at {keypath!r}")
     return copy.deepcopy(value)
 
 

@@ -18,7 +18,11 @@ with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
 
 def propose(state_type: str, name: str) -> None:
     body = {
-        "state": {"type": state_type, "name": name, "state_details": {"transition_id": str(uuid.uuid4())}},
+        "state": {
+            "type": state_type,
+            "name": name,
+            "state_details": {"transition_id": str(uuid.uuid4())},
+        },
         "force": False,
     }
     req = urllib.request.Request(

@@ -1,0 +1,69 @@
+"""Pure decisions: claim outcomes, displaced claims, exit-code messages."""
+
+from __future__ import annotations
+
+from worker import decisions
+from worker.models import OrchestrationResult, SetStateStatus, State, StateType
+
+
+def result(status: str, state_type: StateType, reason: str = "", tid: str = "x") -> OrchestrationResult:
+    return OrchestrationResult(
+        SetStateStatus(status),
+        State(state_type, state_details={"transition_id": tid}),
+        {"reason": reason} if reason else {},
+    )
+
+
+def test_claim_table() -> None:
+    assert decisions.claim_outcome(result("ACCEPT", StateType.PENDING), "t").proceed
+    replay = decisions.claim_outcome(result("REJECT", StateType.PENDING, "already", tid="t"), "t")
+    assert replay.proceed
+    other = decisions.claim_outcome(result("REJECT", StateType.PENDING, "already", tid="other"), "t")
+    assert not other.proceed
+    abort = decisions.claim_outcome(result("ABORT", StateType.PENDING, "This run is in a PENDING state"), "t")
+    assert abort == decisions.ClaimOutcome(
+        False, "Server sent an abort signal: This run is in a PENDING state"
+    )
+    slot = decisions.claim_outcome(
+        result("REJECT", StateType.SCHEDULED, "Deployment concurrency limit reached."), "t"
+    )
+    assert (
+        slot.reason
+        == "Server returned a non-pending state 'SCHEDULED': Deployment concurrency limit reached."
+    )
+
+
+def s(state_type: StateType, ts: str, tid: str = "") -> State:
+    return State(state_type, timestamp=ts, state_details={"transition_id": tid} if tid else {})
+
+
+def test_displaced_state() -> None:
+    ours = "mine"
+    normal = [s(StateType.SCHEDULED, "1"), s(StateType.PENDING, "2", ours)]
+    assert decisions.displaced_state(normal, ours) is None
+    # another worker ran it in between; our PENDING was stamped before it committed
+    raced = [
+        s(StateType.SCHEDULED, "1"),
+        s(StateType.PENDING, "2", "theirs"),
+        s(StateType.PENDING, "3", ours),
+        s(StateType.RUNNING, "4"),
+        s(StateType.COMPLETED, "5"),
+    ]
+    displaced = decisions.displaced_state(raced, ours)
+    assert displaced is not None and displaced.type is StateType.COMPLETED
+    retried = [s(StateType.FAILED, "1"), s(StateType.SCHEDULED, "2"), s(StateType.PENDING, "3", ours)]
+    assert decisions.displaced_state(retried, ours) is None
+    assert decisions.displaced_state(normal, "not-in-history") is None
+
+
+def test_exit_messages() -> None:
+    assert decisions.exit_message(3) == (
+        "Process exited with status code: 3. Process exited with an unexpected status code."
+    )
+    assert "SIGTERM signal" in decisions.exit_message(-15)
+    assert "SIGKILL signal" in decisions.exit_message(-9)
+    assert (
+        decisions.exit_message(-11)
+        == "Process exited with status code: -11. Process exited due to a SIGSEGV signal."
+    )
+    assert decisions.exit_message(127).endswith("Command not found.")
