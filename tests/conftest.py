@@ -66,6 +66,7 @@ class PrefectServer:
             PREFECT_SERVER_UI_ENABLED="false",
             PREFECT_UI_ENABLED="false",
             PREFECT_LOGGING_LEVEL="WARNING",
+            XDG_STATE_HOME=str(self.home / "state"),
         )
         return env
 
@@ -248,6 +249,7 @@ def start_worker(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[Call
     started: list[WorkerProcess] = []
 
     def start(*args: str, **env: str) -> WorkerProcess:
+        env.setdefault("FLOW_WORKER_STATE_DIR", str(tmp_path / f"state-{len(started)}"))
         w = WorkerProcess(prefect_server, list(args), env, tmp_path / f"worker-{len(started)}.log")
         started.append(w)
         return w

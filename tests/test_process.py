@@ -29,7 +29,7 @@ class ListLog:
 def handle(command: str, grace: float = 5.0, **cfg: Any) -> tuple[RunHandle, ListLog]:
     config = ProcessJobConfiguration(command=command, env=dict(os.environ), **cfg)
     log = ListLog()
-    return RunHandle("run-1", config, log, grace=grace), log
+    return RunHandle("run-1", log, grace=grace, config=config), log
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,7 @@ could not start (``--once``), 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,33 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="drain the runs due now, wait for them, exit")
     p.add_argument("--run-once", dest="once", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--with-healthcheck", action="store_true", help="serve GET /health")
+    p.add_argument("--state-dir", help="directory for the ledger of owned runs")
     p.add_argument("--config", dest="config_path", type=Path, help="TOML config file")
     p.add_argument("--log-format", choices=["auto", "console", "json"])
     p.add_argument("--version", action="version", version=f"flow-worker {__version__}")
     return p
 
 
-async def _first_signal() -> str:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            return signal.Signals(signum).name
-    return "signal receiver closed"
-
-
-async def _amain(settings: Any) -> int:
+async def _amain(settings: Any, ledger: Any) -> int:
     from worker.api import PrefectClient
     from worker.supervisor import Supervisor
 
     client = PrefectClient.from_settings(settings)
     try:
-        return await Supervisor(settings, client).run(shutdown=_first_signal)
+        return await Supervisor(settings, client, ledger).run()
     finally:
         await client.aclose()
+        ledger.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from worker import logs
     from worker import settings as settings_mod
+    from worker.ledger import Ledger, LedgerError, default_state_dir
 
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)
@@ -70,8 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    ledger = Ledger(
+        Path(settings.state_dir) if settings.state_dir else default_state_dir(os.environ, settings.pool or "")
+    )
+    try:
+        ledger.open()
+    except LedgerError as exc:
+        print(f"flow-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logs.configure(settings.log_format, settings.log_level)
-    return trio.run(_amain, settings)
+    return trio.run(_amain, settings, ledger)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ Pure functions and tables, called by the supervisor and by the tests directly.
 
 from __future__ import annotations
 
+import enum
 import signal
 from typing import Final
 
@@ -108,4 +109,73 @@ def exit_message(returncode: int) -> str:
 CANCELLED_MESSAGE: Final = "Flow run was cancelled successfully."
 SUBMIT_FAILED: Final = "Failed to submit flow run to infrastructure: {}"
 START_FAILED: Final = "Flow run could not start: {}"
-WORKER_STOPPED: Final = "The worker stopped before the flow run finished: its process was terminated ({})."
+WORKER_STOPPED: Final = "The worker stopped before the flow run finished ({}); its process was terminated."
+
+
+# ---------------------------------------------------------------- reconcile after a restart
+
+
+class Action(enum.Enum):
+    ADOPT = "adopt"  # the process still runs: watch it
+    CRASH = "crash"  # the process is gone and the run is not final: report CRASHED
+    RESCHEDULE = "reschedule"  # claimed but never started: back to SCHEDULED
+    DELIVER = "deliver"  # a report was owed: deliver it
+    FORGET = "forget"  # nothing left to do
+
+
+@attrs.frozen
+class Reconcile:
+    action: Action
+    message: str = ""
+
+
+def reconcile(
+    phase: str,
+    has_report: bool,
+    same_process_alive: bool,
+    run_state: StateType | None,
+    run_transition_id: str | None,
+    claim_transition_id: str,
+    pid: int | None,
+) -> Reconcile:
+    """What a restarted worker does about one ledger entry (``ledger.py`` phases).
+
+    ==============  =========================  ===========================================
+    phase           what is seen               action
+    ==============  =========================  ===========================================
+    any             a report is owed           DELIVER it
+    started         same pid+start time+boot   ADOPT
+    started         process gone, run live     CRASH (exit status unknown)
+    claimed         run PENDING                RESCHEDULE
+    claiming        run PENDING by our claim   RESCHEDULE
+    any             run final or deleted       FORGET
+    ==============  =========================  ===========================================
+    """
+    if has_report:
+        return Reconcile(Action.DELIVER)
+    if phase == "started" and same_process_alive:
+        return Reconcile(Action.ADOPT)
+    if run_state is None or run_state.is_final:
+        return Reconcile(Action.FORGET)
+    if phase == "started":
+        return Reconcile(Action.CRASH, PROCESS_LOST.format(pid=pid))
+    if phase == "claimed" and run_state is StateType.PENDING:
+        return Reconcile(Action.RESCHEDULE, NEVER_STARTED)
+    if phase == "claiming" and run_state is StateType.PENDING and run_transition_id == claim_transition_id:
+        return Reconcile(Action.RESCHEDULE, NEVER_STARTED)
+    return Reconcile(Action.FORGET)
+
+
+PROCESS_LOST: Final = (
+    "The flow run's process (pid {pid}) ended while no worker was watching it "
+    "(the worker stopped or crashed); its exit status is unknown."
+)
+NEVER_STARTED: Final = "Claimed by a worker that stopped before starting it; returned to the queue."
+ADOPTED_EXIT: Final = (
+    "The flow run's process exited without reporting a final state (it was adopted by a "
+    "restarted worker, so its exit status is unknown)."
+)
+EXIT_0_NOT_FINAL: Final = (
+    "The flow run's process exited with status 0 without reporting a final state "
+    "(the command is not the Prefect engine, or the engine stopped early)."
+)

@@ -53,6 +53,11 @@ def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
         raise ValueError("must be one of 'auto', 'console', 'json'")
 
 
+def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("crash", "reschedule"):
+        raise ValueError("must be 'crash' or 'reschedule'")
+
+
 def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
     return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
 
@@ -102,6 +107,15 @@ class Settings:
     webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=_port)
     log_format: str = _setting("auto", validator=_log_format, doc="console on a TTY, JSON lines otherwise")
     log_level: str = _setting("INFO", doc="DEBUG, INFO, WARNING, ERROR")
+    state_dir: str | None = _setting(
+        None, doc="ledger of owned runs; default $STATE_DIRECTORY, else ~/.local/state/flow-worker/POOL"
+    )
+    drain_timeout: float = _setting(
+        600.0, validator=_positive, doc="on SIGTERM, how long running flows may finish before being stopped"
+    )
+    on_stop: str = _setting(
+        "crash", validator=_on_stop, doc="runs still going when the drain ends: 'crash' or 'reschedule'"
+    )
     python: str | None = _setting(
         None,
         doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",

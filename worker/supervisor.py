@@ -6,51 +6,71 @@ Shape (nested nurseries are the shutdown structure)::
 
     Supervisor.run
     └── loops nursery ─── heartbeat loop   sync: read/create pool, fix an empty template, heartbeat
-                      ├── cancel loop      CANCELLING among live children → kill policy → CANCELLED
+                      ├── cancel loop      CANCELLING among live runs → kill policy → CANCELLED
+                      ├── reporter loop    delivers states owed to the API (kept in the ledger)
+                      ├── reaper loop      reaps re-parented orphans (the worker is a subreaper)
+                      ├── control channel  the engines' cancel/reschedule/relinquish intents
+                      ├── signals          1st SIGTERM/SIGINT: drain; 2nd (or timeout): stop runs
                       ├── health server    (with --with-healthcheck)
-                      └── poll loop        get_scheduled_flow_runs → submit each (limiter slot first)
-                          └── runs nursery: one task per run, owning one RunHandle
+                      └── runs nursery ─── reconcile (ledger of a previous worker), then
+                                           poll loop → one task per run, owning one handle
+
+Stopping: the first signal cancels only the poll scope; the runs nursery then waits for
+its runs (the drain) while heartbeats and cancellations go on. The second signal, or
+``drain_timeout``, stops every remaining run (intent, SIGTERM, grace, SIGKILL) and
+reports it (``on_stop``). The loops nursery is cancelled only after every run task has
+ended, i.e. every child is reaped and its state reported or kept in the ledger.
 
 A run's task, once it has claimed the run (PENDING accepted), ends on exactly one of:
 
 ===============================  =========================================================
-what happened                    what is reported
+what happened                    what is reported (written to the ledger first)
 ===============================  =========================================================
 configuration invalid            CRASHED "Failed to submit flow run to infrastructure: …"
 process could not start          CRASHED "Flow run could not start: …"
-exit 0                           nothing: the engine reported the final state itself
-exit ≠ 0, not cancelled          CRASHED "Process exited with status code: N. …" (once)
-cancelled (CANCELLING seen)      CANCELLED (force), after the kill policy
-worker stopped mid-run           CRASHED "The worker stopped before the flow run finished…"
+exit 0, run final                nothing: the engine reported the final state itself
+exit 0, run not final            CRASHED: exited 0 without reporting a final state
+exit ≠ 0                         CRASHED "Process exited with status code: N. …" (once)
+cancelled (CANCELLING seen)      CANCELLED (the engine writes it; forced if it did not)
+worker stopped mid-run           CRASHED "The worker stopped before …", or SCHEDULED
 ===============================  =========================================================
 
 The API is never a reason to stop: every loop catches :class:`~worker.api.ApiError`,
 reports the first failure of an outage at WARNING and its end at INFO, and retries
-with a jittered backoff. The limiter slot is taken before the claim and released in a
-``finally``, so it is freed on every path (pain point 25).
+with a jittered backoff. States owed while the API is down stay in the ledger until
+delivered. The limiter slot is taken before the claim and released in a ``finally``,
+so it is freed on every path (pain point 25).
 """
 
 from __future__ import annotations
 
 import datetime
 import random
+import signal
+import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 import structlog
 import trio
 
-from worker import decisions
+from worker import decisions, reaper
 from worker.api import ApiError, ApiNotFound, ApiRefused, PrefectClient
+from worker.control import ControlChannel
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
+from worker.ledger import Entry, Ledger, Report, boot_id
 from worker.models import FlowRun, ProtocolError, StateType, WorkPool
-from worker.process import RunHandle, StartError
+from worker.process import AdoptedHandle, RunHandle, StartError, Supervised
 from worker.retry import backoff, jittered
 from worker.settings import Settings
 
 log = structlog.get_logger("flow_worker")
+API_ERRORS = (ApiError, ProtocolError)
+REAP_SECONDS = 2.0
+REPORT_SECONDS = 5.0
+FINAL_REPORT_SECONDS = 30.0
+DRAIN_LOG_SECONDS = 15.0
 
 
 @attrs.define
@@ -64,9 +84,16 @@ class Outage:
         self.failures += 1
         if self.failing_since is None:
             self.failing_since = trio.current_time()
-            level = "error" if isinstance(exc, ApiRefused) and exc.status in (401, 403) else "warning"
-            hint = "check PREFECT_API_KEY / PREFECT_API_AUTH_STRING" if level == "error" else None
-            getattr(log, level)("api.unavailable", during=during, error=str(exc), hint=hint)
+            auth = isinstance(exc, ApiRefused) and exc.status in (401, 403)
+            if auth:
+                log.error(
+                    "api.unauthorized",
+                    during=during,
+                    error=str(exc),
+                    hint="check PREFECT_API_KEY / PREFECT_API_AUTH_STRING and PREFECT_API_URL",
+                )
+            else:
+                log.warning("api.unavailable", during=during, error=str(exc))
         else:
             log.debug("api.still_unavailable", during=during, error=str(exc))
 
@@ -88,19 +115,27 @@ class Outage:
 class Supervisor:
     settings: Settings
     client: PrefectClient
+    ledger: Ledger
     rng: random.Random = attrs.Factory(random.Random)
     pool: WorkPool | None = None
     synced: trio.Event = attrs.Factory(trio.Event)
-    live: dict[str, RunHandle | None] = attrs.Factory(dict)
-    """Runs between slot and end: None while submitting, the handle once started."""
+    live: dict[str, Supervised | None] = attrs.Factory(dict)
+    """Runs between slot and end: None while submitting, the handle once started/adopted."""
+    owed: dict[str, Entry] = attrs.Factory(dict)
+    """Finished runs whose report is not delivered yet (also on disk)."""
+    unresolved: dict[str, Entry] = attrs.Factory(dict)
+    """Claims whose answer was lost: resolved against the server like a restart's ledger."""
     outage: Outage = attrs.Factory(Outage)
+    control: ControlChannel = attrs.Factory(ControlChannel)
     started_at: float = attrs.Factory(trio.current_time)
     last_poll: float | None = None
     failed_runs: int = 0
-    completed_children: int = 0
     changed: trio.Event = attrs.Factory(trio.Event)
     limiter: trio.CapacityLimiter | None = None
-    _pool_warnings: set[str] = attrs.Factory(set)
+    stopping: bool = False
+    stopped_runs: bool = False
+    poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    _warned: set[str] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
         if self.settings.limit is not None:
@@ -120,11 +155,14 @@ class Supervisor:
         self.changed.set()
         self.changed = trio.Event()
 
+    def _run_log(self, run_id: str, run_name: str) -> Any:
+        return log.bind(flow_run_id=run_id, flow_run_name=run_name, work_pool=self.pool_name)
+
     # ---------------------------------------------------------------- top level
 
-    async def run(self, shutdown: Callable[[], Any] | None = None) -> int:
-        """Run until ``shutdown`` (an async callable) returns, or, with ``once``, until the
-        work due now is done. Returns the exit code."""
+    async def run(self, handle_signals: bool = True) -> int:
+        """Serve until stopped (or, with ``once``, until the work due now is done)."""
+        subreaper = reaper.become_subreaper()
         log.info(
             "worker.starting",
             worker_name=self.settings.worker_name,
@@ -132,34 +170,90 @@ class Supervisor:
             work_queues=list(self.settings.work_queues),
             limit=self.settings.limit,
             once=self.settings.once,
+            state_dir=str(self.ledger.directory),
+            subreaper=subreaper,
         )
         async with trio.open_nursery() as loops:
             loops.start_soon(self.heartbeat_loop)
             loops.start_soon(self.cancel_loop)
+            loops.start_soon(self.reaper_loop)
+            loops.start_soon(self.reporter_loop)
+            await loops.start(self.control.serve)
             if self.settings.with_healthcheck:
                 from worker import health
 
                 await loops.start(
-                    health.serve,
-                    self.settings.webserver_host,
-                    self.settings.webserver_port,
-                    self.healthy,
+                    health.serve, self.settings.webserver_host, self.settings.webserver_port, self.healthy
                 )
-            if shutdown is not None:
-                loops.start_soon(self._watch_shutdown, shutdown, loops.cancel_scope)
+            if handle_signals:
+                loops.start_soon(self._signal_loop, loops)
             async with trio.open_nursery() as runs:
-                if self.settings.once:
-                    await self.drain_once(runs)
-                else:
-                    await self.poll_loop(runs)
+                with self.poll_scope:
+                    await self.reconcile(runs)
+                    if self.settings.once:
+                        await self.drain_once(runs)
+                    else:
+                        await self.poll_loop(runs)
+                if self.live:
+                    log.info("worker.draining", active_runs=self._describe_live())
+            await self._flush_reports()
             loops.cancel_scope.cancel()
         log.info("worker.stopped", worker_name=self.settings.worker_name, failed_runs=self.failed_runs)
         return 1 if self.failed_runs else 0
 
-    async def _watch_shutdown(self, shutdown: Callable[[], Any], scope: trio.CancelScope) -> None:
-        reason = await shutdown()
-        log.info("worker.stopping", reason=str(reason), active_runs=len(self.live))
-        scope.cancel()
+    def request_stop(self, reason: str, loops: trio.Nursery) -> None:
+        """First stop request: claim nothing more, let running flows finish (the drain)."""
+        if self.stopping:
+            self.stop_runs(reason)
+            return
+        self.stopping = True
+        self.poll_scope.cancel()
+        log.info(
+            "worker.stopping",
+            reason=reason,
+            active_runs=self._describe_live(),
+            drain_timeout=self.settings.drain_timeout,
+        )
+        loops.start_soon(self._drain_watch)
+
+    def stop_runs(self, reason: str) -> None:
+        """End every remaining run now: intent, SIGTERM, grace, SIGKILL, then ``on_stop``."""
+        self.stopped_runs = True
+        intent = "reschedule" if self.settings.on_stop == "reschedule" else "relinquish"
+        log.warning(
+            "worker.stopping_runs",
+            reason=reason,
+            active_runs=self._describe_live(),
+            on_stop=self.settings.on_stop,
+        )
+        for handle in self.live.values():
+            if handle is not None:
+                handle.stop(f"worker stopping: {reason}", intent)
+
+    async def _signal_loop(self, loops: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.stopping:
+                    self.stop_runs(f"second {name}")
+                else:
+                    self.request_stop(name, loops)
+
+    async def _drain_watch(self) -> None:
+        deadline = trio.current_time() + self.settings.drain_timeout
+        while trio.current_time() < deadline:
+            await trio.sleep(min(DRAIN_LOG_SECONDS, max(0.0, deadline - trio.current_time())))
+            if self.live and trio.current_time() < deadline:
+                log.info(
+                    "worker.draining",
+                    active_runs=self._describe_live(),
+                    seconds_left=round(deadline - trio.current_time()),
+                )
+        if self.live:
+            self.stop_runs(f"drain_timeout of {self.settings.drain_timeout:g}s reached")
+
+    def _describe_live(self) -> list[str]:
+        return sorted(self.live)
 
     # ---------------------------------------------------------------- heartbeat / sync
 
@@ -169,10 +263,7 @@ class Supervisor:
         if pool is None:
             if not self.settings.create_pool_if_not_found:
                 raise ApiNotFound(
-                    "GET",
-                    f"/work_pools/{self.pool_name}",
-                    404,
-                    f"Work pool {self.pool_name!r} not found!",
+                    "GET", f"/work_pools/{self.pool_name}", 404, f"Work pool {self.pool_name!r} not found!"
                 )
             pool = await self.client.create_work_pool(self.pool_name)
             log.info("pool.created", work_pool=self.pool_name)
@@ -181,14 +272,8 @@ class Supervisor:
             await self.client.set_base_job_template(self.pool_name, template)
             pool = attrs.evolve(pool, base_job_template=template)
             log.info("pool.template_set", work_pool=self.pool_name)
-        if pool.type != "process" and "type" not in self._pool_warnings:
-            self._pool_warnings.add("type")
-            log.warning("pool.type_mismatch", work_pool=self.pool_name, pool_type=pool.type)
-        if pool.is_paused and "paused" not in self._pool_warnings:
-            self._pool_warnings.add("paused")
-            log.warning("pool.paused", work_pool=self.pool_name)
-        elif not pool.is_paused:
-            self._pool_warnings.discard("paused")
+        self._warn_once("type", pool.type != "process", "pool.type_mismatch", pool_type=pool.type)
+        self._warn_once("paused", pool.is_paused, "pool.paused")
         await self.client.send_heartbeat(
             self.pool_name, self.settings.worker_name, self.settings.heartbeat_seconds
         )
@@ -197,11 +282,18 @@ class Supervisor:
             log.info("worker.synced", work_pool=self.pool_name, work_pool_id=pool.id)
             self.synced.set()
 
+    def _warn_once(self, key: str, condition: bool, event: str, **fields: Any) -> None:
+        if condition and key not in self._warned:
+            self._warned.add(key)
+            log.warning(event, work_pool=self.pool_name, **fields)
+        elif not condition:
+            self._warned.discard(key)
+
     async def heartbeat_loop(self) -> None:
         while True:
             try:
                 await self.sync()
-            except (ApiError, ProtocolError) as exc:
+            except API_ERRORS as exc:
                 self.outage.failed(exc, "sync")
                 await trio.sleep(min(self.settings.heartbeat_seconds, self.outage.delay()))
                 continue
@@ -222,21 +314,20 @@ class Supervisor:
             )
         except ApiNotFound as exc:
             # an unknown queue (or a deleted pool) is a configuration error: say so, once
-            if "queue" not in self._pool_warnings:
-                self._pool_warnings.add("queue")
+            if "queue" not in self._warned:
+                self._warned.add("queue")
                 log.error("poll.not_found", error=exc.detail, work_queues=list(self.settings.work_queues))
             self.last_poll = trio.current_time()
             return 0
         self.outage.succeeded()
-        self._pool_warnings.discard("queue")
+        self._warned.discard("queue")
         self.last_poll = trio.current_time()
         taken = 0
         for flow_run in flow_runs:
-            if flow_run.id in self.live:
+            if flow_run.id in self.live or flow_run.id in self.owed or flow_run.id in self.unresolved:
                 continue
             if flow_run.state_type is not StateType.SCHEDULED:
-                log.debug("run.skipped", flow_run_id=flow_run.id, state=str(flow_run.state_type))
-                continue
+                continue  # never start a run whose polled state was not SCHEDULED
             token = object()
             if self.limiter is not None:
                 try:
@@ -253,7 +344,7 @@ class Supervisor:
         while True:
             try:
                 await self.poll_once(runs)
-            except (ApiError, ProtocolError) as exc:
+            except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
                 await trio.sleep(min(self.settings.query_seconds, self.outage.delay()))
                 continue
@@ -265,7 +356,7 @@ class Supervisor:
             changed = self.changed
             try:
                 taken = await self.poll_once(runs)
-            except (ApiError, ProtocolError) as exc:
+            except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
                 await trio.sleep(self.outage.delay())
                 continue
@@ -277,17 +368,29 @@ class Supervisor:
     # ---------------------------------------------------------------- one run
 
     async def _run_task(self, flow_run: FlowRun, token: object) -> None:
-        run_log = log.bind(flow_run_id=flow_run.id, flow_run_name=flow_run.name, work_pool=self.pool_name)
+        run_log = self._run_log(flow_run.id, flow_run.name)
         try:
             await self._submit(flow_run, run_log)
-        except (ApiError, ProtocolError) as exc:
+        except API_ERRORS as exc:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
         finally:
             if self.limiter is not None:
                 self.limiter.release_on_behalf_of(token)
             self.live.pop(flow_run.id, None)
+            self.control.unregister(flow_run.id)
             self._notify_change()
+
+    def _entry(self, flow_run: FlowRun, phase: str, transition_id: str) -> Entry:
+        return Entry(
+            flow_run_id=flow_run.id,
+            flow_run_name=flow_run.name,
+            pool=self.pool_name,
+            worker_name=self.settings.worker_name,
+            phase=phase,
+            transition_id=transition_id,
+            claimed_at=time.time(),
+        )
 
     async def _submit(self, flow_run: FlowRun, run_log: Any) -> None:
         assert self.pool is not None
@@ -306,11 +409,20 @@ class Supervisor:
                 return
             run_log = run_log.bind(deployment_id=deployment.id, deployment_name=deployment.name)
         transition_id = str(uuid.uuid4())
-        result = await self.client.set_flow_run_state(
-            flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
-        )
+        # the ledger knows of the claim before the server does: a crash in between is recoverable
+        entry = self._entry(flow_run, "claiming", transition_id)
+        self.ledger.write(entry)
+        try:
+            result = await self.client.set_flow_run_state(
+                flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
+            )
+        except API_ERRORS:
+            # did the server write it? The reporter loop asks it once the API answers again.
+            self.unresolved[flow_run.id] = entry
+            raise
         claim = decisions.claim_outcome(result, transition_id)
         if not claim.proceed:
+            self.ledger.remove(flow_run.id)
             run_log.info("run.not_claimed", reason=claim.reason)
             return
         displaced = decisions.displaced_state(
@@ -327,23 +439,23 @@ class Supervisor:
                 state_details=displaced.state_details,
                 data=displaced.data,
             )
+            self.ledger.remove(flow_run.id)
             run_log.warning("run.claim_raced", restored_state=displaced.type.value)
             return
+        entry = self.ledger.update(entry, phase="claimed")
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
-        # From here the run is ours: every path ends in a started child or a reported state.
+        # From here the run is ours: every path ends in a started child or a state owed.
         try:
             config = await self._configure(flow_run, deployment)
-        except ConfigurationError as exc:
+        except (ConfigurationError, *API_ERRORS) as exc:
             run_log.error("run.bad_configuration", error=str(exc))
             self.failed_runs += 1
-            await self._report_crash(flow_run, decisions.SUBMIT_FAILED.format(exc), run_log)
+            await self._finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
             return
-        except (ApiError, ProtocolError) as exc:
-            run_log.error("run.configuration_unavailable", error=str(exc))
-            self.failed_runs += 1
-            await self._report_crash(flow_run, decisions.SUBMIT_FAILED.format(exc), run_log)
+        if self.stopping:
+            await self._finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
             return
-        await self._execute(flow_run, config, run_log)
+        await self._execute(flow_run, entry, config, run_log)
 
     async def _configure(self, flow_run: FlowRun, deployment: Any) -> ProcessJobConfiguration:
         assert self.pool is not None
@@ -361,21 +473,42 @@ class Supervisor:
             settings_env=self.settings.child_prefect_env(),
             python=self.settings.python,
         )
-        config.env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
         return config
 
-    async def _execute(self, flow_run: FlowRun, config: ProcessJobConfiguration, run_log: Any) -> None:
-        handle = RunHandle(flow_run.id, config, run_log, grace=self.settings.cancel_grace_seconds)
+    async def _execute(
+        self, flow_run: FlowRun, entry: Entry, config: ProcessJobConfiguration, run_log: Any
+    ) -> None:
+        handle = RunHandle(
+            flow_run.id,
+            run_log,
+            grace=self.settings.cancel_grace_seconds,
+            send_intent=self.control.send_intent,
+            config=config,
+        )
         try:
-            pid = await handle.start()
+            pid = await handle.start(extra_env=self.control.register(flow_run.id))
         except (StartError, ConfigurationError) as exc:
             run_log.error("run.start_failed", error=str(exc))
             self.failed_runs += 1
-            await self._report_crash(flow_run, decisions.START_FAILED.format(exc), run_log)
+            await self._finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
+        facts = reaper.process_facts(pid)
+        entry = self.ledger.update(
+            entry,
+            phase="started",
+            pid=pid,
+            pgid=pid,
+            start_time=facts.start_time if facts else None,
+            boot_id=boot_id(),
+            started_at=time.time(),
+        )
         self.live[flow_run.id] = handle
         run_log = run_log.bind(pid=pid)
         run_log.info("run.started", command=config.command, cwd=str(config.working_dir or handle.tmpdir))
+        if self.stopped_runs:
+            handle.stop(
+                "worker stopping", "reschedule" if self.settings.on_stop == "reschedule" else "relinquish"
+            )
         try:
             await self.client.set_infrastructure_pid(flow_run.id, pid)
         except ApiError as exc:
@@ -386,77 +519,228 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 self.failed_runs += 1
                 rc = handle.process.returncode if handle.process is not None else None
-                message = decisions.WORKER_STOPPED.format(
-                    decisions.exit_message(rc if rc is not None else -15)
-                )
-                await self._report_crash(flow_run, message, run_log, deadline=10.0)
+                reason = decisions.exit_message(rc if rc is not None else -15)
+                self._owe(entry, "crash", decisions.WORKER_STOPPED.format(reason))
             raise
-        run_log.info("run.exited", returncode=returncode, cancelled=handle.cancel_requested)
-        if handle.cancel_requested:
-            await self._report_cancelled(flow_run, run_log)
-        elif returncode != 0:
+        run_log.info("run.exited", returncode=returncode, stopped=handle.stop_requested, intent=handle.intent)
+        kind, message = self._outcome(handle, returncode)
+        if kind == "crash":
             self.failed_runs += 1
-            await self._report_crash(flow_run, decisions.exit_message(returncode), run_log)
+        await self._finish(entry, run_log, kind, message)
 
-    async def _report_crash(
-        self, flow_run: FlowRun, message: str, run_log: Any, deadline: float = 60.0
-    ) -> None:
-        """Propose CRASHED once, retrying transient API failures up to ``deadline``."""
-        transition_id = str(uuid.uuid4())
-        with trio.move_on_after(deadline):
-            while True:
-                try:
-                    result = await self.client.set_flow_run_state(
-                        flow_run.id,
-                        StateType.CRASHED,
-                        "Crashed",
-                        message,
-                        transition_id=transition_id,
-                    )
-                except (ApiError, ProtocolError) as exc:
-                    self.outage.failed(exc, "report")
-                    await trio.sleep(min(5.0, self.outage.delay()))
-                    continue
-                run_log.info(
-                    "run.crashed",
-                    message=message,
-                    status=result.status.value,
-                    reason=result.reason or None,
+    def _outcome(self, handle: Supervised, returncode: int | None) -> tuple[str, str]:
+        """The report owed for a run whose process is gone (``None``: exit status unknown)."""
+        if handle.cancel_requested:
+            return "cancelled", decisions.CANCELLED_MESSAGE
+        if handle.stop_requested:
+            code = decisions.exit_message(returncode) if returncode is not None else "exit status unknown"
+            if self.settings.on_stop == "reschedule":
+                return "reschedule", decisions.WORKER_STOPPED.format(code)
+            return "crash", decisions.WORKER_STOPPED.format(code)
+        if returncode is None:
+            return "crash_if_running", decisions.ADOPTED_EXIT
+        if returncode != 0:
+            return "crash", decisions.exit_message(returncode)
+        return "crash_if_running", decisions.EXIT_0_NOT_FINAL
+
+    # ---------------------------------------------------------------- reports (owed states)
+
+    def _owe(self, entry: Entry, kind: str, message: str) -> Entry:
+        report = Report(kind=kind, message=message, transition_id=str(uuid.uuid4()))
+        entry = self.ledger.update(entry, phase="finished", finished_at=time.time(), report=report)
+        self.owed[entry.flow_run_id] = entry
+        return entry
+
+    async def _finish(self, entry: Entry, run_log: Any, kind: str, message: str) -> None:
+        """Record the owed state, then try to deliver it now (else the reporter loop will)."""
+        entry = self._owe(entry, kind, message)
+        try:
+            await self.deliver(entry, run_log)
+        except API_ERRORS as exc:
+            self.outage.failed(exc, "report")
+            run_log.warning("run.report_deferred", kind=kind, error=str(exc))
+
+    async def deliver(self, entry: Entry, run_log: Any | None = None) -> None:
+        """Deliver one owed report; on success the ledger entry is removed."""
+        assert entry.report is not None
+        report = entry.report
+        run_log = run_log or self._run_log(entry.flow_run_id, entry.flow_run_name)
+        current = None
+        if report.kind in ("crash_if_running", "cancelled", "crash"):
+            current = await self.client.read_flow_run(entry.flow_run_id)
+        current_type = current.state_type if current is not None else None
+        outcome = "not needed"
+        if current is None and report.kind != "reschedule":
+            outcome = "run deleted"
+        elif current_type is StateType.CANCELLING or report.kind == "cancelled":
+            if current_type is not StateType.CANCELLED:
+                details = dict(current.state.state_details) if current and current.state else {}
+                result = await self.client.set_flow_run_state(
+                    entry.flow_run_id,
+                    StateType.CANCELLED,
+                    "Cancelled",
+                    decisions.CANCELLED_MESSAGE,
+                    force=True,
+                    state_details=details,
+                    transition_id=report.transition_id,
                 )
-                return
-        run_log.error("run.crash_not_reported", message=message)
+                outcome = f"CANCELLED {result.status.value}"
+        elif report.kind == "reschedule":
+            now = datetime.datetime.now(datetime.UTC).isoformat()
+            result = await self.client.set_flow_run_state(
+                entry.flow_run_id,
+                StateType.SCHEDULED,
+                "Scheduled",
+                report.message,
+                force=True,
+                state_details={"scheduled_time": now},
+                transition_id=report.transition_id,
+            )
+            outcome = f"SCHEDULED {result.status.value}"
+        elif current_type is not None and not current_type.is_final:
+            result = await self.client.set_flow_run_state(
+                entry.flow_run_id,
+                StateType.CRASHED,
+                "Crashed",
+                report.message,
+                transition_id=report.transition_id,
+            )
+            outcome = f"CRASHED {result.status.value}"
+        self.outage.succeeded()
+        self.ledger.remove(entry.flow_run_id)
+        self.owed.pop(entry.flow_run_id, None)
+        level = "info" if report.kind != "crash_if_running" or outcome == "not needed" else "warning"
+        getattr(run_log, level)("run.reported", kind=report.kind, outcome=outcome, message=report.message)
 
-    async def _report_cancelled(self, flow_run: FlowRun, run_log: Any) -> None:
-        with trio.move_on_after(60.0):
-            while True:
-                try:
-                    current = await self.client.read_flow_run(flow_run.id)
-                    details = dict(current.state.state_details) if current and current.state else {}
-                    result = await self.client.set_flow_run_state(
-                        flow_run.id,
-                        StateType.CANCELLED,
-                        "Cancelled",
-                        decisions.CANCELLED_MESSAGE,
-                        force=True,
-                        state_details=details,
-                    )
-                except (ApiError, ProtocolError) as exc:
-                    self.outage.failed(exc, "report")
-                    await trio.sleep(min(5.0, self.outage.delay()))
-                    continue
-                run_log.info("run.cancelled", status=result.status.value)
-                return
-        run_log.error("run.cancel_not_reported")
+    async def reporter_loop(self) -> None:
+        while True:
+            await trio.sleep(REPORT_SECONDS)
+            await self._deliver_owed()
 
-    # ---------------------------------------------------------------- cancellation
+    async def _deliver_owed(self) -> None:
+        for entry in list(self.unresolved.values()):
+            try:
+                await self._reconcile_entry(entry, None)
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "report")
+                return
+            self.unresolved.pop(entry.flow_run_id, None)
+        for entry in list(self.owed.values()):
+            try:
+                await self.deliver(entry)
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "report")
+                return
+
+    async def _flush_reports(self) -> None:
+        """On the way out, keep trying to deliver what is owed for a while."""
+        with trio.move_on_after(FINAL_REPORT_SECONDS):
+            while self.owed or self.unresolved:
+                await self._deliver_owed()
+                if self.owed:
+                    await trio.sleep(1.0)
+        if self.owed:
+            log.error(
+                "worker.reports_pending",
+                flow_run_ids=sorted(self.owed),
+                hint="kept in the ledger; delivered when the worker starts again",
+            )
+
+    # ---------------------------------------------------------------- reconcile
+
+    async def reconcile(self, runs: trio.Nursery) -> None:
+        """Before the first poll: adopt, report or return every run a previous worker owned."""
+        entries, bad = self.ledger.entries()
+        for problem in bad:
+            log.error("ledger.unreadable", problem=problem)
+        mine = [e for e in entries if e.pool == self.pool_name]
+        if not mine:
+            return
+        log.info("ledger.reconciling", runs=len(mine))
+        this_boot = boot_id()
+        pending = []
+        for entry in mine:
+            alive = (
+                entry.phase == "started"
+                and entry.pid is not None
+                and entry.boot_id == this_boot
+                and reaper.is_same_process(entry.pid, entry.start_time)
+            )
+            if alive and entry.report is None:
+                self._adopt(entry, runs)
+            else:
+                pending.append(entry)
+        while pending:
+            try:
+                await self._reconcile_entry(pending[0], None)
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "reconcile")
+                await trio.sleep(self.outage.delay())
+                continue
+            pending.pop(0)
+
+    async def _reconcile_entry(self, entry: Entry, runs: trio.Nursery | None) -> None:
+        run_log = self._run_log(entry.flow_run_id, entry.flow_run_name)
+        if entry.report is not None:
+            self.owed[entry.flow_run_id] = entry
+            await self.deliver(entry, run_log)
+            return
+        current = await self.client.read_flow_run(entry.flow_run_id)
+        state = current.state if current is not None else None
+        decision = decisions.reconcile(
+            entry.phase,
+            False,
+            False,
+            state.type if state else None,
+            state.state_details.get("transition_id") if state else None,
+            entry.transition_id,
+            entry.pid,
+        )
+        run_log.info(
+            "ledger.entry",
+            phase=entry.phase,
+            run_state=str(state.type) if state else None,
+            action=decision.action.value,
+        )
+        if decision.action is decisions.Action.FORGET:
+            self.ledger.remove(entry.flow_run_id)
+            return
+        kind = "reschedule" if decision.action is decisions.Action.RESCHEDULE else "crash"
+        await self._finish(entry, run_log, kind, decision.message)
+
+    def _adopt(self, entry: Entry, runs: trio.Nursery) -> None:
+        run_log = self._run_log(entry.flow_run_id, entry.flow_run_name).bind(pid=entry.pid)
+        handle = AdoptedHandle(
+            entry.flow_run_id,
+            run_log,
+            grace=self.settings.cancel_grace_seconds,
+            adopted_pid=entry.pid or 0,
+            adopted_pgid=entry.pgid,
+            start_time=entry.start_time,
+        )
+        self.live[entry.flow_run_id] = handle
+        run_log.info("run.adopted", started_at=entry.started_at)
+        runs.start_soon(self._adopted_task, entry, handle, run_log)
+
+    async def _adopted_task(self, entry: Entry, handle: AdoptedHandle, run_log: Any) -> None:
+        try:
+            await handle.wait()
+            run_log.info("run.exited", returncode=None, stopped=handle.stop_requested, adopted=True)
+            kind, message = self._outcome(handle, None)
+            await self._finish(entry, run_log, kind, message)
+        finally:
+            self.live.pop(entry.flow_run_id, None)
+            self._notify_change()
+
+    # ---------------------------------------------------------------- cancellation, reaping
 
     async def check_cancellations(self) -> None:
-        started = {run_id: h for run_id, h in self.live.items() if h is not None and not h.cancel_requested}
-        if not started:
+        watched = {run_id: h for run_id, h in self.live.items() if h is not None and not h.stop_requested}
+        if not watched:
             return
-        found = await self.client.filter_flow_runs(started, [StateType.CANCELLING])
+        found = await self.client.filter_flow_runs(watched, [StateType.CANCELLING])
         for flow_run in found:
-            handle = started.get(flow_run.id)
+            handle = watched.get(flow_run.id)
             if handle is not None:
                 log.info("run.cancelling", flow_run_id=flow_run.id, pid=handle.pid)
                 handle.cancel("flow run is CANCELLING")
@@ -466,5 +750,13 @@ class Supervisor:
             await trio.sleep(jittered(self.settings.cancel_poll_seconds, self.rng))
             try:
                 await self.check_cancellations()
-            except (ApiError, ProtocolError) as exc:
+            except API_ERRORS as exc:
                 self.outage.failed(exc, "cancel_check")
+
+    async def reaper_loop(self) -> None:
+        while True:
+            await trio.sleep(REAP_SECONDS)
+            owned = [h.pid for h in self.live.values() if isinstance(h, RunHandle) and h.pid is not None]
+            reaped = reaper.reap_orphans(owned)
+            if reaped:
+                log.debug("reaper.reaped", pids=reaped)

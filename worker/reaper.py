@@ -1,0 +1,124 @@
+"""No descendant escapes: the child subreaper, zombie reaping, and sweeping a run's leftovers.
+
+* :func:`become_subreaper` makes the worker a child subreaper
+  (``prctl(PR_SET_CHILD_SUBREAPER)``), so processes a flow double-forks or ``setsid``\\ s
+  are re-parented to the worker instead of to PID 1, where nothing would clean them up.
+* :func:`reap_orphans` waits for zombie children that no ``RunHandle`` owns (re-parented
+  orphans). It waits for those pids one by one, never ``waitpid(-1)``, which would steal
+  the exit status of a child that trio is waiting for.
+* :func:`sweep_run` kills what is left of a finished run: its process group and every
+  process carrying its ``PREFECT__FLOW_RUN_ID`` (which a ``setsid`` escapes the group
+  with but keeps in its environment).
+
+Facts about processes come from ``/proc``; :func:`process_facts` reads one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+PR_SET_CHILD_SUBREAPER: Final = 36
+PROC: Final = Path("/proc")
+
+
+@attrs.frozen
+class ProcessFacts:
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+    start_time: int
+    """Clock ticks since boot (field 22 of /proc/PID/stat): with the boot id, it tells a
+    process apart from a later one that reuses its pid."""
+
+
+def process_facts(pid: int) -> ProcessFacts | None:
+    """The process's facts, or None if it does not exist (or cannot be read)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat.rsplit(")", 1)[1].split()
+    return ProcessFacts(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def is_same_process(pid: int, start_time: int | None) -> bool:
+    """Whether ``pid`` is alive (not a zombie) and is the process that started at ``start_time``."""
+    facts = process_facts(pid)
+    return facts is not None and facts.state != "Z" and facts.start_time == start_time
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper. False where the kernel or libc refuses."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def reap_orphans(owned: Iterable[int]) -> list[int]:
+    """Reap zombie children of this process whose pid is not in ``owned``. Returns them."""
+    me = os.getpid()
+    keep = set(owned)
+    reaped = []
+    for pid in _all_pids():
+        if pid in keep:
+            continue
+        facts = process_facts(pid)
+        if facts is None or facts.ppid != me or facts.state != "Z":
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        reaped.append(pid)
+    return reaped
+
+
+def carries_run(pid: int, flow_run_id: str) -> bool:
+    try:
+        environ = (PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return False
+    return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
+
+
+def run_processes(flow_run_id: str, pgid: int | None) -> list[int]:
+    """Live processes that belong to the run: in its group, or carrying its run id."""
+    me = os.getpid()
+    found = []
+    for pid in _all_pids():
+        if pid == me:
+            continue
+        facts = process_facts(pid)
+        if facts is None or facts.state == "Z":
+            continue
+        if (pgid is not None and facts.pgid == pgid) or carries_run(pid, flow_run_id):
+            found.append(pid)
+    return found
+
+
+def sweep_run(flow_run_id: str, pgid: int | None) -> list[int]:
+    """SIGKILL every process left of a finished run (its leader had its grace already)."""
+    victims = run_processes(flow_run_id, pgid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return victims
