@@ -146,6 +146,12 @@ class Api:
         name: str | None = None,
         flow_name: str = "hello",
     ) -> str:
+        if self.http.get(f"work_pools/{pool}").status_code == 404:
+            try:
+                self.create_pool_with_cli(pool)
+            except subprocess.CalledProcessError:
+                # a worker started by the test may have created it meanwhile
+                assert self.http.get(f"work_pools/{pool}").status_code == 200
         body = {
             "name": name or f"dep-{uuid.uuid4().hex[:8]}",
             "flow_id": self.flow_id(flow_name),

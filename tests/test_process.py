@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class ListLog:
 def handle(command: str, grace: float = 5.0, **cfg: Any) -> tuple[RunHandle, ListLog]:
     config = ProcessJobConfiguration(command=command, env=dict(os.environ), **cfg)
     log = ListLog()
-    return RunHandle("run-1", log, grace=grace, config=config), log
+    return RunHandle("run-1", log, grace=grace, config=config, output_dir=Path(tempfile.mkdtemp())), log
 
 
 def alive(pid: int) -> bool:
@@ -45,6 +46,7 @@ async def test_exit_code_and_output_lines() -> None:
     await h.start()
     assert await h.wait() == 3
     assert sorted(log.lines()) == ["one", "partial", "two"]
+    assert h.output_dir is not None and not list(h.output_dir.iterdir()), "output files removed"
 
 
 async def test_temp_dir_is_used_and_removed() -> None:

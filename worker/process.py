@@ -17,9 +17,12 @@ Policy, stated once:
   so cancellation never leaves a child behind.
 * **Never the wrong process.** An adopted process is identified by pid *and* start time
   (and the boot id, checked by the caller); it is signalled only while both match.
-* **Output.** With ``stream_output`` the child's stdout and stderr are read line by
-  line into the worker's log, bound to the run; otherwise they go to /dev/null. A
-  grandchild holding the pipes after the child exited gets ``OUTPUT_LINGER`` seconds.
+* **Output.** With ``stream_output`` the child's stdout and stderr go to two files in
+  the state directory (``output/<run>.out|.err``), which the worker follows line by
+  line into its log, bound to the run; otherwise to /dev/null. Files, not pipes: a
+  pipe dies with the worker, and a flow that prints after a worker restart would then
+  fail on EPIPE; a file outlives the worker, and the worker that adopts the run goes
+  on following it. The files are removed when the run ends.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import trio
 from worker import reaper
 from worker.job import ProcessJobConfiguration
 
-OUTPUT_LINGER: Final = 2.0
-"""Seconds to keep reading output that grandchildren write after the child exited."""
+OUTPUT_POLL: Final = 0.2
+"""How often a run's output files are checked for new lines while it runs."""
 
 MAX_LINE: Final = 64 * 1024
 """Longer output lines are split, so a flow that never writes a newline cannot grow memory."""
@@ -66,6 +69,7 @@ class Supervised:
     stop_requested: bool = False
     stop_reason: str = ""
     intent: str = ""
+    output_dir: Path | None = None
     _stop_event: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -124,6 +128,48 @@ class Supervised:
         with scope:
             await self._kill_policy()
 
+    def output_paths(self) -> list[tuple[Path, str]]:
+        if self.output_dir is None:
+            return []
+        return [(self.output_dir / f"{self.run_id}.{name}", name) for name in ("out", "err")]
+
+    async def _follow(self, path: Path, name: str, exited: trio.Event, from_end: bool) -> None:
+        """Log each line appended to ``path`` until the process has exited and all is read."""
+        try:
+            f = path.open("rb")
+        except OSError:
+            return
+        with f:
+            if from_end:
+                f.seek(0, os.SEEK_END)
+            buffer = b""
+            while True:
+                finished = exited.is_set()  # read once more after the exit: nothing is lost
+                chunk = f.read(65536)
+                if chunk:
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    while len(buffer) > MAX_LINE:
+                        lines.append(buffer[:MAX_LINE])
+                        buffer = buffer[MAX_LINE:]
+                    for line in lines:
+                        self._emit(line, name)
+                    continue
+                if finished:
+                    break
+                with trio.move_on_after(OUTPUT_POLL):
+                    await exited.wait()
+            if buffer:
+                self._emit(buffer, name)
+
+    def _emit(self, line: bytes, name: str) -> None:
+        stream = "stdout" if name == "out" else "stderr"
+        self.log.info("run.output", stream=stream, line=line.decode("utf-8", "replace").rstrip("\r"))
+
+    def remove_output(self) -> None:
+        for path, _ in self.output_paths():
+            path.unlink(missing_ok=True)
+
     def sweep(self) -> None:
         """Kill what is left of the run (after its leader is gone)."""
         victims = reaper.sweep_run(self.run_id, self.pgid)
@@ -155,7 +201,14 @@ class RunHandle(Supervised):
         else:
             self.tmpdir = Path(tempfile.mkdtemp(prefix="flow-worker-", suffix="prefect"))
             cwd = self.tmpdir
-        out = subprocess.PIPE if self.config.stream_output else subprocess.DEVNULL
+        if not self.config.stream_output:
+            self.output_dir = None
+        files: list[int] = []
+        for path, _ in self.output_paths():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600))
+        out: int = files[0] if files else subprocess.DEVNULL
+        err: int = files[1] if files else subprocess.DEVNULL
         env = {k: v for k, v in self.config.env.items() if v is not None}
         env.update(extra_env or {})
         try:
@@ -165,7 +218,7 @@ class RunHandle(Supervised):
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
-                stderr=out,
+                stderr=err,
                 start_new_session=True,
             )
         except FileNotFoundError:
@@ -177,26 +230,12 @@ class RunHandle(Supervised):
         except OSError as exc:
             self._cleanup_tmpdir()
             raise StartError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            for fd in files:
+                os.close(fd)
+            if self.process is None:
+                self.remove_output()
         return self.process.pid
-
-    async def _pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        buffer = b""
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            while len(buffer) > MAX_LINE:
-                lines.append(buffer[:MAX_LINE])
-                buffer = buffer[MAX_LINE:]
-            for line in lines:
-                self._emit(line, name)
-        if buffer:
-            self._emit(buffer, name)
-
-    def _emit(self, line: bytes, name: str) -> None:
-        self.log.info("run.output", stream=name, line=line.decode("utf-8", "replace").rstrip("\r"))
 
     async def wait(self) -> int:
         """Wait for the exit (streaming output, applying the kill policy on stop) and
@@ -204,16 +243,15 @@ class RunHandle(Supervised):
         assert self.process is not None, "start() first"
         proc = self.process
         try:
+            exited = trio.Event()
             async with trio.open_nursery() as nursery:
-                if proc.stdout is not None:
-                    nursery.start_soon(self._pump, proc.stdout, "stdout")
-                if proc.stderr is not None:
-                    nursery.start_soon(self._pump, proc.stderr, "stderr")
+                for path, name in self.output_paths():
+                    nursery.start_soon(self._follow, path, name, exited, False)
                 killer = trio.CancelScope()
                 nursery.start_soon(self._scoped, killer)
                 await proc.wait()
                 killer.cancel()  # the kill policy never outlives the child
-                nursery.cancel_scope.deadline = trio.current_time() + OUTPUT_LINGER
+                exited.set()  # the followers read what is left, then end
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
@@ -226,9 +264,7 @@ class RunHandle(Supervised):
                         await proc.wait()
                 if self.stop_requested or proc.returncode != 0:
                     self.sweep()
-                for stream in (proc.stdout, proc.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+                self.remove_output()
                 self._cleanup_tmpdir()
         assert proc.returncode is not None
         return proc.returncode
@@ -283,11 +319,15 @@ class AdoptedHandle(Supervised):
     async def wait(self) -> None:
         """Return once the process has exited (applying the kill policy on stop)."""
         try:
+            exited = trio.Event()
             async with trio.open_nursery() as nursery:
+                for path, name in self.output_paths():
+                    nursery.start_soon(self._follow, path, name, exited, True)
                 killer = trio.CancelScope()
                 nursery.start_soon(self._scoped, killer)
                 await self._gone()
                 killer.cancel()
+                exited.set()
         finally:
             with trio.CancelScope(shield=True):
                 if self.alive():
@@ -299,3 +339,4 @@ class AdoptedHandle(Supervised):
                         await self._gone()
                 if self.stop_requested:
                     self.sweep()
+                self.remove_output()

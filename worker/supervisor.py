@@ -199,7 +199,7 @@ class Supervisor:
             await self._flush_reports()
             loops.cancel_scope.cancel()
         log.info("worker.stopped", worker_name=self.settings.worker_name, failed_runs=self.failed_runs)
-        return 1 if self.failed_runs else 0
+        return 1 if self.settings.once and self.failed_runs else 0
 
     def request_stop(self, reason: str, loops: trio.Nursery) -> None:
         """First stop request: claim nothing more, let running flows finish (the drain)."""
@@ -484,6 +484,7 @@ class Supervisor:
             grace=self.settings.cancel_grace_seconds,
             send_intent=self.control.send_intent,
             config=config,
+            output_dir=self.ledger.directory / "output",
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -717,6 +718,7 @@ class Supervisor:
             adopted_pid=entry.pid or 0,
             adopted_pgid=entry.pgid,
             start_time=entry.start_time,
+            output_dir=self.ledger.directory / "output",
         )
         self.live[entry.flow_run_id] = handle
         run_log.info("run.adopted", started_at=entry.started_at)

@@ -26,3 +26,16 @@ def hello(name: str = "world", out: str = "", sleep: float = 0.0) -> str:
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
     return name
+
+
+def _write_hook_marker(flow, flow_run, state) -> None:
+    marker = flow_run.parameters.get("marker")
+    if marker:
+        with open(marker, "w") as f:
+            f.write(f"{state.type.value}\n")
+
+
+@flow(on_cancellation=[_write_hook_marker])
+def cancellable(marker: str = "", sleep: float = 120.0) -> None:
+    print("cancellable flow started", flush=True)
+    time.sleep(sleep)

@@ -1,0 +1,302 @@
+"""Never lose a run: drain on stop, adopt after restart, survive outages (real server, real flows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Api, PrefectServer, WorkerProcess, wait_for
+from tests.flaky_proxy import FlakyProxy
+from worker import reaper
+from worker.ledger import Entry, Ledger
+
+FAST = {
+    "FLOW_WORKER_QUERY_SECONDS": "1",
+    "FLOW_WORKER_CANCEL_POLL_SECONDS": "1",
+    "FLOW_WORKER_HEARTBEAT_SECONDS": "5",
+}
+
+
+def wait_state(api: Api, run_id: str, state: str, timeout: float = 90) -> None:
+    wait_for(lambda: api.state_type(run_id) == state, timeout, 0.3, f"run {run_id} to be {state}")
+
+
+def run_processes(run_id: str) -> list[int]:
+    return reaper.run_processes(run_id, None)
+
+
+def test_sigterm_drains_running_flows_to_completed(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    dep = api.deployment(pool_name)
+    worker = start_worker("--pool", pool_name, **FAST)
+    runs = [api.run(dep, {"name": f"drain{i}", "sleep": 10}) for i in range(2)]
+    for run_id in runs:
+        wait_state(api, run_id, "RUNNING")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0
+    assert [api.state_type(r) for r in runs] == ["COMPLETED", "COMPLETED"]
+    assert worker.saw("worker.stopping", reason="SIGTERM")
+
+
+def test_second_sigterm_stops_runs_with_the_reason(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    dep = api.deployment(pool_name)
+    worker = start_worker("--pool", pool_name, FLOW_WORKER_CANCEL_GRACE_SECONDS="10", **FAST)
+    runs = [api.run(dep, {"name": f"stop{i}", "sleep": 300}) for i in range(2)]
+    for run_id in runs:
+        wait_state(api, run_id, "RUNNING")
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: worker.saw("worker.stopping"), 10, what="the drain to begin")
+    t0 = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 20, "the second signal ends the runs promptly"
+    for run_id in runs:
+        run = api.flow_run(run_id)
+        assert run["state_type"] == "CRASHED"
+        assert run["state"]["message"].startswith("The worker stopped before the flow run finished (")
+        assert not run_processes(run_id)
+
+
+def test_on_stop_reschedule_returns_runs_to_the_queue(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    dep = api.deployment(pool_name)
+    worker = start_worker(
+        "--pool", pool_name, FLOW_WORKER_ON_STOP="reschedule", FLOW_WORKER_DRAIN_TIMEOUT="2", **FAST
+    )
+    run_id = api.run(dep, {"name": "resched", "sleep": 300})
+    wait_state(api, run_id, "RUNNING")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    assert api.state_type(run_id) == "SCHEDULED"
+    assert not run_processes(run_id)
+
+
+def _write_entry(state_dir: Path, entry: Entry) -> None:
+    ledger = Ledger(state_dir)
+    ledger.runs_dir.mkdir(parents=True, exist_ok=True)
+    ledger.write(entry)
+
+
+def test_sigkill_then_restart_adopts_or_reports_every_run(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "ledger"
+    dep = api.deployment(pool_name)
+    first = start_worker("--pool", pool_name, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
+    adopted = api.run(dep, {"name": "adopted", "sleep": 12})
+    wait_state(api, adopted, "RUNNING")
+    first.proc.kill()
+    first.proc.wait()
+
+    # a run a dead worker had claimed (PENDING) but never started
+    pending = api.run(dep, {"name": "pending"})
+    tid = str(uuid.uuid4())
+    api.call(
+        "POST",
+        f"flow_runs/{pending}/set_state",
+        {"state": {"type": "PENDING", "name": "Pending", "state_details": {"transition_id": tid}}},
+    )
+    _write_entry(state_dir, Entry(pending, "pending", pool_name, "dead", "claimed", transition_id=tid))
+    # a run whose process is gone (the pid's start time does not match)
+    lost = api.run(dep, {"name": "lost"})
+    api.call(
+        "POST",
+        f"flow_runs/{lost}/set_state",
+        {"state": {"type": "RUNNING", "name": "Running"}, "force": True},
+    )
+    _write_entry(
+        state_dir,
+        Entry(
+            lost,
+            "lost",
+            pool_name,
+            "dead",
+            "started",
+            pid=os.getpid(),
+            pgid=os.getpid(),
+            start_time=1,
+            boot_id="x",
+        ),
+    )
+
+    second = start_worker("--pool", pool_name, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
+    wait_for(
+        lambda: second.saw("run.adopted", flow_run_id=adopted), 10, what="the running flow to be adopted"
+    )
+    lost_run = api.wait_final(lost, 20)
+    assert lost_run["state_type"] == "CRASHED"
+    assert "ended while no worker was watching it" in lost_run["state"]["message"]
+    assert api.wait_final(pending, 120)["state_type"] == "COMPLETED"  # rescheduled, then run
+    assert api.wait_final(adopted, 120)["state_type"] == "COMPLETED"
+    wait_for(lambda: not list((state_dir / "runs").glob("*.json")), 20, what="the ledger to empty")
+
+
+def test_cancel_kills_setsid_escapees(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker("--pool", pool_name, **FAST)
+    dep = api.deployment(pool_name, job_variables={"command": "sh -c 'sleep 300 & setsid sleep 301 & wait'"})
+    run_id = api.run(dep)
+    wait_for(lambda: len(run_processes(run_id)) >= 3, 60, what="sh and both sleeps")
+    api.call(
+        "POST",
+        f"flow_runs/{run_id}/set_state",
+        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+    )
+    assert api.wait_final(run_id, 60)["state_type"] == "CANCELLED"
+    wait_for(lambda: not run_processes(run_id), 10, what="every process of the run to be gone")
+
+
+def test_cancellation_runs_the_flows_on_cancellation_hook(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker("--pool", pool_name, **FAST)
+    dep = api.deployment(pool_name, entrypoint="hello.py:cancellable", flow_name="cancellable")
+    marker = tmp_path / "hook-ran"
+    run_id = api.run(dep, {"marker": str(marker)})
+    wait_state(api, run_id, "RUNNING")
+    wait_for(
+        lambda: worker.saw("run.output", flow_run_id=run_id, line="cancellable flow started"),
+        30,
+        what="the flow body to start",
+    )
+    api.call(
+        "POST",
+        f"flow_runs/{run_id}/set_state",
+        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+    )
+    assert api.wait_final(run_id, 60)["state_type"] == "CANCELLED"
+    wait_for(marker.exists, 30, what="the on_cancellation hook's marker")
+    assert worker.saw("run.terminating", flow_run_id=run_id, intent="cancel", intent_acknowledged=True)
+
+
+def test_exit_0_without_a_final_state_is_reported(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker("--pool", pool_name, **FAST)
+    run_id = api.run(api.deployment(pool_name, job_variables={"command": "true"}))
+    run = api.wait_final(run_id, 60)
+    assert run["state_type"] == "CRASHED"
+    assert "exited with status 0 without reporting a final state" in run["state"]["message"]
+
+
+def test_signals_work_when_inherited_as_ignored(
+    prefect_server: PrefectServer, pool_name: str, tmp_path: Path
+) -> None:
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    log = (tmp_path / "w.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "flow-worker"), "--pool", pool_name],
+        env={**prefect_server.env, **FAST, "FLOW_WORKER_LOG_FORMAT": "json"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=ignore,
+    )
+    wait_for(lambda: b"worker.synced" in (tmp_path / "w.log").read_bytes(), 30, what="the first sync")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+@pytest.fixture
+def own_server() -> Iterator[PrefectServer]:
+    """A server of this test's own, which the test may stop and restart on the same database."""
+    home = Path(tempfile.mkdtemp(prefix="flow-worker-own-"))
+    server = PrefectServer(home)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
+    own_server.start()
+    api = Api(own_server)
+    dep = api.deployment(pool_name)
+    worker = WorkerProcess(
+        own_server,
+        ["--pool", pool_name],
+        {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+        tmp_path / "w.log",
+    )
+    try:
+        run_id = api.run(dep, {"name": "outage", "sleep": 30})
+        wait_state(api, run_id, "RUNNING")
+        own_server.stop()
+        time.sleep(20)  # the outage itself: what is tested is that nothing gives up meanwhile
+        assert worker.proc.poll() is None, "the worker never exits because the API is down"
+        own_server.start()
+        assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
+        after = api.run(dep, {"name": "after-outage"})
+        assert api.wait_final(after, 120)["state_type"] == "COMPLETED"
+        warnings = [e for e in worker.events() if e.get("event") == "api.unavailable"]
+        assert len(warnings) >= 1 and all(e["level"] == "warning" for e in warnings)
+        assert worker.saw("api.recovered")
+        assert worker.stop() == 0
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+
+
+def test_worker_started_before_the_server(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
+    worker = WorkerProcess(
+        own_server,
+        ["--pool", pool_name],
+        {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+        tmp_path / "w.log",
+    )
+    try:
+        time.sleep(15)  # the worker must keep trying for this long without exiting
+        assert worker.proc.poll() is None
+        own_server.start()
+        api = Api(own_server)
+        wait_for(lambda: worker.saw("worker.synced"), 60, what="the first sync")
+        run_id = api.run(api.deployment(pool_name), {"name": "late-server"})
+        assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
+        assert len([e for e in worker.events() if e.get("event") == "api.unavailable"]) == 1
+        assert worker.stop() == 0
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+
+
+def test_flaky_api_30_percent_503_429(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    # the flows themselves talk to the real server: the worker's own traffic is under test
+    dep = api.deployment(pool_name, job_variables={"env": {"PREFECT_API_URL": prefect_server.api_url}})
+    runs = [api.run(dep, {"name": f"flaky{i}", "out": str(out)}) for i in range(10)]
+    with FlakyProxy(f"http://127.0.0.1:{prefect_server.port}", failure_rate=0.3) as proxy:
+        worker = WorkerProcess(
+            prefect_server,
+            ["--pool", pool_name],
+            {**FAST, "PREFECT_API_URL": proxy.url + "/api", "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+            tmp_path / "w.log",
+        )
+        try:
+            for run_id in runs:
+                assert api.wait_final(run_id, 300)["state_type"] == "COMPLETED"
+            assert worker.proc.poll() is None
+            assert proxy.failed > 10, "the proxy really injected failures"
+        finally:
+            assert worker.stop() == 0
+    executed = [json.loads(line)["run_id"] for line in out.read_text().splitlines()]
+    assert sorted(executed) == sorted(runs), "each run executed exactly once"
