@@ -300,3 +300,25 @@ def test_flaky_api_30_percent_503_429(
             assert worker.stop() == 0
     executed = [json.loads(line)["run_id"] for line in out.read_text().splitlines()]
     assert sorted(executed) == sorted(runs), "each run executed exactly once"
+
+
+def test_orphans_are_reparented_to_the_worker_and_reaped(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--pool", pool_name, **FAST)
+    # the subshell exits at once, orphaning its `sleep 2`; the run itself goes on for 8 s
+    dep = api.deployment(pool_name, job_variables={"command": "sh -c '(sleep 2 &); exec sleep 8'"})
+    run_id = api.run(dep)
+
+    def orphan() -> int | None:
+        for pid in run_processes(run_id):
+            facts = reaper.process_facts(pid)
+            if facts is not None and facts.ppid == worker.proc.pid:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if cmdline.split(b"\0")[:2] == [b"sleep", b"2"]:
+                    return pid
+        return None
+
+    pid = wait_for(orphan, 30, 0.05, "the orphaned sleep to be re-parented to the worker")
+    wait_for(lambda: reaper.process_facts(pid) is None, 15, what="the orphan to be reaped (no zombie left)")
+    assert api.wait_final(run_id, 30)["state_type"] == "CRASHED"  # `sleep` is not an engine: honest report

@@ -149,6 +149,8 @@ class Supervisor:
     def healthy(self) -> bool:
         from worker.health import is_healthy
 
+        if not self.synced.is_set():
+            return False  # 503 until the API has answered once
         return is_healthy(trio.current_time(), self.last_poll, self.started_at, self.settings.query_seconds)
 
     def _notify_change(self) -> None:
