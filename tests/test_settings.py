@@ -81,3 +81,13 @@ def test_default_name_is_stable() -> None:
     s = load({}, {})
     assert s.worker_name.startswith("ProcessWorker ")
     assert s.worker_name == s.worker_name
+
+
+def test_optional_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    assert load({"pool": "p"}, {"FLOW_WORKER_CONFIG": f"-{missing}"}).pool == "p"
+    with pytest.raises(SettingsError, match="cannot read config file"):
+        load({"pool": "p"}, {"FLOW_WORKER_CONFIG": str(missing)})
+    present = tmp_path / "p.toml"
+    present.write_text("limit = 3\n")
+    assert load({}, {"FLOW_WORKER_CONFIG": f"-{present}"}).limit == 3

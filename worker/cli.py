@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-once", dest="once", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--with-healthcheck", action="store_true", help="serve GET /health")
     p.add_argument("--state-dir", help="directory for the ledger of owned runs")
-    p.add_argument("--config", dest="config_path", type=Path, help="TOML config file")
-    p.add_argument("--log-format", choices=["auto", "console", "json"])
+    p.add_argument(
+        "--config", dest="config_path", type=Path, help="TOML config file ('-PATH': only if it exists)"
+    )
+    p.add_argument("--log-format", choices=["auto", "console", "json", "journald"])
     p.add_argument("--version", action="version", version=f"flow-worker {__version__}")
     return p
 

@@ -28,15 +28,25 @@ def is_healthy(now: float, last_poll: float | None, started: float, query_second
     return since <= 30 * query_seconds
 
 
-def respond(method: bytes, target: bytes, healthy: bool) -> tuple[int, dict[str, str]]:
+JSON: Final = "application/json"
+PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def respond(
+    method: bytes, target: bytes, healthy: Callable[[], bool], metrics: Callable[[], str] | None = None
+) -> tuple[int, str, bytes]:
+    """Status, content type and body for one request (pure; the routing table)."""
     path = target.split(b"?", 1)[0]
-    if path != b"/health":
-        return 404, {"detail": "Not Found"}
+    if path not in (b"/health", b"/metrics") or (path == b"/metrics" and metrics is None):
+        return 404, JSON, json.dumps({"detail": "Not Found"}).encode()
     if method not in (b"GET", b"HEAD"):
-        return 405, {"detail": "Method Not Allowed"}
-    if healthy:
-        return 200, {"message": "OK"}
-    return 503, {"message": "Worker may be unresponsive at this time"}
+        return 405, JSON, json.dumps({"detail": "Method Not Allowed"}).encode()
+    if path == b"/metrics":
+        assert metrics is not None
+        return 200, PROMETHEUS, metrics().encode()
+    if healthy():
+        return 200, JSON, json.dumps({"message": "OK"}).encode()
+    return 503, JSON, json.dumps({"message": "Worker may be unresponsive at this time"}).encode()
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
@@ -51,16 +61,17 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
     return None
 
 
-async def _handle(stream: trio.SocketStream, healthy: Callable[[], bool]) -> None:
+async def _handle(
+    stream: trio.SocketStream, healthy: Callable[[], bool], metrics: Callable[[], str] | None
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
         request = await _read_request(conn, stream)
         if request is None:
             return
-        status, body = respond(request.method, request.target, healthy())
-        payload = json.dumps(body).encode()
+        status, content_type, payload = respond(request.method, request.target, healthy, metrics)
         headers = [
-            ("content-type", "application/json"),
+            ("content-type", content_type),
             ("content-length", str(len(payload))),
             ("connection", "close"),
         ]
@@ -86,6 +97,7 @@ async def serve(
     host: str,
     port: int,
     healthy: Callable[[], bool],
+    metrics: Callable[[], str] | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -96,6 +108,6 @@ async def serve(
     task_status.started(bound)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, healthy)
+        await _handle(stream, healthy, metrics)
 
     await trio.serve_listeners(handler, listeners)

@@ -1,35 +1,119 @@
-"""structlog configuration: readable console lines on a terminal, JSON lines otherwise.
+"""structlog configuration: journald under systemd, console lines on a terminal, JSON lines otherwise.
 
 Events are names with fields (``log.info("run.claimed", flow_run_id=…)``). The chain is
-small composable processors; a journald renderer slots in as one more of them.
+small composable processors; the renderer at the end is chosen once:
+
+=============  ==============================================================================
+format         when (``auto``)
+=============  ==============================================================================
+``journald``   stderr is the journal (``$JOURNAL_STREAM``): one native entry per event, with
+               ``PRIORITY``, ``SYSLOG_IDENTIFIER=flow-worker``, ``FLOW_WORKER_EVENT`` and the
+               run's ``FLOW_RUN_ID``, ``FLOW_RUN_NAME``, ``DEPLOYMENT_ID``, ``DEPLOYMENT_NAME``,
+               ``WORK_POOL``, so ``journalctl FLOW_RUN_ID=…`` tells a run's whole story
+``console``    stderr is a terminal
+``json``       anything else (a file, a pipe, a container log)
+=============  ==============================================================================
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any, TextIO
+from collections.abc import MutableMapping
+from typing import Any, Final, TextIO
 
 import structlog
 
-LEVELS = {
+from worker import systemd
+
+LEVELS: Final = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
     "WARNING": logging.WARNING,
     "ERROR": logging.ERROR,
 }
+PRIORITIES: Final = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+RESERVED: Final = frozenset(
+    {
+        "MESSAGE",
+        "MESSAGE_ID",
+        "PRIORITY",
+        "SYSLOG_IDENTIFIER",
+        "SYSLOG_PID",
+        "CODE_FILE",
+        "CODE_LINE",
+        "CODE_FUNC",
+    }
+)
+"""Journal fields an event's own keys must not overwrite (an event's ``message`` becomes
+``FLOW_WORKER_MESSAGE``)."""
+RUN_FIELDS: Final = {
+    "flow_run_id": "FLOW_RUN_ID",
+    "flow_run_name": "FLOW_RUN_NAME",
+    "deployment_id": "DEPLOYMENT_ID",
+    "deployment_name": "DEPLOYMENT_NAME",
+    "work_pool": "WORK_POOL",
+}
 
 
-def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Configure structlog once, at start-up. ``auto`` means console on a TTY, else JSON."""
+class JournaldRenderer:
+    """The last processor under systemd: sends the event to journald, then drops it.
+
+    If the journal socket refuses the entry, the event falls through as a JSON line on
+    stderr (which systemd also collects), so nothing is lost.
+    """
+
+    def __init__(self, sender: systemd.JournalSender | None = None) -> None:
+        self.sender = sender or systemd.JournalSender()
+
+    def fields(self, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+        data = dict(event_dict)
+        event = str(data.pop("event", ""))
+        level = str(data.pop("level", "info"))
+        data.pop("timestamp", None)
+        out: dict[str, Any] = {
+            "PRIORITY": PRIORITIES.get(level, 6),
+            "SYSLOG_IDENTIFIER": "flow-worker",
+            "FLOW_WORKER_EVENT": event,
+        }
+        if event == "run.output":
+            out["MESSAGE"] = data.pop("line", "")
+        else:
+            rest = " ".join(f"{k}={v}" for k, v in data.items() if k not in RUN_FIELDS)
+            run = data.get("flow_run_name") or data.get("flow_run_id")
+            out["MESSAGE"] = " ".join(p for p in (event, f"[{run}]" if run else "", rest) if p)
+        for key, value in data.items():
+            if value is not None:
+                name = RUN_FIELDS.get(key) or systemd.field_name(key)
+                out["FLOW_WORKER_" + name if name in RESERVED else name] = value
+        return out
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        if self.sender.send(self.fields(event_dict)):
+            raise structlog.DropEvent
+        return json.dumps(dict(event_dict), default=str)
+
+
+def choose_format(log_format: str, stream: TextIO) -> str:
+    if log_format != "auto":
+        return log_format
+    if systemd.journal_stream_is_stderr():
+        return "journald"
+    return "console" if stream.isatty() else "json"
+
+
+def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> str:
+    """Configure structlog once, at start-up. Returns the format chosen."""
     stream = stream or sys.stderr
-    if log_format == "auto":
-        log_format = "console" if stream.isatty() else "json"
+    chosen = choose_format(log_format, stream)
     renderer: Any
-    if log_format == "console":
+    if chosen == "journald":
+        renderer = JournaldRenderer()
+    elif chosen == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(default=str)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -42,3 +126,4 @@ def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | No
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+    return chosen

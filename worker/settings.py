@@ -49,8 +49,8 @@ def _worker_name(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> No
 
 
 def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in ("auto", "console", "json"):
-        raise ValueError("must be one of 'auto', 'console', 'json'")
+    if value not in ("auto", "console", "json", "journald"):
+        raise ValueError("must be one of 'auto', 'console', 'json', 'journald'")
 
 
 def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
@@ -275,7 +275,11 @@ def load(
     if config_path is None and environ.get("FLOW_WORKER_CONFIG"):
         config_path = Path(environ["FLOW_WORKER_CONFIG"])
     if config_path is not None:
-        raw.update(read_file(config_path))
+        # "-/etc/flow-worker/p.toml": read it if it exists (systemd's EnvironmentFile=- idiom)
+        optional = str(config_path).startswith("-")
+        config_path = Path(str(config_path).removeprefix("-"))
+        if not (optional and not config_path.exists()):
+            raw.update(read_file(config_path))
     raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
     for key, value in flags.items():
         if key not in FIELDS:

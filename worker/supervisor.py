@@ -60,10 +60,12 @@ from worker.api import ApiError, ApiNotFound, ApiRefused, PrefectClient
 from worker.control import ControlChannel
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, Report, boot_id
+from worker.metrics import Metrics
 from worker.models import FlowRun, ProtocolError, StateType, WorkPool
 from worker.process import AdoptedHandle, RunHandle, StartError, Supervised
 from worker.retry import backoff, jittered
 from worker.settings import Settings
+from worker.systemd import Notifier
 
 log = structlog.get_logger("flow_worker")
 API_ERRORS = (ApiError, ProtocolError)
@@ -79,9 +81,18 @@ class Outage:
 
     failing_since: float | None = None
     failures: int = 0
+    metrics: Metrics = attrs.Factory(Metrics)
 
     def failed(self, exc: Exception, during: str) -> None:
         self.failures += 1
+        kind = (
+            "protocol"
+            if isinstance(exc, ProtocolError)
+            else "refused"
+            if isinstance(exc, ApiRefused)
+            else "unavailable"
+        )
+        self.metrics.api_errors[kind] += 1
         if self.failing_since is None:
             self.failing_since = trio.current_time()
             auth = isinstance(exc, ApiRefused) and exc.status in (401, 403)
@@ -125,7 +136,9 @@ class Supervisor:
     """Finished runs whose report is not delivered yet (also on disk)."""
     unresolved: dict[str, Entry] = attrs.Factory(dict)
     """Claims whose answer was lost: resolved against the server like a restart's ledger."""
-    outage: Outage = attrs.Factory(Outage)
+    metrics: Metrics = attrs.Factory(Metrics)
+    outage: Outage = attrs.Factory(lambda self: Outage(metrics=self.metrics), takes_self=True)
+    notifier: Notifier = attrs.Factory(Notifier)
     control: ControlChannel = attrs.Factory(ControlChannel)
     started_at: float = attrs.Factory(trio.current_time)
     last_poll: float | None = None
@@ -152,6 +165,37 @@ class Supervisor:
         if not self.synced.is_set():
             return False  # 503 until the API has answered once
         return is_healthy(trio.current_time(), self.last_poll, self.started_at, self.settings.query_seconds)
+
+    def render_metrics(self) -> str:
+        since = trio.current_time() - self.last_poll if self.last_poll is not None else None
+        return self.metrics.render(len(self.live), since)
+
+    def status_line(self) -> str:
+        """The one-line status shown by ``systemctl status`` (``STATUS=``)."""
+        api = "API reachable" if self.outage.failing_since is None else "API UNREACHABLE"
+        poll = (
+            f"last poll {trio.current_time() - self.last_poll:.0f}s ago"
+            if self.last_poll is not None
+            else "no poll yet"
+        )
+        mode = "draining, " if self.stopping else ""
+        return f"{mode}{len(self.live)} active runs, {poll}, {api}; pool {self.pool_name}"
+
+    async def _idle(self, seconds: float) -> None:
+        """Sleep as a loop's deliberate pause, feeding the systemd watchdog meanwhile.
+
+        The watchdog is fed only from here and after a completed poll, i.e. only while
+        the poll loop really runs: a hung loop (or a frozen process) stops the pings.
+        """
+        deadline = trio.current_time() + seconds
+        chunk = (self.notifier.watchdog_seconds or seconds * 3) / 3
+        while True:
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return
+            await trio.sleep(min(left, chunk))
 
     def _notify_change(self) -> None:
         self.changed.set()
@@ -185,7 +229,11 @@ class Supervisor:
                 from worker import health
 
                 await loops.start(
-                    health.serve, self.settings.webserver_host, self.settings.webserver_port, self.healthy
+                    health.serve,
+                    self.settings.webserver_host,
+                    self.settings.webserver_port,
+                    self.healthy,
+                    self.render_metrics,
                 )
             if handle_signals:
                 loops.start_soon(self._signal_loop, loops)
@@ -210,6 +258,7 @@ class Supervisor:
             return
         self.stopping = True
         self.poll_scope.cancel()
+        self.notifier.stopping(self.status_line())
         log.info(
             "worker.stopping",
             reason=reason,
@@ -242,17 +291,27 @@ class Supervisor:
                     self.request_stop(name, loops)
 
     async def _drain_watch(self) -> None:
+        """While draining: keep systemd's watchdog fed and its stop timeout extended (a tick
+        at a time, so a hung drain stops asking), log what is awaited, stop runs at the
+        deadline."""
         deadline = trio.current_time() + self.settings.drain_timeout
-        while trio.current_time() < deadline:
-            await trio.sleep(min(DRAIN_LOG_SECONDS, max(0.0, deadline - trio.current_time())))
-            if self.live and trio.current_time() < deadline:
+        tick = min(DRAIN_LOG_SECONDS, (self.notifier.watchdog_seconds or 3 * DRAIN_LOG_SECONDS) / 3)
+        next_log = trio.current_time() + DRAIN_LOG_SECONDS
+        while True:
+            now = trio.current_time()
+            if now >= deadline and not self.stopped_runs and self.live:
+                self.stop_runs(f"drain_timeout of {self.settings.drain_timeout:g}s reached")
+            extra = self.settings.cancel_grace_seconds if self.stopped_runs else 0.0
+            self.notifier.extend_timeout(tick + extra + 30, self.status_line())
+            self.notifier.watchdog()
+            if now >= next_log and self.live:
+                next_log = now + DRAIN_LOG_SECONDS
                 log.info(
                     "worker.draining",
                     active_runs=self._describe_live(),
-                    seconds_left=round(deadline - trio.current_time()),
+                    seconds_left=max(0, round(deadline - now)),
                 )
-        if self.live:
-            self.stop_runs(f"drain_timeout of {self.settings.drain_timeout:g}s reached")
+            await trio.sleep(tick if now >= deadline else min(tick, deadline - now))
 
     def _describe_live(self) -> list[str]:
         return sorted(self.live)
@@ -283,6 +342,7 @@ class Supervisor:
         if not self.synced.is_set():
             log.info("worker.synced", work_pool=self.pool_name, work_pool_id=pool.id)
             self.synced.set()
+            self.notifier.ready(self.status_line())
 
     def _warn_once(self, key: str, condition: bool, event: str, **fields: Any) -> None:
         if condition and key not in self._warned:
@@ -306,7 +366,11 @@ class Supervisor:
 
     async def poll_once(self, runs: trio.Nursery) -> int:
         """One poll; starts a task for each due run it could take. Returns how many."""
-        await self.synced.wait()
+        while not self.synced.is_set():  # deliberate wait for the first sync: keep the watchdog fed
+            with trio.move_on_after((self.notifier.watchdog_seconds or 30.0) / 3):
+                await self.synced.wait()
+            self.notifier.watchdog()
+        began = trio.current_time()
         scheduled_before = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
             seconds=int(self.settings.prefetch_seconds)
         )
@@ -324,6 +388,7 @@ class Supervisor:
         self.outage.succeeded()
         self._warned.discard("queue")
         self.last_poll = trio.current_time()
+        self.metrics.observe_poll(self.last_poll - began)
         taken = 0
         for flow_run in flow_runs:
             if flow_run.id in self.live or flow_run.id in self.owed or flow_run.id in self.unresolved:
@@ -348,9 +413,9 @@ class Supervisor:
                 await self.poll_once(runs)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
-                await trio.sleep(min(self.settings.query_seconds, self.outage.delay()))
+                await self._idle(min(self.settings.query_seconds, self.outage.delay()))
                 continue
-            await trio.sleep(jittered(self.settings.query_seconds, self.rng))
+            await self._idle(jittered(self.settings.query_seconds, self.rng))
 
     async def drain_once(self, runs: trio.Nursery) -> None:
         """``--once``: take every run due now (re-polling as slots free up), wait for all."""
@@ -446,6 +511,7 @@ class Supervisor:
             return
         entry = self.ledger.update(entry, phase="claimed")
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
+        self.metrics.runs_claimed += 1
         # From here the run is ours: every path ends in a started child or a state owed.
         try:
             config = await self._configure(flow_run, deployment)
@@ -612,6 +678,13 @@ class Supervisor:
         self.outage.succeeded()
         self.ledger.remove(entry.flow_run_id)
         self.owed.pop(entry.flow_run_id, None)
+        final = (
+            outcome.split()[0]
+            if outcome.endswith("ACCEPT")
+            else (current_type.value if current_type else None)
+        )
+        if final is not None and (final == "SCHEDULED" or StateType(final).is_final):
+            self.metrics.runs_finished[final] += 1
         level = "info" if report.kind != "crash_if_running" or outcome == "not needed" else "warning"
         getattr(run_log, level)("run.reported", kind=report.kind, outcome=outcome, message=report.message)
 

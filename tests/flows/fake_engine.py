@@ -7,13 +7,15 @@ only, so it starts in milliseconds.
 
 import json
 import os
+import time
 import urllib.request
 import uuid
 
 run_id = os.environ["PREFECT__FLOW_RUN_ID"]
 api = os.environ["PREFECT_API_URL"].rstrip("/")
-with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
-    f.write(run_id + "\n")
+if os.environ.get("FAKE_ENGINE_LOG"):
+    with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
+        f.write(run_id + "\n")
 
 
 def propose(state_type: str, name: str) -> None:
@@ -43,4 +45,6 @@ def propose(state_type: str, name: str) -> None:
 
 
 propose("RUNNING", "Running")
+print(f"fake engine ran {run_id}", flush=True)
+time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", "0")))
 propose("COMPLETED", "Completed")

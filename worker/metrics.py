@@ -1,0 +1,79 @@
+"""The worker's counters and gauges, rendered in the Prometheus text format for ``/metrics``.
+
+Counters only go up for the life of the process; ``runs_finished`` is labelled by the
+final state the worker saw or wrote (COMPLETED, FAILED, CRASHED, CANCELLED, SCHEDULED
+for a run handed back on stop).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import attrs
+
+
+def _labels(pairs: dict[str, str]) -> str:
+    if not pairs:
+        return ""
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in pairs.items()
+    )
+    return "{" + inner + "}"
+
+
+@attrs.define
+class Metrics:
+    runs_claimed: int = 0
+    runs_finished: Counter[str] = attrs.Factory(Counter)
+    api_errors: Counter[str] = attrs.Factory(Counter)
+    polls: int = 0
+    poll_seconds_sum: float = 0.0
+    last_poll_seconds: float = 0.0
+
+    def observe_poll(self, seconds: float) -> None:
+        self.polls += 1
+        self.poll_seconds_sum += seconds
+        self.last_poll_seconds = seconds
+
+    def render(self, active_runs: int, seconds_since_poll: float | None) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, doc: str, samples: list[tuple[dict[str, str], float]]) -> None:
+            lines.append(f"# HELP flow_worker_{name} {doc}")
+            lines.append(f"# TYPE flow_worker_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"flow_worker_{name}{_labels(labels)} {value:g}")
+
+        metric(
+            "runs_claimed_total",
+            "counter",
+            "Flow runs claimed (PENDING accepted).",
+            [({}, self.runs_claimed)],
+        )
+        states = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED", "SCHEDULED")
+        metric(
+            "runs_finished_total",
+            "counter",
+            "Flow runs ended, by the final state seen or written.",
+            [({"state": s}, self.runs_finished[s]) for s in sorted(set(states) | set(self.runs_finished))],
+        )
+        metric("active_runs", "gauge", "Flow runs being submitted, running or adopted.", [({}, active_runs)])
+        kinds = ("unavailable", "refused", "protocol")
+        metric(
+            "api_errors_total",
+            "counter",
+            "Failed API calls (after retries), by kind.",
+            [({"kind": k}, self.api_errors[k]) for k in sorted(set(kinds) | set(self.api_errors))],
+        )
+        since = seconds_since_poll if seconds_since_poll is not None else float("nan")
+        metric("seconds_since_last_poll", "gauge", "Seconds since the last successful poll.", [({}, since)])
+        lines.append("# HELP flow_worker_poll_duration_seconds Duration of get_scheduled_flow_runs polls.")
+        lines.append("# TYPE flow_worker_poll_duration_seconds summary")
+        lines.append(f"flow_worker_poll_duration_seconds_sum {self.poll_seconds_sum:g}")
+        lines.append(f"flow_worker_poll_duration_seconds_count {self.polls}")
+        return "\n".join(lines) + "\n"
+
+
+MetricsSource = Callable[[], str]
