@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import BIN, FLOWS, Api, PrefectServer, WorkerProcess, free_port, wait_for
 
@@ -98,11 +99,12 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+@pytest.mark.parametrize("events", ["true", "false"], ids=["events-on", "events-off"])
 def test_cancelling_kills_the_whole_process_group(
-    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], events: str
 ) -> None:
     api.create_pool_with_cli(pool_name)
-    start_worker("--pool", pool_name, **FAST)
+    start_worker("--pool", pool_name, FLOW_WORKER_EVENTS=events, **FAST)
     dep = api.deployment(pool_name, job_variables={"command": "sh -c 'sleep 300 & wait'"})
     run_id = api.run(dep)
     pid = int(wait_for(lambda: api.flow_run(run_id)["infrastructure_pid"], 60, what="infrastructure_pid"))
@@ -118,8 +120,9 @@ def test_cancelling_kills_the_whole_process_group(
     wait_for(lambda: not _group_members(pid), 10, what=f"process group {pid} to be empty")
 
 
+@pytest.mark.parametrize("events", ["true", "false"], ids=["events-on", "events-off"])
 def test_two_daemons_run_each_of_30_runs_exactly_once(
-    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path, events: str
 ) -> None:
     api.create_pool_with_cli(pool_name)
     ran = tmp_path / "ran.txt"
@@ -127,8 +130,8 @@ def test_two_daemons_run_each_of_30_runs_exactly_once(
     dep = api.deployment(
         pool_name, job_variables={"command": FAKE_ENGINE, "env": {"FAKE_ENGINE_LOG": str(ran)}}
     )
-    a = start_worker("--pool", pool_name, "--name", "worker-a", **FAST)
-    b = start_worker("--pool", pool_name, "--name", "worker-b", **FAST)
+    a = start_worker("--pool", pool_name, "--name", "worker-a", FLOW_WORKER_EVENTS=events, **FAST)
+    b = start_worker("--pool", pool_name, "--name", "worker-b", FLOW_WORKER_EVENTS=events, **FAST)
     runs = [api.run(dep) for _ in range(30)]
     for run_id in runs:
         assert api.wait_final(run_id, 180)["state_type"] == "COMPLETED"

@@ -97,6 +97,9 @@ class Settings:
         30.0, validator=_positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
     )
     create_pool_if_not_found: bool = _setting(True)
+    events: bool = _setting(
+        True, doc="subscribe to the server's event stream for instant pickup and cancellation"
+    )
     once: bool = _setting(False, doc="drain what is due now, wait for it, exit")
     with_healthcheck: bool = _setting(False)
     webserver_host: str = _setting(

@@ -45,10 +45,12 @@ so it is freed on every path (pain point 25).
 from __future__ import annotations
 
 import datetime
+import math
 import random
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -61,13 +63,49 @@ from worker.control import ControlChannel
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, Report, boot_id
 from worker.metrics import Metrics
-from worker.models import FlowRun, ProtocolError, StateType, WorkPool
+from worker.models import Deployment, FlowRun, ProtocolError, StateType, WorkPool
 from worker.process import AdoptedHandle, RunHandle, StartError, Supervised
 from worker.retry import backoff, jittered
 from worker.settings import Settings
 from worker.systemd import Notifier
 
 log = structlog.get_logger("flow_worker")
+CLAIM_CONCURRENCY = 16
+"""Claims in flight at once: a burst of due runs starts together without a request storm."""
+DEPLOYMENT_TTL = 10.0
+FLOW_TTL = 300.0
+"""Seconds a deployment / flow read is reused: a burst of runs of one deployment reads it
+once; an edited deployment is seen within DEPLOYMENT_TTL (a flow's name never changes)."""
+
+
+@attrs.define
+class ReadCache:
+    """API reads reused for a while, with concurrent misses of one key sharing one request."""
+
+    _values: dict[tuple[str, str], tuple[float, Any]] = attrs.Factory(dict)
+    _inflight: dict[tuple[str, str], trio.Event] = attrs.Factory(dict)
+
+    async def get(self, key: tuple[str, str], ttl: float, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        while True:
+            hit = self._values.get(key)
+            if hit is not None and hit[0] > trio.current_time():
+                return hit[1]
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()  # someone is fetching it: use their answer (or retry theirs)
+        done = self._inflight[key] = trio.Event()
+        try:
+            value = await fetch()
+            self._values[key] = (trio.current_time() + ttl, value)
+            if len(self._values) > 1024:
+                self._values.pop(next(iter(self._values)))
+            return value
+        finally:
+            del self._inflight[key]
+            done.set()
+
+
 API_ERRORS = (ApiError, ProtocolError)
 REAP_SECONDS = 2.0
 REPORT_SECONDS = 5.0
@@ -146,8 +184,14 @@ class Supervisor:
     changed: trio.Event = attrs.Factory(trio.Event)
     limiter: trio.CapacityLimiter | None = None
     stopping: bool = False
+    events_connected: bool = False
     stopped_runs: bool = False
     poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    wake: trio.Event = attrs.Factory(trio.Event)
+    due_at: float = math.inf
+    """trio time at which a run seen ahead of time (by the poll's look-ahead) becomes due."""
+    cache: ReadCache = attrs.Factory(ReadCache)
+    claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     _warned: set[str] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
@@ -165,6 +209,11 @@ class Supervisor:
         if not self.synced.is_set():
             return False  # 503 until the API has answered once
         return is_healthy(trio.current_time(), self.last_poll, self.started_at, self.settings.query_seconds)
+
+    def _events_connected(self, connected: bool) -> None:
+        self.events_connected = connected
+        if connected:
+            self.wake.set()  # anything that became due while disconnected: poll now
 
     def render_metrics(self) -> str:
         since = trio.current_time() - self.last_poll if self.last_poll is not None else None
@@ -196,6 +245,36 @@ class Supervisor:
             if left <= 0:
                 return
             await trio.sleep(min(left, chunk))
+
+    async def _poll_pause(self, seconds: float) -> None:
+        """The poll loop's pause: ends early when an event says a run became due (coalesced:
+        many events, one poll) or when a run seen ahead of time becomes due."""
+        deadline = min(trio.current_time() + seconds, self.due_at)
+        chunk = (self.notifier.watchdog_seconds or 30.0) / 3
+        while True:
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            left = min(deadline, self.due_at) - trio.current_time()
+            if left <= 0:
+                return
+            wake = self.wake
+            with trio.move_on_after(min(left, chunk)):
+                await wake.wait()
+            if wake.is_set():
+                self.wake = trio.Event()
+                return
+
+    def run_became_due(self, run_id: str) -> None:
+        """An event says a run of our pool is SCHEDULED: poll now."""
+        if run_id not in self.live:
+            self.wake.set()
+
+    def run_is_cancelling(self, run_id: str) -> None:
+        """An event says a run is CANCELLING: stop it now if it is ours."""
+        handle = self.live.get(run_id)
+        if handle is not None and not handle.stop_requested:
+            log.info("run.cancelling", flow_run_id=run_id, pid=handle.pid, via="event")
+            handle.cancel("flow run is CANCELLING")
 
     def _notify_change(self) -> None:
         self.changed.set()
@@ -237,6 +316,17 @@ class Supervisor:
                 )
             if handle_signals:
                 loops.start_soon(self._signal_loop, loops)
+            if self.settings.events:
+                from worker import events
+
+                loops.start_soon(
+                    events.stream,
+                    self.settings,
+                    lambda: self.pool.id if self.pool is not None else None,
+                    self.run_became_due,
+                    self.run_is_cancelling,
+                    self._events_connected,
+                )
             async with trio.open_nursery() as runs:
                 with self.poll_scope:
                     await self.reconcile(runs)
@@ -371,9 +461,10 @@ class Supervisor:
                 await self.synced.wait()
             self.notifier.watchdog()
         began = trio.current_time()
-        scheduled_before = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
-            seconds=int(self.settings.prefetch_seconds)
-        )
+        now = datetime.datetime.now(datetime.UTC)
+        due_before = now + datetime.timedelta(seconds=int(self.settings.prefetch_seconds))
+        # look ahead one interval more than the prefetch, to wake up when those runs are due
+        scheduled_before = due_before + datetime.timedelta(seconds=self.settings.query_seconds * 1.5)
         try:
             flow_runs = await self.client.get_scheduled_flow_runs(
                 self.pool_name, self.settings.work_queues, scheduled_before
@@ -390,11 +481,17 @@ class Supervisor:
         self.last_poll = trio.current_time()
         self.metrics.observe_poll(self.last_poll - began)
         taken = 0
+        self.due_at = math.inf
         for flow_run in flow_runs:
             if flow_run.id in self.live or flow_run.id in self.owed or flow_run.id in self.unresolved:
                 continue
             if flow_run.state_type is not StateType.SCHEDULED:
                 continue  # never start a run whose polled state was not SCHEDULED
+            start = _parse_time(flow_run.next_scheduled_start_time)
+            if start is not None and start > due_before:
+                wait = (start - due_before).total_seconds()
+                self.due_at = min(self.due_at, trio.current_time() + wait)
+                continue
             token = object()
             if self.limiter is not None:
                 try:
@@ -415,7 +512,7 @@ class Supervisor:
                 self.outage.failed(exc, "poll")
                 await self._idle(min(self.settings.query_seconds, self.outage.delay()))
                 continue
-            await self._idle(jittered(self.settings.query_seconds, self.rng))
+            await self._poll_pause(jittered(self.settings.query_seconds, self.rng))
 
     async def drain_once(self, runs: trio.Nursery) -> None:
         """``--once``: take every run due now (re-polling as slots free up), wait for all."""
@@ -461,9 +558,33 @@ class Supervisor:
 
     async def _submit(self, flow_run: FlowRun, run_log: Any) -> None:
         assert self.pool is not None
+        async with self.claims:  # a burst claims concurrently, but boundedly
+            claimed = await self._claim(flow_run, run_log)
+        if claimed is None:
+            return
+        deployment, entry, run_log = claimed
+        # From here the run is ours: every path ends in a started child or a state owed.
+        try:
+            config = await self._configure(flow_run, deployment)
+        except (ConfigurationError, *API_ERRORS) as exc:
+            run_log.error("run.bad_configuration", error=str(exc))
+            self.failed_runs += 1
+            await self._finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
+            return
+        if self.stopping:
+            await self._finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
+            return
+        await self._execute(flow_run, entry, config, run_log)
+
+    async def _claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
+        """Read the deployment, propose PENDING, verify the claim. None: not ours."""
         deployment = None
         if flow_run.deployment_id:
-            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            deployment = await self.cache.get(
+                ("deployment", flow_run.deployment_id),
+                DEPLOYMENT_TTL,
+                lambda: self.client.read_deployment(flow_run.deployment_id or ""),
+            )
             if deployment is None:
                 await self.client.set_flow_run_state(
                     flow_run.id,
@@ -473,7 +594,7 @@ class Supervisor:
                     force=True,
                 )
                 run_log.warning("run.deployment_missing", deployment_id=flow_run.deployment_id)
-                return
+                return None
             run_log = run_log.bind(deployment_id=deployment.id, deployment_name=deployment.name)
         transition_id = str(uuid.uuid4())
         # the ledger knows of the claim before the server does: a crash in between is recoverable
@@ -491,7 +612,7 @@ class Supervisor:
         if not claim.proceed:
             self.ledger.remove(flow_run.id)
             run_log.info("run.not_claimed", reason=claim.reason)
-            return
+            return None
         displaced = decisions.displaced_state(
             await self.client.read_flow_run_states(flow_run.id), transition_id
         )
@@ -508,26 +629,18 @@ class Supervisor:
             )
             self.ledger.remove(flow_run.id)
             run_log.warning("run.claim_raced", restored_state=displaced.type.value)
-            return
+            return None
         entry = self.ledger.update(entry, phase="claimed")
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
         self.metrics.runs_claimed += 1
-        # From here the run is ours: every path ends in a started child or a state owed.
-        try:
-            config = await self._configure(flow_run, deployment)
-        except (ConfigurationError, *API_ERRORS) as exc:
-            run_log.error("run.bad_configuration", error=str(exc))
-            self.failed_runs += 1
-            await self._finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
-            return
-        if self.stopping:
-            await self._finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
-            return
-        await self._execute(flow_run, entry, config, run_log)
+        return deployment, entry, run_log
 
     async def _configure(self, flow_run: FlowRun, deployment: Any) -> ProcessJobConfiguration:
         assert self.pool is not None
-        flow = await self.client.read_flow(flow_run.flow_id) if flow_run.flow_id else None
+        flow = None
+        if flow_run.flow_id:
+            flow_id = flow_run.flow_id
+            flow = await self.cache.get(("flow", flow_id), FLOW_TTL, lambda: self.client.read_flow(flow_id))
         values = merge_job_variables(deployment.job_variables if deployment else None, flow_run.job_variables)
         config = await ProcessJobConfiguration.from_template_and_values(
             self.pool.base_job_template, values, self.client
@@ -837,3 +950,13 @@ class Supervisor:
             reaped = reaper.reap_orphans(owned)
             if reaped:
                 log.debug("reaper.reaped", pids=reaped)
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace(" ", "T"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)

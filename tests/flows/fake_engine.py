@@ -12,7 +12,7 @@ import urllib.request
 import uuid
 
 run_id = os.environ["PREFECT__FLOW_RUN_ID"]
-api = os.environ["PREFECT_API_URL"].rstrip("/")
+api = (os.environ.get("FAKE_ENGINE_API_URL") or os.environ["PREFECT_API_URL"]).rstrip("/")
 if os.environ.get("FAKE_ENGINE_LOG"):
     with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
         f.write(run_id + "\n")

@@ -1,0 +1,460 @@
+"""flow-worker vs `prefect worker start --type process`, side by side on one local server.
+
+Run through ``bench/compare`` (it bootstraps the venv). Each scenario runs both workers,
+one after the other (the order alternates between scenarios), each on a fresh pool of the
+same server. The workers talk to the server through a counting TCP proxy (websockets pass
+through untouched), so API requests are counted per worker; flow runs talk to the server
+directly. Prints a table of ratios flow-worker / prefect, writes it to
+``bench/results/latest.md`` and a plot of pickup latencies to ``bench/results/pickup.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import FLOWS, Api, PrefectServer, wait_for  # noqa: E402
+
+BIN = Path(sys.executable).parent
+KINDS = ("flow-worker", "prefect")
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
+
+
+# ---------------------------------------------------------------- counting proxy
+
+
+class CountingProxy:
+    """A byte-level TCP forwarder that records the HTTP request lines clients send."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.requests: list[tuple[float, str]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.sock.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        tail = b""
+        try:
+            while data := src.recv(65536):
+                if count:
+                    window = tail + data
+                    found = [
+                        m.group(1).decode() for m in REQUEST_LINE.finditer(window) if m.end() > len(tail)
+                    ]
+                    if found:
+                        now = time.monotonic()
+                        with self.lock:
+                            self.requests.extend((now, path) for path in found)
+                    tail = window[-200:]
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def count(self, since: float, until: float | None = None) -> int:
+        with self.lock:
+            return sum(1 for t, _ in self.requests if t >= since and (until is None or t <= until))
+
+    def first(self, since: float, pattern: str) -> float | None:
+        with self.lock:
+            return next((t for t, p in self.requests if t >= since and pattern in p), None)
+
+
+# ---------------------------------------------------------------- /proc sampling
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def tree(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += proc_rss(p)
+        except OSError:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------- workers
+
+
+class Worker:
+    def __init__(
+        self, kind: str, pool: str, proxy: CountingProxy, home: Path, extra_env: dict[str, str]
+    ) -> None:
+        self.kind = kind
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLOW_WORKER_"))}
+        env.update(
+            PREFECT_API_URL=proxy.api_url,
+            PREFECT_HOME=str(home / "prefect-home"),
+            FLOW_WORKER_STATE_DIR=str(home / f"state-{uuid.uuid4().hex[:6]}"),
+            FLOW_WORKER_LOG_FORMAT="json",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            **extra_env,
+        )
+        if kind == "flow-worker":
+            cmd = [str(BIN / "flow-worker"), "--pool", pool]
+        else:
+            cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+        self.log = (home / f"{kind}-{pool}.log").open("wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT if self.kind == "prefect" else signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def ts(value: str) -> float:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def state_time(api: Api, run_id: str, state_type: str) -> float | None:
+    times = [ts(s["timestamp"]) for s in api.states(run_id) if s["type"] == state_type]
+    return min(times) if times else None
+
+
+class Bench:
+    def __init__(self, server: PrefectServer, proxy: CountingProxy, home: Path, quick: bool) -> None:
+        self.server, self.proxy, self.home, self.quick = server, proxy, home, quick
+        self.api = Api(server)
+        self.results: dict[str, dict[str, float]] = {k: {} for k in KINDS}
+        self.pickups: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+
+    def pool(self, kind: str, scenario: str) -> str:
+        return f"bench-{scenario}-{kind}-{uuid.uuid4().hex[:4]}"
+
+    def fake_deployment(self, pool: str, sleep: float = 0.0) -> str:
+        command = f"{sys.executable} {FLOWS / 'fake_engine.py'}"
+        env = {"FAKE_ENGINE_API_URL": self.server.api_url, "FAKE_ENGINE_SLEEP": str(sleep)}
+        return self.api.deployment(pool, job_variables={"command": command, "env": env})
+
+    def start(self, kind: str, pool: str, **env: str) -> Worker:
+        w = Worker(kind, pool, self.proxy, self.home, env)
+        wait_for(
+            lambda: self.proxy.first(w.started, f"/work_pools/{pool}/get_scheduled_flow_runs"),
+            120,
+            0.05,
+            f"{kind} to poll",
+        )
+        return w
+
+    def each(self, index: int) -> tuple[str, ...]:
+        return KINDS if index % 2 == 0 else KINDS[::-1]
+
+    def startup_and_idle(self, kind: str) -> None:
+        pool = self.pool(kind, "idle")
+        self.api.create_pool_with_cli(pool)
+        w = self.start(kind, pool)
+        first = self.proxy.first(w.started, "get_scheduled_flow_runs")
+        assert first is not None
+        self.results[kind]["start → first poll (s)"] = first - w.started
+        time.sleep(5)  # let start-up settle before measuring idle cost
+        cpu0, t0 = proc_cpu(w.proc.pid), time.monotonic()
+        idle = 10 if self.quick else 30
+        rss = []
+        while time.monotonic() - t0 < idle:
+            rss.append(tree_rss(w.proc.pid))
+            time.sleep(1)
+        self.results[kind]["idle RSS of the process tree (MiB)"] = statistics.median(rss) / 2**20
+        self.results[kind]["idle CPU (% of a core)"] = (
+            100 * (proc_cpu(w.proc.pid) - cpu0) / (time.monotonic() - t0)
+        )
+        w.stop()
+
+    def burst(self, kind: str, n: int = 50) -> None:
+        pool = self.pool(kind, "burst")
+        dep = self.fake_deployment(pool)
+        w = self.start(kind, pool)
+        time.sleep(2)
+        cpu0, req0 = proc_cpu(w.proc.pid), time.monotonic()
+        peak = proc_rss(w.proc.pid)
+        runs = [self.api.run(dep) for _ in range(n)]
+
+        def all_running() -> bool:
+            nonlocal peak
+            peak = max(peak, proc_rss(w.proc.pid))
+            return all(self.api.state_type(r) in ("RUNNING", "COMPLETED") for r in runs[-5:]) and all(
+                self.api.state_type(r) in ("RUNNING", "COMPLETED", "CRASHED", "FAILED") for r in runs
+            )
+
+        wait_for(all_running, 600, 0.2, f"{kind}: all {n} runs started")
+        created = [ts(self.api.flow_run(r)["created"]) for r in runs]
+        started = [state_time(self.api, r, "RUNNING") for r in runs]
+        span = max(t for t in started if t is not None) - min(created)
+        wait_for(
+            lambda: all(self.api.state_type(r) == "COMPLETED" for r in runs), 600, 0.5, f"{kind}: burst done"
+        )
+        requests = self.proxy.count(req0)
+        cpu = proc_cpu(w.proc.pid) - cpu0
+        w.stop()
+        self.results[kind][f"burst of {n}: runs started per second"] = n / span
+        self.results[kind]["API requests per run"] = requests / n
+        self.results[kind]["worker CPU per run (ms)"] = 1000 * cpu / n
+        self.results[kind]["peak RSS during the burst (MiB)"] = peak / 2**20
+
+    def pickup(self, kind: str, label: str, n: int, gap: float, **env: str) -> None:
+        pool = self.pool(kind, "pickup")
+        dep = self.fake_deployment(pool)
+        w = self.start(kind, pool, **env)
+        time.sleep(3)
+        rng = random.Random(42)
+        runs = []
+        for _ in range(n):
+            time.sleep(rng.uniform(0, gap))
+            runs.append(self.api.run(dep))
+        wait_for(
+            lambda: all(self.api.state_type(r) == "COMPLETED" for r in runs), 300, 0.5, f"{kind}: pickups"
+        )
+        w.stop()
+        latencies = []
+        for r in runs:
+            pending = state_time(self.api, r, "PENDING")
+            assert pending is not None
+            latencies.append(pending - ts(self.api.flow_run(r)["created"]))
+        latencies.sort()
+        self.pickups[kind][label] = latencies
+        self.results[kind][f"pickup p50, {label} (s)"] = statistics.median(latencies)
+        self.results[kind][f"pickup p95, {label} (s)"] = latencies[
+            min(len(latencies) - 1, int(0.95 * len(latencies)))
+        ]
+
+    def cancel(self, kind: str, n: int) -> None:
+        pool = self.pool(kind, "cancel")
+        dep = self.api.deployment(pool, entrypoint="hello.py:cancellable", flow_name="cancellable")
+        w = self.start(kind, pool)
+        to_gone, to_cancelled = [], []
+        for _ in range(n):
+            run = self.api.run(dep, {"sleep": 300})
+            wait_for(lambda r=run: self.api.state_type(r) == "RUNNING", 120, 0.2, "RUNNING")
+            pid = int(wait_for(lambda r=run: self.api.flow_run(r)["infrastructure_pid"], 30, 0.2, "pid"))
+            time.sleep(1)
+            t0 = time.time()
+            self.api.call(
+                "POST",
+                f"flow_runs/{run}/set_state",
+                {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+            )
+            wait_for(
+                lambda p=pid: (
+                    not Path(f"/proc/{p}").exists()
+                    or Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                ),
+                120,
+                0.02,
+                "gone",
+            )
+            to_gone.append(time.time() - t0)
+            wait_for(lambda r=run: self.api.state_type(r) == "CANCELLED", 300, 0.1, "CANCELLED")
+            cancelled = state_time(self.api, run, "CANCELLED")
+            assert cancelled is not None
+            to_cancelled.append(cancelled - t0)
+        w.stop()
+        self.results[kind]["CANCELLING → process gone (s)"] = statistics.median(to_gone)
+        self.results[kind]["CANCELLING → CANCELLED (s)"] = statistics.median(to_cancelled)
+
+    def real_flow(self, kind: str, n: int) -> None:
+        pool = self.pool(kind, "real")
+        dep = self.api.deployment(pool)
+        w = self.start(kind, pool)
+        times = []
+        for i in range(n):
+            run = self.api.run(dep, {"name": f"bench{i}"})
+            wait_for(lambda r=run: self.api.state_type(r) == "COMPLETED", 180, 0.2, "COMPLETED")
+            completed = state_time(self.api, run, "COMPLETED")
+            assert completed is not None
+            times.append(completed - ts(self.api.flow_run(run)["created"]))
+        w.stop()
+        self.results[kind]["real flow: created → COMPLETED (s)"] = statistics.median(times)
+
+
+GOALS: dict[str, tuple[str, float]] = {
+    "idle RSS of the process tree (MiB)": ("<=", 0.3),
+    "start → first poll (s)": ("<=", 0.2),
+    "API requests per run": ("<=", 0.5),
+    "worker CPU per run (ms)": ("<=", 0.2),
+    "burst of 50: runs started per second": (">=", 3.0),
+    "CANCELLING → CANCELLED (s)": ("<=", 0.5),
+}
+ABSOLUTE = {"pickup p50, default settings (s)": 0.15, "pickup p95, default settings (s)": 0.5}
+
+
+def table(bench: Bench, meta: str) -> str:
+    rows = ["| metric | flow-worker | prefect | ratio fw/prefect | goal | met |", "|---|---|---|---|---|---|"]
+    for metric in bench.results["flow-worker"]:
+        fw, pf = bench.results["flow-worker"][metric], bench.results["prefect"].get(metric, float("nan"))
+        ratio = fw / pf if pf else float("nan")
+        goal, met = "", ""
+        if metric in GOALS:
+            op, bound = GOALS[metric]
+            goal = f"ratio {op} {bound}"
+            met = "yes" if (ratio <= bound if op == "<=" else ratio >= bound) else "NO"
+        if metric in ABSOLUTE:
+            goal = f"flow-worker <= {ABSOLUTE[metric]} s"
+            met = "yes" if fw <= ABSOLUTE[metric] else "NO"
+        rows.append(f"| {metric} | {fw:.3g} | {pf:.3g} | {ratio:.3g} | {goal} | {met} |")
+    return meta + "\n\n" + "\n".join(rows) + "\n"
+
+
+def plot(bench: Bench, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(bench.pickups["flow-worker"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        for kind in KINDS:
+            data = bench.pickups[kind].get(label, [])
+            if data:
+                ax.step(data, [(i + 1) / len(data) for i in range(len(data))], where="post", label=kind)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("pickup latency: created → PENDING (s)")
+        ax.set_ylabel("fraction of runs")
+        ax.set_title(f"pickup latency, {label}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="flow-worker-bench-"))
+    server = PrefectServer(home)
+    print(f"starting a Prefect server ({server.api_url}) ...", flush=True)
+    server.start()
+    proxy = CountingProxy(server.port)
+    bench = Bench(server, proxy, home, args.quick)
+    n_pick = 8 if args.quick else 20
+    steps: list[tuple[str, Callable[[str], None]]] = [
+        ("start-up and idle", bench.startup_and_idle),
+        ("burst of 50 cheap runs", lambda k: bench.burst(k, 20 if args.quick else 50)),
+        ("pickup, default settings", lambda k: bench.pickup(k, "default settings", n_pick, 3.0)),
+        (
+            "pickup, query interval 1 s",
+            lambda k: bench.pickup(k, "query interval 1 s", n_pick, 2.0, PREFECT_WORKER_QUERY_SECONDS="1"),
+        ),
+        ("cancel latency", lambda k: bench.cancel(k, 2 if args.quick else 3)),
+        ("real flow", lambda k: bench.real_flow(k, 2 if args.quick else 3)),
+    ]
+    try:
+        for index, (name, step) in enumerate(steps):
+            for kind in bench.each(index):
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {kind}", flush=True)
+                step(kind)
+    finally:
+        server.stop()
+    versions = subprocess.run(
+        [str(BIN / "prefect"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    meta = (
+        f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} cores ({cpu}), "
+        f"Python {platform.python_version()}, Prefect {versions} (server on SQLite), "
+        f"flow-worker {__import__('worker').__version__}{' (quick run)' if args.quick else ''}."
+    )
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    text = table(bench, meta)
+    (out / "latest.md").write_text(text)
+    (out / "latest.json").write_text(
+        json.dumps({"meta": meta, "results": bench.results, "pickups": bench.pickups}, indent=1)
+    )
+    plot(bench, out / "pickup.png")
+    print("\n" + text)
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
