@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import FLOWS, Api, PrefectServer, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# flow-worker as it is deployed: its own venv, without prefect (bench/compare builds it);
+# its flow runs use this venv's python, which has prefect
+FW_BIN = Path(os.environ.get("FLOW_WORKER_BIN", str(BIN / "flow-worker")))
 KINDS = ("flow-worker", "prefect")
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -160,7 +163,8 @@ class Worker:
             **extra_env,
         )
         if kind == "flow-worker":
-            cmd = [str(BIN / "flow-worker"), "--pool", pool]
+            cmd = [str(FW_BIN), "--pool", pool]
+            env["FLOW_WORKER_PYTHON"] = sys.executable
         else:
             cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
         self.log = (home / f"{kind}-{pool}.log").open("wb")

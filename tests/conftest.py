@@ -49,8 +49,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 
 class PrefectServer:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, server_env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.server_env = server_env or {}
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.log_path = home / "server.log"
@@ -71,7 +72,7 @@ class PrefectServer:
         return env
 
     def start(self) -> None:
-        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"} | self.server_env
         self.proc = subprocess.Popen(
             [
                 str(BIN / "prefect"),

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import BIN, Api, PrefectServer, WorkerProcess, wait_for
@@ -322,3 +323,26 @@ def test_orphans_are_reparented_to_the_worker_and_reaped(
     pid = wait_for(orphan, 30, 0.05, "the orphaned sleep to be re-parented to the worker")
     wait_for(lambda: reaper.process_facts(pid) is None, 15, what="the orphan to be reaped (no zombie left)")
     assert api.wait_final(run_id, 30)["state_type"] == "CRASHED"  # `sleep` is not an engine: honest report
+
+
+def test_csrf_protected_server(pool_name: str, tmp_path: Path) -> None:
+    """A server with CSRF protection: the worker fetches a token when asked, and works."""
+    home = Path(tempfile.mkdtemp(prefix="flow-worker-csrf-"))
+    server = PrefectServer(home, {"PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"})
+    try:
+        server.start()
+        probe = httpx.post(f"{server.api_url}/work_pools/x/get_scheduled_flow_runs", json={})
+        assert probe.status_code == 403 and "CSRF" in probe.text  # the protection is really on
+        proc = subprocess.run(
+            [str(BIN / "flow-worker"), "--pool", pool_name, "--once"],
+            env={**server.env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pool = httpx.get(f"{server.api_url}/work_pools/{pool_name}").json()
+        assert pool["base_job_template"]["job_configuration"]["command"] == "{{ command }}"
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)

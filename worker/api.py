@@ -107,7 +107,6 @@ class PrefectClient:
     retry: RetryPolicy = attrs.Factory(RetryPolicy)
     rng: random.Random = attrs.Factory(random.Random)
     csrf: dict[str, str] | None = None
-    csrf_disabled: bool = False
     requests_sent: int = 0
 
     @classmethod
@@ -139,20 +138,14 @@ class PrefectClient:
 
     # ---------------------------------------------------------------- transport
 
-    async def _csrf_headers(self, method: str) -> dict[str, str]:
-        if method not in _MUTATING or self.csrf_disabled:
-            return {}
-        if self.csrf is None:
-            client_id = str(uuid.uuid4())
-            response = await self._send("GET", "csrf-token", params={"client": client_id})
-            if response.status_code == 422:
-                self.csrf_disabled = True
-                return {}
-            if response.status_code != 200:
-                raise ApiRefused("GET", "/csrf-token", response.status_code, _detail(response))
-            token = response.json()["token"]
-            self.csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client_id}
-        return self.csrf
+    async def _fetch_csrf_token(self) -> None:
+        """Get a CSRF token (only once a server has asked for one: most servers do not)."""
+        client_id = str(uuid.uuid4())
+        response = await self._send("GET", "csrf-token", params={"client": client_id})
+        if response.status_code != 200:
+            raise ApiRefused("GET", "/csrf-token", response.status_code, _detail(response))
+        token = response.json()["token"]
+        self.csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client_id}
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request with retries of what is safe to retry (see ``retry.py``)."""
@@ -192,11 +185,11 @@ class PrefectClient:
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> httpx.Response:
         """A request whose non-2xx answer is raised as the matching :class:`ApiError`."""
-        for _ in range(2):
-            headers = await self._csrf_headers(method)
+        for attempt in range(2):
+            headers = self.csrf if method in _MUTATING and self.csrf else None
             response = await self._send(method, path, json=json, params=params, headers=headers)
-            if response.status_code == 403 and "csrf" in _detail(response).lower() and self.csrf:
-                self.csrf = None  # expired or rotated: fetch a new token once
+            if attempt == 0 and response.status_code == 403 and "csrf" in _detail(response).lower():
+                await self._fetch_csrf_token()  # missing, expired or rotated: get one, once
                 continue
             break
         if response.is_success:

@@ -107,7 +107,7 @@ class ReadCache:
 
 
 API_ERRORS = (ApiError, ProtocolError)
-REAP_SECONDS = 2.0
+REAP_SECONDS = 60.0
 REPORT_SECONDS = 5.0
 FINAL_REPORT_SECONDS = 30.0
 DRAIN_LOG_SECONDS = 15.0
@@ -188,6 +188,7 @@ class Supervisor:
     stopped_runs: bool = False
     poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     wake: trio.Event = attrs.Factory(trio.Event)
+    polled: trio.Event = attrs.Factory(trio.Event)
     due_at: float = math.inf
     """trio time at which a run seen ahead of time (by the poll's look-ahead) becomes due."""
     cache: ReadCache = attrs.Factory(ReadCache)
@@ -209,6 +210,18 @@ class Supervisor:
         if not self.synced.is_set():
             return False  # 503 until the API has answered once
         return is_healthy(trio.current_time(), self.last_poll, self.started_at, self.settings.query_seconds)
+
+    async def _events(self) -> None:
+        await self.polled.wait()  # off the start-up path: the first poll does not wait for it
+        from worker import events
+
+        await events.stream(
+            self.settings,
+            lambda: self.pool.id if self.pool is not None else None,
+            self.run_became_due,
+            self.run_is_cancelling,
+            self._events_connected,
+        )
 
     def _events_connected(self, connected: bool) -> None:
         self.events_connected = connected
@@ -317,16 +330,7 @@ class Supervisor:
             if handle_signals:
                 loops.start_soon(self._signal_loop, loops)
             if self.settings.events:
-                from worker import events
-
-                loops.start_soon(
-                    events.stream,
-                    self.settings,
-                    lambda: self.pool.id if self.pool is not None else None,
-                    self.run_became_due,
-                    self.run_is_cancelling,
-                    self._events_connected,
-                )
+                loops.start_soon(self._events)
             async with trio.open_nursery() as runs:
                 with self.poll_scope:
                     await self.reconcile(runs)
@@ -425,13 +429,14 @@ class Supervisor:
             log.info("pool.template_set", work_pool=self.pool_name)
         self._warn_once("type", pool.type != "process", "pool.type_mismatch", pool_type=pool.type)
         self._warn_once("paused", pool.is_paused, "pool.paused")
+        self.pool = pool
+        first = not self.synced.is_set()
+        self.synced.set()  # the pool is there and has a template: polling may begin
         await self.client.send_heartbeat(
             self.pool_name, self.settings.worker_name, self.settings.heartbeat_seconds
         )
-        self.pool = pool
-        if not self.synced.is_set():
+        if first:
             log.info("worker.synced", work_pool=self.pool_name, work_pool_id=pool.id)
-            self.synced.set()
             self.notifier.ready(self.status_line())
 
     def _warn_once(self, key: str, condition: bool, event: str, **fields: Any) -> None:
@@ -480,6 +485,7 @@ class Supervisor:
         self._warned.discard("queue")
         self.last_poll = trio.current_time()
         self.metrics.observe_poll(self.last_poll - began)
+        self.polled.set()
         taken = 0
         self.due_at = math.inf
         for flow_run in flow_runs:
@@ -944,12 +950,16 @@ class Supervisor:
                 self.outage.failed(exc, "cancel_check")
 
     async def reaper_loop(self) -> None:
-        while True:
-            await trio.sleep(REAP_SECONDS)
-            owned = [h.pid for h in self.live.values() if isinstance(h, RunHandle) and h.pid is not None]
-            reaped = reaper.reap_orphans(owned)
-            if reaped:
-                log.debug("reaper.reaped", pids=reaped)
+        """Reap re-parented orphans when a child exits (SIGCHLD; trio itself waits on
+        pidfds, not on SIGCHLD), with a slow periodic sweep as a safety net."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+            while True:
+                with trio.move_on_after(REAP_SECONDS):
+                    await sigchld.__anext__()
+                owned = [h.pid for h in self.live.values() if isinstance(h, RunHandle) and h.pid is not None]
+                reaped = reaper.reap_orphans(owned)
+                if reaped:
+                    log.debug("reaper.reaped", pids=reaped)
 
 
 def _parse_time(value: str | None) -> datetime.datetime | None:
