@@ -227,16 +227,17 @@ def own_server() -> Iterator[PrefectServer]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def own_worker(server: PrefectServer, pool: str, tmp_path: Path) -> WorkerProcess:
+    return WorkerProcess(
+        server, ["--pool", pool], {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
+    )
+
+
 def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
     own_server.start()
     api = Api(own_server)
     dep = api.deployment(pool_name)
-    worker = WorkerProcess(
-        own_server,
-        ["--pool", pool_name],
-        {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
-        tmp_path / "w.log",
-    )
+    worker = own_worker(own_server, pool_name, tmp_path)
     try:
         run_id = api.run(dep, {"name": "outage", "sleep": 30})
         wait_state(api, run_id, "RUNNING")
@@ -257,12 +258,7 @@ def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_pa
 
 
 def test_worker_started_before_the_server(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
-    worker = WorkerProcess(
-        own_server,
-        ["--pool", pool_name],
-        {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
-        tmp_path / "w.log",
-    )
+    worker = own_worker(own_server, pool_name, tmp_path)
     try:
         time.sleep(15)  # the worker must keep trying for this long without exiting
         assert worker.proc.poll() is None

@@ -124,6 +124,18 @@ class Supervised:
         self.log.warning("run.killing", pid=self.pid, reason="grace period over")
         self.signal_group(signal.SIGKILL)
 
+    async def _watch(self, gone: Callable[[], Awaitable[Any]], from_end: bool) -> None:
+        """Follow the output and stand ready with the kill policy until ``gone()`` returns."""
+        exited = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for path, name in self.output_paths():
+                nursery.start_soon(self._follow, path, name, exited, from_end)
+            killer = trio.CancelScope()
+            nursery.start_soon(self._scoped, killer)
+            await gone()
+            killer.cancel()  # the kill policy never outlives the process
+            exited.set()  # the followers read what is left, then end
+
     async def _scoped(self, scope: trio.CancelScope) -> None:
         with scope:
             await self._kill_policy()
@@ -243,15 +255,7 @@ class RunHandle(Supervised):
         assert self.process is not None, "start() first"
         proc = self.process
         try:
-            exited = trio.Event()
-            async with trio.open_nursery() as nursery:
-                for path, name in self.output_paths():
-                    nursery.start_soon(self._follow, path, name, exited, False)
-                killer = trio.CancelScope()
-                nursery.start_soon(self._scoped, killer)
-                await proc.wait()
-                killer.cancel()  # the kill policy never outlives the child
-                exited.set()  # the followers read what is left, then end
+            await self._watch(proc.wait, from_end=False)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
@@ -319,15 +323,8 @@ class AdoptedHandle(Supervised):
     async def wait(self) -> None:
         """Return once the process has exited (applying the kill policy on stop)."""
         try:
-            exited = trio.Event()
-            async with trio.open_nursery() as nursery:
-                for path, name in self.output_paths():
-                    nursery.start_soon(self._follow, path, name, exited, True)
-                killer = trio.CancelScope()
-                nursery.start_soon(self._scoped, killer)
-                await self._gone()
-                killer.cancel()
-                exited.set()
+            # a new worker follows the output from where it is now, not from the start
+            await self._watch(self._gone, from_end=True)
         finally:
             with trio.CancelScope(shield=True):
                 if self.alive():

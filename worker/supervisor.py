@@ -740,7 +740,22 @@ class Supervisor:
         return entry
 
     async def _finish(self, entry: Entry, run_log: Any, kind: str, message: str) -> None:
-        """Record the owed state, then try to deliver it now (else the reporter loop will)."""
+        """Record the owed state, then try to deliver it now (else the reporter loop will).
+
+        The one exception to "ledger first": a clean exit (``crash_if_running``, the
+        common case) is delivered first and written only if that fails. If the worker dies
+        in between, the ledger still says "started" and a restarted worker finds the
+        process gone and checks the run the same way; this saves two fsyncs per run,
+        which were the largest cost of a burst in the profile.
+        """
+        if kind == "crash_if_running":
+            report = Report(kind=kind, message=message, transition_id=str(uuid.uuid4()))
+            quick = attrs.evolve(entry, phase="finished", finished_at=time.time(), report=report)
+            try:
+                await self.deliver(quick, run_log)
+                return
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "report")
         entry = self._owe(entry, kind, message)
         try:
             await self.deliver(entry, run_log)
