@@ -14,7 +14,9 @@ reports as the run's CRASHED message.
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
@@ -291,8 +293,6 @@ class ProcessJobConfiguration:
         environ: Mapping[str, str] | None = None,
     ) -> ProcessJobConfiguration:
         """Template → configuration: values, then blocks, then variables, then validation."""
-        import os
-
         populated = cls.populate(base_job_template, values, os.environ if environ is None else environ)
         try:
             refs = templating.block_references(populated)
@@ -339,9 +339,6 @@ class ProcessJobConfiguration:
         value of ``null`` *removes* an inherited variable instead of being ignored
         (pain point: PROTOCOL §7 item 11).
         """
-        import os
-        import sys
-
         base = dict(os.environ if environ is None else environ)
         attribution: dict[str, str] = {"PREFECT__FLOW_RUN_ID": flow_run.id}
         if worker_name is not None:

@@ -8,7 +8,6 @@ for a run handed back on stop).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import attrs
 
@@ -74,6 +73,3 @@ class Metrics:
         lines.append(f"flow_worker_poll_duration_seconds_sum {self.poll_seconds_sum:g}")
         lines.append(f"flow_worker_poll_duration_seconds_count {self.polls}")
         return "\n".join(lines) + "\n"
-
-
-MetricsSource = Callable[[], str]
