@@ -233,3 +233,36 @@ def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_p
     assert proc.returncode == 2
     assert f"{cfg} line 2: 'limit' = -1: must be greater than 0" in proc.stderr
     assert os.path.exists(cfg)
+
+
+def test_blocks_and_variables_resolve_through_the_api(
+    prefect_server: PrefectServer,
+    api: Api,
+    pool_name: str,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from prefect.blocks.system import Secret; Secret(value='s3cr3t').save('{name}')",
+        ],
+        env=prefect_server.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    api.call("POST", "variables/", {"name": f"v_{name[2:]}", "value": 42})
+    out = tmp_path / "env.txt"
+    env = {
+        "SECRET": f"{{{{ prefect.blocks.secret.{name} }}}}",
+        "NUM": f"x-{{{{ prefect.variables.v_{name[2:]} }}}}-y",
+    }
+    dep = api.deployment(
+        pool_name, job_variables={"env": env, "command": f"sh -c 'echo \"$SECRET $NUM\" > {out}'"}
+    )
+    start_worker("--pool", pool_name, **FAST)
+    api.wait_final(api.run(dep), 60)
+    assert out.read_text().strip() == "s3cr3t x-42-y"

@@ -16,20 +16,7 @@ from worker import templating
 from worker.job import ConfigurationError, ProcessJobConfiguration
 
 names = st.sampled_from(
-    [
-        "command",
-        "env",
-        "labels",
-        "name",
-        "stream_output",
-        "working_dir",
-        "x",
-        "env.FOO",
-        "a.b",
-        "default",
-        "$ref",
-        "block_document_id",
-    ]
+    [*ProcessJobConfiguration.FIELDS, "x", "env.FOO", "a.b", "default", "$ref", "block_document_id"]
 )
 placeholders = st.sampled_from(
     [

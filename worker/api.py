@@ -201,14 +201,18 @@ class PrefectClient:
             raise ApiUnavailable(method, "/" + path, response.status_code, detail)
         raise ApiRefused(method, "/" + path, response.status_code, detail)
 
+    async def _get_optional(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """The JSON body of a GET, or None if the object does not exist (404)."""
+        try:
+            return (await self.request("GET", path, params=params)).json()
+        except ApiNotFound:
+            return None
+
     # ---------------------------------------------------------------- work pools
 
     async def read_work_pool(self, pool: str) -> WorkPool | None:
-        try:
-            response = await self.request("GET", f"work_pools/{pool}")
-        except ApiNotFound:
-            return None
-        return structure(response.json(), WorkPool)
+        data = await self._get_optional(f"work_pools/{pool}")
+        return None if data is None else structure(data, WorkPool)
 
     async def create_work_pool(self, pool: str) -> WorkPool:
         """Create a process pool (bare, as Prefect's worker does); 409 means it exists now."""
@@ -249,21 +253,15 @@ class PrefectClient:
     # ---------------------------------------------------------------- reads
 
     async def read_deployment(self, deployment_id: str) -> Deployment | None:
-        try:
-            response = await self.request("GET", f"deployments/{deployment_id}")
-        except ApiNotFound:
-            return None
-        return structure(response.json(), Deployment)
+        data = await self._get_optional(f"deployments/{deployment_id}")
+        return None if data is None else structure(data, Deployment)
 
     async def read_flow(self, flow_id: str) -> Flow:
         return structure((await self.request("GET", f"flows/{flow_id}")).json(), Flow)
 
     async def read_flow_run(self, run_id: str) -> FlowRun | None:
-        try:
-            response = await self.request("GET", f"flow_runs/{run_id}")
-        except ApiNotFound:
-            return None
-        return structure(response.json(), FlowRun)
+        data = await self._get_optional(f"flow_runs/{run_id}")
+        return None if data is None else structure(data, FlowRun)
 
     async def read_flow_run_states(self, run_id: str) -> list[State]:
         """The run's state history, oldest first (the server orders by timestamp)."""
@@ -324,30 +322,24 @@ class PrefectClient:
     # ---------------------------------------------------------------- template resolution
 
     async def read_block_document_by_name(self, slug: str, name: str) -> dict[str, Any] | None:
-        try:
-            response = await self.request(
-                "GET",
-                f"block_types/slug/{slug}/block_documents/name/{name}",
-                params={"include_secrets": "true"},
-            )
-        except ApiNotFound:
-            return None
-        data = response.json().get("data")
-        return data if isinstance(data, dict) else {}
+        doc = await self._get_optional(
+            f"block_types/slug/{slug}/block_documents/name/{name}", {"include_secrets": "true"}
+        )
+        return _block_data(doc)
 
     async def read_block_document_by_id(self, block_id: str) -> dict[str, Any] | None:
-        try:
-            response = await self.request(
-                "GET", f"block_documents/{block_id}", params={"include_secrets": "true"}
-            )
-        except ApiNotFound:
-            return None
-        data = response.json().get("data")
-        return data if isinstance(data, dict) else {}
+        return _block_data(
+            await self._get_optional(f"block_documents/{block_id}", {"include_secrets": "true"})
+        )
 
     async def read_variable_value(self, name: str) -> Any:
-        try:
-            response = await self.request("GET", f"variables/name/{name}")
-        except ApiNotFound:
-            return templating.MISSING
-        return response.json().get("value")
+        variable = await self._get_optional(f"variables/name/{name}")
+        return templating.MISSING if variable is None else variable.get("value")
+
+
+def _block_data(doc: Any) -> dict[str, Any] | None:
+    """A block document's ``data`` (None: no such block)."""
+    if doc is None:
+        return None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return data if isinstance(data, dict) else {}
