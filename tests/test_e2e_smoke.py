@@ -41,3 +41,7 @@ def test_once_runs_a_real_flow_with_merged_env(
     assert record["BAR"] == "from-run"
     assert record["run_id"] == run_id
     assert "hello e2e from flow-worker test" in proc.stdout + proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert {"event": "run.finished", "state": "COMPLETED"}.items() <= next(
+        e for e in events if e["event"] == "run.finished"
+    ).items()

@@ -819,7 +819,11 @@ class Supervisor:
         )
         if final is not None and (final == "SCHEDULED" or StateType(final).is_final):
             self.metrics.runs_finished[final] += 1
-        level = "info" if report.kind != "crash_if_running" or outcome == "not needed" else "warning"
+        if report.kind == "crash_if_running" and outcome == "not needed":
+            # the usual end: the engine reported the final state itself, nothing was owed
+            run_log.info("run.finished", state=current_type.value if current_type else None)
+            return
+        level = "warning" if report.kind == "crash_if_running" else "info"
         getattr(run_log, level)("run.reported", kind=report.kind, outcome=outcome, message=report.message)
 
     async def reporter_loop(self) -> None:
