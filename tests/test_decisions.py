@@ -67,3 +67,15 @@ def test_exit_messages() -> None:
         == "Process exited with status code: -11. Process exited due to a SIGSEGV signal."
     )
     assert decisions.exit_message(127).endswith("Command not found.")
+
+
+def test_owed_proposal_table() -> None:
+    p = decisions.owed_proposal
+    assert p("reschedule", None) == decisions.Proposal(StateType.SCHEDULED, "Scheduled", True)
+    assert p("crash", StateType.CANCELLING) == decisions.Proposal(StateType.CANCELLED, "Cancelled", True)
+    assert p("cancelled", StateType.CRASHED) == decisions.Proposal(StateType.CANCELLED, "Cancelled", True)
+    assert p("cancelled", StateType.CANCELLED) is None
+    assert p("crash", StateType.RUNNING) == decisions.Proposal(StateType.CRASHED, "Crashed", False)
+    assert p("crash_if_running", StateType.PENDING) == decisions.Proposal(StateType.CRASHED, "Crashed", False)
+    assert p("crash_if_running", StateType.COMPLETED) is None
+    assert p("crash", None) is None

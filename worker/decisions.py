@@ -179,3 +179,38 @@ EXIT_0_NOT_FINAL: Final = (
     "The flow run's process exited with status 0 without reporting a final state "
     "(the command is not the Prefect engine, or the engine stopped early)."
 )
+
+
+# ---------------------------------------------------------------- owed states
+
+
+@attrs.frozen
+class Proposal:
+    type: StateType
+    name: str
+    force: bool
+
+
+def owed_proposal(kind: str, current: StateType | None) -> Proposal | None:
+    """The state to propose for an owed report (``ledger.Report.kind``), given the run's
+    current state type (None: deleted, or not read). None: nothing to write.
+
+    ===================  =====================  ======================================
+    kind                 run is now             propose
+    ===================  =====================  ======================================
+    any                  CANCELLING             CANCELLED (force): nothing else can end it
+    ``cancelled``        not CANCELLED          CANCELLED (force)
+    ``reschedule``       anything               SCHEDULED (force)
+    ``crash*``           not final              CRASHED
+    ``crash*``           final, or deleted      nothing
+    ===================  =====================  ======================================
+    """
+    if kind == "reschedule":
+        return Proposal(StateType.SCHEDULED, "Scheduled", True)
+    if current is None:
+        return None
+    if current is StateType.CANCELLING or kind == "cancelled":
+        return None if current is StateType.CANCELLED else Proposal(StateType.CANCELLED, "Cancelled", True)
+    if not current.is_final:
+        return Proposal(StateType.CRASHED, "Crashed", False)
+    return None

@@ -772,43 +772,26 @@ class Supervisor:
         if report.kind in ("crash_if_running", "cancelled", "crash"):
             current = await self.client.read_flow_run(entry.flow_run_id)
         current_type = current.state_type if current is not None else None
-        outcome = "not needed"
-        if current is None and report.kind != "reschedule":
-            outcome = "run deleted"
-        elif current_type is StateType.CANCELLING or report.kind == "cancelled":
-            if current_type is not StateType.CANCELLED:
+        proposal = decisions.owed_proposal(report.kind, current_type)
+        outcome = "run deleted" if current is None and report.kind != "reschedule" else "not needed"
+        if proposal is not None:
+            details: dict[str, Any] = {}
+            message = report.message
+            if proposal.type is StateType.CANCELLED:
                 details = dict(current.state.state_details) if current and current.state else {}
-                result = await self.client.set_flow_run_state(
-                    entry.flow_run_id,
-                    StateType.CANCELLED,
-                    "Cancelled",
-                    decisions.CANCELLED_MESSAGE,
-                    force=True,
-                    state_details=details,
-                    transition_id=report.transition_id,
-                )
-                outcome = f"CANCELLED {result.status.value}"
-        elif report.kind == "reschedule":
-            now = datetime.datetime.now(datetime.UTC).isoformat()
+                message = decisions.CANCELLED_MESSAGE
+            elif proposal.type is StateType.SCHEDULED:
+                details = {"scheduled_time": datetime.datetime.now(datetime.UTC).isoformat()}
             result = await self.client.set_flow_run_state(
                 entry.flow_run_id,
-                StateType.SCHEDULED,
-                "Scheduled",
-                report.message,
-                force=True,
-                state_details={"scheduled_time": now},
+                proposal.type,
+                proposal.name,
+                message,
+                force=proposal.force,
+                state_details=details,
                 transition_id=report.transition_id,
             )
-            outcome = f"SCHEDULED {result.status.value}"
-        elif current_type is not None and not current_type.is_final:
-            result = await self.client.set_flow_run_state(
-                entry.flow_run_id,
-                StateType.CRASHED,
-                "Crashed",
-                report.message,
-                transition_id=report.transition_id,
-            )
-            outcome = f"CRASHED {result.status.value}"
+            outcome = f"{proposal.type.value} {result.status.value}"
         self.outage.succeeded()
         self.ledger.remove(entry.flow_run_id)
         self.owed.pop(entry.flow_run_id, None)
