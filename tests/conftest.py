@@ -49,8 +49,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 
 class PrefectServer:
-    def __init__(self, home: Path, server_env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, server_env: dict[str, str] | None = None, bin_dir: Path = BIN) -> None:
         self.home = home
+        self.bin_dir = bin_dir
+        """Where this server's ``prefect`` (and the flows' engine of the same version) lives."""
         self.server_env = server_env or {}
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -75,7 +77,7 @@ class PrefectServer:
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"} | self.server_env
         self.proc = subprocess.Popen(
             [
-                str(BIN / "prefect"),
+                str(self.bin_dir / "prefect"),
                 "server",
                 "start",
                 "--host",
@@ -98,7 +100,7 @@ class PrefectServer:
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, SERVER_START_TIMEOUT, 0.5, "the prefect server to answer /api/health")
+        wait_for(up, SERVER_START_TIMEOUT, 0.1, "the prefect server to answer /api/health")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -129,7 +131,7 @@ class Api:
 
     def create_pool_with_cli(self, name: str) -> None:
         subprocess.run(
-            [str(BIN / "prefect"), "work-pool", "create", name, "--type", "process"],
+            [str(self.server.bin_dir / "prefect"), "work-pool", "create", name, "--type", "process"],
             env=self.server.env,
             check=True,
             capture_output=True,
@@ -161,6 +163,7 @@ class Api:
             "path": str(FLOWS),
             "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(FLOWS)}}],
             "job_variables": job_variables or {},
+            "enforce_parameter_schema": False,  # no schema is sent; 3.0 enforces by default
         }
         return str(self.call("POST", "deployments/", body)["id"])
 

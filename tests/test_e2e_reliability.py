@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -146,6 +148,33 @@ def test_sigkill_then_restart_adopts_or_reports_every_run(
     wait_for(lambda: not list((state_dir / "runs").glob("*.json")), 20, what="the ledger to empty")
 
 
+def test_adopted_runs_count_against_the_limit(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "ledger"
+    out = tmp_path / "out.jsonl"
+    dep = api.deployment(pool_name)
+    limit = ("--pool", pool_name, "--limit", "2")
+    first = start_worker(*limit, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
+    adopted = [
+        api.run(dep, {"name": f"adopted{i}", "sleep": s, "out": str(out)}) for i, s in ((0, 8), (1, 14))
+    ]
+    for run_id in adopted:
+        wait_state(api, run_id, "RUNNING")
+    first.proc.kill()
+    first.proc.wait()
+    third = api.run(dep, {"name": "third", "out": str(out)})
+    second = start_worker(*limit, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
+    for run_id in adopted:
+        wait_for(lambda r=run_id: second.saw("run.adopted", flow_run_id=r), 20, what="adoption")
+    assert api.wait_final(third, 120)["state_type"] == "COMPLETED"
+    for run_id in adopted:
+        assert api.wait_final(run_id, 60)["state_type"] == "COMPLETED"
+    records = {r["name"]: r for r in map(json.loads, out.read_text().splitlines())}
+    first_end = min(records["adopted0"]["end"], records["adopted1"]["end"])
+    assert records["third"]["start"] >= first_end, "the third run started while two adopted runs ran"
+
+
 def test_cancel_kills_setsid_escapees(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -227,26 +256,37 @@ def own_server() -> Iterator[PrefectServer]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def own_worker(server: PrefectServer, pool: str, tmp_path: Path) -> WorkerProcess:
-    return WorkerProcess(
-        server, ["--pool", pool], {**FAST, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
-    )
+def logged_at(event: dict[str, Any]) -> float:
+    """Wall-clock time of a JSON log line (its ISO ``timestamp``)."""
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def first(worker: WorkerProcess, event: str, **fields: Any) -> dict[str, Any] | None:
+    return next((e for e in worker.events() if e.get("event") == event and fields.items() <= e.items()), None)
 
 
 def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
+    """Default intervals (poll every 10 s): what brings the worker back within 2 s of the
+    server answering is the /health probe, not a short poll interval."""
     own_server.start()
     api = Api(own_server)
     dep = api.deployment(pool_name)
-    worker = own_worker(own_server, pool_name, tmp_path)
+    worker = WorkerProcess(
+        own_server, ["--pool", pool_name], {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
+    )
     try:
-        run_id = api.run(dep, {"name": "outage", "sleep": 30})
+        wait_for(lambda: worker.saw("events.connected"), 60, what="the events stream")
+        run_id = api.run(dep, {"name": "outage", "sleep": 45})
         wait_state(api, run_id, "RUNNING")
         own_server.stop()
-        time.sleep(20)  # the outage itself: what is tested is that nothing gives up meanwhile
+        time.sleep(30)  # the outage itself: what is tested is that nothing gives up meanwhile
         assert worker.proc.poll() is None, "the worker never exits because the API is down"
         own_server.start()
-        assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
+        answering = time.time()
         after = api.run(dep, {"name": "after-outage"})
+        started = wait_for(lambda: first(worker, "run.started", flow_run_id=after), 30, 0.1, "pickup")
+        assert logged_at(started) - answering < 2.0, f"picked up {logged_at(started) - answering:.1f}s late"
+        assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
         assert api.wait_final(after, 120)["state_type"] == "COMPLETED"
         warnings = [e for e in worker.events() if e.get("event") == "api.unavailable"]
         assert len(warnings) >= 1 and all(e["level"] == "warning" for e in warnings)
@@ -258,13 +298,19 @@ def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_pa
 
 
 def test_worker_started_before_the_server(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
-    worker = own_worker(own_server, pool_name, tmp_path)
+    worker = WorkerProcess(
+        own_server, ["--pool", pool_name], {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
+    )
     try:
         time.sleep(15)  # the worker must keep trying for this long without exiting
         assert worker.proc.poll() is None
         own_server.start()
+        answering = time.time()
+        synced = wait_for(lambda: first(worker, "worker.synced"), 30, 0.1, "the first sync")
+        assert logged_at(synced) - answering < 2.0, f"registered {logged_at(synced) - answering:.1f}s late"
         api = Api(own_server)
-        wait_for(lambda: worker.saw("worker.synced"), 60, what="the first sync")
+        workers = api.call("POST", f"work_pools/{pool_name}/workers/filter", {})
+        assert [w["status"] for w in workers] == ["ONLINE"]
         run_id = api.run(api.deployment(pool_name), {"name": "late-server"})
         assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
         assert len([e for e in worker.events() if e.get("event") == "api.unavailable"]) == 1

@@ -266,3 +266,36 @@ def test_blocks_and_variables_resolve_through_the_api(
     start_worker("--pool", pool_name, **FAST)
     api.wait_final(api.run(dep), 60)
     assert out.read_text().strip() == "s3cr3t x-42-y"
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_every_exit_status_is_true_under_a_burst(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path, attempt: int
+) -> None:
+    """50 runs exit 3 and 50 exit 0 at once, 16 at a time: a child that exits before its
+    spawn returns must never be reaped as an orphan (its status would be lost, or 0)."""
+    api.create_pool_with_cli(pool_name)
+    failing = api.deployment(pool_name, job_variables={"command": "sh -c 'exit 3'"})
+    clean = api.deployment(pool_name, job_variables={"command": "true"})
+    threes = [api.run(failing) for _ in range(50)]
+    zeros = [api.run(clean) for _ in range(50)]
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool_name, "--once", "--limit", "16"],
+        env={
+            **prefect_server.env,
+            "FLOW_WORKER_STATE_DIR": str(tmp_path / "s"),
+            "FLOW_WORKER_LOG_FORMAT": "json",
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = api.call("POST", "flow_runs/filter", {"flow_runs": {"id": {"any_": threes + zeros}}})
+    by_id = {row["id"]: row for row in rows}
+    with_three = [r for r in by_id.values() if "Process exited with status code: 3." in r["state"]["message"]]
+    assert sorted(r["id"] for r in with_three) == sorted(threes)
+    assert all(by_id[r]["state_type"] == "CRASHED" for r in threes)
+    for r in zeros:  # `true` is not the engine: exit 0 without a final state, said as such
+        assert by_id[r]["state_type"] == "CRASHED"
+        assert "exited with status 0 without reporting a final state" in by_id[r]["state"]["message"]

@@ -30,6 +30,7 @@ from worker.models import (
     Flow,
     FlowRun,
     OrchestrationResult,
+    ProtocolError,
     State,
     StateType,
     WorkPool,
@@ -41,6 +42,7 @@ from worker.settings import Settings
 PREFECT_VERSION: Final = "3.9.1"
 API_VERSION: Final = "0.8.4"
 USER_AGENT: Final = f"prefect/{PREFECT_VERSION} (API {API_VERSION})"
+PROBE_TIMEOUT: Final = 2.0
 _MUTATING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 log = structlog.get_logger("flow_worker.api")
@@ -157,7 +159,7 @@ class PrefectClient:
             except httpx.TransportError as exc:
                 if policy.exhausted:
                     raise ApiUnavailable(method, "/" + path, None, f"{type(exc).__name__}: {exc}") from None
-                delay = policy.delay(rng=self.rng)
+                delay = policy.transport_delay(rng=self.rng)
                 log.debug(
                     "api.retry",
                     method=method,
@@ -201,6 +203,16 @@ class PrefectClient:
             raise ApiUnavailable(method, "/" + path, response.status_code, detail)
         raise ApiRefused(method, "/" + path, response.status_code, detail)
 
+    async def probe(self) -> bool:
+        """Whether the server answers ``GET /health`` now: one try, a short timeout, no
+        retries. Used only while the API is unreachable, to notice its return at once."""
+        try:
+            self.requests_sent += 1
+            response = await self.http.get("health", timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError:
+            return False
+        return response.is_success
+
     async def _get_optional(self, path: str, params: dict[str, Any] | None = None) -> Any:
         """The JSON body of a GET, or None if the object does not exist (404)."""
         try:
@@ -239,7 +251,9 @@ class PrefectClient:
 
     async def get_scheduled_flow_runs(
         self, pool: str, queues: Sequence[str], scheduled_before: datetime.datetime
-    ) -> list[FlowRun]:
+    ) -> tuple[list[FlowRun], list[tuple[str | None, str]]]:
+        """The due runs, and (run id, problem) for each row that could not be read: one
+        bad row costs that run, not the whole poll."""
         response = await self.request(
             "POST",
             f"work_pools/{pool}/get_scheduled_flow_runs",
@@ -247,8 +261,17 @@ class PrefectClient:
         )
         rows = response.json()
         if not isinstance(rows, list):
-            return []
-        return [structure(row["flow_run"], FlowRun) for row in rows if isinstance(row, dict)]
+            raise ProtocolError(f"get_scheduled_flow_runs answered {type(rows).__name__}, not a list")
+        runs: list[FlowRun] = []
+        problems: list[tuple[str | None, str]] = []
+        for row in rows:
+            payload = row.get("flow_run") if isinstance(row, dict) else None
+            try:
+                runs.append(structure(payload, FlowRun))
+            except ProtocolError as exc:
+                run_id = payload.get("id") if isinstance(payload, dict) else None
+                problems.append((str(run_id) if run_id else None, str(exc)))
+        return runs, problems
 
     # ---------------------------------------------------------------- reads
 

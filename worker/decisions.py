@@ -5,13 +5,62 @@ Pure functions and tables, called by the supervisor and by the tests directly.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import signal
 from typing import Final
 
 import attrs
 
-from worker.models import OrchestrationResult, SetStateStatus, State, StateType
+from worker.models import FlowRun, OrchestrationResult, SetStateStatus, State, StateType
+
+# ---------------------------------------------------------------- polled runs
+
+
+class Verdict(enum.Enum):
+    TAKE = "take"  # due and SCHEDULED: claim it
+    OURS = "ours"  # this worker already handles it: nothing to say
+    LATER = "later"  # SCHEDULED but not due yet: wake up when it is
+    SKIP = "skip"  # not ours to start: say why, once
+
+
+@attrs.frozen
+class PollVerdict:
+    verdict: Verdict
+    reason: str = ""
+    due_in: float = 0.0
+    """Seconds until a LATER run is due."""
+
+
+def poll_verdict(
+    flow_run: FlowRun, known: bool, due_before: datetime.datetime, start: datetime.datetime | None
+) -> PollVerdict:
+    """What to do with one run of a poll's answer (``start``: its parsed scheduled time).
+
+    ======================================  ========  =====================================
+    the run                                 verdict   why
+    ======================================  ========  =====================================
+    live, owed or unresolved here           OURS      this worker already handles it
+    state type unknown to this worker       SKIP      a newer server's state: never guess
+    no state at all (no state, state_type)  SKIP      nothing says it is SCHEDULED
+    state not SCHEDULED                     SKIP      never start what another has moved on
+    scheduled after ``due_before``          LATER     polled by the look-ahead
+    otherwise                               TAKE
+    ======================================  ========  =====================================
+    """
+    if known:
+        return PollVerdict(Verdict.OURS)
+    if flow_run.unknown_state is not None:
+        return PollVerdict(Verdict.SKIP, f"state type {flow_run.unknown_state!r} is unknown to this worker")
+    state = flow_run.state
+    if state is None:
+        return PollVerdict(Verdict.SKIP, "the server sent no state for it (neither state nor state_type)")
+    if state.type is not StateType.SCHEDULED:
+        shown = f"{state.type.value} ({state.name})" if state.name else state.type.value
+        return PollVerdict(Verdict.SKIP, f"its state is {shown}, not SCHEDULED")
+    if start is not None and start > due_before:
+        return PollVerdict(Verdict.LATER, due_in=(start - due_before).total_seconds())
+    return PollVerdict(Verdict.TAKE)
 
 
 @attrs.frozen
@@ -174,6 +223,9 @@ NEVER_STARTED: Final = "Claimed by a worker that stopped before starting it; ret
 ADOPTED_EXIT: Final = (
     "The flow run's process exited without reporting a final state (it was adopted by a "
     "restarted worker, so its exit status is unknown)."
+)
+EXIT_UNKNOWN: Final = (
+    "The flow run's process exited without reporting a final state; its exit status is unknown."
 )
 EXIT_0_NOT_FINAL: Final = (
     "The flow run's process exited with status 0 without reporting a final state "

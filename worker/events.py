@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
@@ -83,8 +83,12 @@ async def stream(
     on_scheduled: Callable[[str], None],
     on_cancelling: Callable[[str], None],
     on_connected: Callable[[bool], None],
+    pause: Callable[[float], Awaitable[None]] = trio.sleep,
 ) -> None:
-    """Keep one event subscription open for the life of the worker (see module doc)."""
+    """Keep one event subscription open for the life of the worker (see module doc).
+
+    ``pause`` is the wait before a reconnect: the supervisor's ends early when the API
+    is found to answer again, so the stream is back within seconds of an outage."""
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
     failures = 0
@@ -149,7 +153,7 @@ async def stream(
             failures += 1
             log_failure(failures, exc)
         on_connected(False)
-        await trio.sleep(backoff(failures, 1.0, 60.0, 0.2))
+        await pause(backoff(failures, 1.0, 60.0, 0.2))
 
 
 def log_failure(failures: int, exc: BaseException) -> None:

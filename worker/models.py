@@ -3,6 +3,17 @@
 Only the fields the worker uses are declared; the converter ignores the rest, so a
 newer server that adds fields does not break the worker. Ids and timestamps stay
 strings: the worker compares and forwards them, it never does arithmetic on them.
+
+Read defensively, by what every Prefect 3 server sends (3.0 to 3.9):
+
+* ``null`` for a field that has a default means the default (``tags: null``,
+  ``state_details: null``, ``base_job_template: null`` …), never a failed read.
+* A flow run's state is read from ``state`` when the server fills it, else from the
+  top-level ``state_type`` / ``state_name`` that every Prefect 3 server sends: servers
+  before 3.9.1 answer ``get_scheduled_flow_runs`` with ``"state": null``.
+* A state type this worker does not know (a newer server's) is kept by name in
+  ``FlowRun.unknown_state`` and the run has no ``state``: it is never started, and the
+  caller says why.
 """
 
 from __future__ import annotations
@@ -58,6 +69,8 @@ class FlowRun:
     work_queue_name: str | None = None
     next_scheduled_start_time: str | None = None
     tags: list[str] = attrs.Factory(list)
+    unknown_state: str | None = None
+    """The state type the server sent when it is not one this worker knows."""
 
     @property
     def state_type(self) -> StateType | None:
@@ -112,15 +125,45 @@ class OrchestrationResult:
 
 converter = cattrs.Converter(forbid_extra_keys=False)
 T = TypeVar("T")
+_STATE_TYPES: frozenset[str] = frozenset(t.value for t in StateType)
+
+
+def _without_nulls(data: Any, cls: type) -> Any:
+    """``data`` without the ``null`` values of fields that have a default."""
+    if not isinstance(data, dict) or not attrs.has(cls):
+        return data
+    defaulted = {f.name for f in attrs.fields(cls) if f.default is not attrs.NOTHING}
+    return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+def _flow_run_payload(data: Any) -> Any:
+    """A flow run's payload with its state taken from wherever this server put it."""
+    if not isinstance(data, dict):
+        return data
+    data = _without_nulls(data, FlowRun)
+    state = data.get("state")
+    if not isinstance(state, dict) or state.get("type") is None:
+        state_type = data.get("state_type")
+        state = {"type": state_type, "name": data.get("state_name")} if state_type else None
+    if state is not None and str(state.get("type")) not in _STATE_TYPES:
+        return {**data, "state": None, "unknown_state": str(state.get("type"))}
+    return {**data, "state": state}
 
 
 def structure(data: Any, cls: type[T]) -> T:
     """Build an API object from a JSON payload; raises :class:`ProtocolError` if it does
     not fit (the server's fault, or a version we do not speak)."""
     try:
-        return converter.structure(data, cls)
+        if cls is FlowRun:
+            data = _flow_run_payload(data)
+        return converter.structure(_without_nulls(data, cls), cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"unexpected {cls.__name__} payload from the API: {exc!r}") from None
+
+
+converter.register_structure_hook(
+    State, lambda data, cls: converter.structure_attrs_fromdict(_without_nulls(data, State), State)
+)
 
 
 class ProtocolError(RuntimeError):

@@ -194,6 +194,9 @@ class RunHandle(Supervised):
     config: ProcessJobConfiguration = attrs.Factory(ProcessJobConfiguration)
     process: trio.Process | None = None
     tmpdir: Path | None = None
+    status: int | None = None
+    """The exit status once the child is reaped (None: not yet, or unknowable)."""
+    _pidfd: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -224,15 +227,18 @@ class RunHandle(Supervised):
         env = {k: v for k, v in self.config.env.items() if v is not None}
         env.update(extra_env or {})
         try:
-            self.process = await trio.lowlevel.open_process(
-                argv,
-                cwd=str(cwd),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
+            with reaper.CHILDREN.spawning():
+                self.process = await trio.lowlevel.open_process(
+                    argv,
+                    cwd=str(cwd),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+                reaper.CHILDREN.spawned.add(self.process.pid)
+                self._pidfd = _pidfd_open(self.process.pid)
         except FileNotFoundError:
             self._cleanup_tmpdir()
             raise StartError(f"command not found: {argv[0]!r}") from None
@@ -249,13 +255,30 @@ class RunHandle(Supervised):
                 self.remove_output()
         return self.process.pid
 
-    async def wait(self) -> int:
+    async def _exited(self) -> None:
+        """Wait for the child's exit, read its status without reaping it (``waitid`` with
+        ``WNOWAIT``), then let trio reap it. The status read here is the true one; if it
+        cannot be read (someone else reaped the child), it is unknown (``None``), never
+        the 0 that ``subprocess`` reports for ECHILD."""
+        proc = self.process
+        assert proc is not None
+        if self._pidfd is None:
+            await proc.wait()  # no pidfd (old kernel): trust trio; CHILDREN guards the status
+            self.status = proc.returncode
+            return
+        await trio.lowlevel.wait_readable(self._pidfd)
+        peeked = _peek_status(proc.pid)
+        await proc.wait()
+        self.status = proc.returncode if isinstance(peeked, _NotYet) else peeked
+
+    async def wait(self) -> int | None:
         """Wait for the exit (streaming output, applying the kill policy on stop) and
-        return the return code; negative for a signal, as ``subprocess`` reports it."""
+        return the exit status: negative for a signal, as ``subprocess`` reports it;
+        ``None`` if it cannot be known."""
         assert self.process is not None, "start() first"
         proc = self.process
         try:
-            await self._watch(proc.wait, from_end=False)
+            await self._watch(self._exited, from_end=False)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
@@ -266,17 +289,47 @@ class RunHandle(Supervised):
                     if proc.returncode is None:
                         self.signal_group(signal.SIGKILL)
                         await proc.wait()
-                if self.stop_requested or proc.returncode != 0:
+                    self.status = proc.returncode
+                reaper.CHILDREN.spawned.discard(proc.pid)
+                if self._pidfd is not None:
+                    os.close(self._pidfd)
+                    self._pidfd = None
+                if self.stop_requested or self.status != 0:
                     self.sweep()
                 self.remove_output()
                 self._cleanup_tmpdir()
-        assert proc.returncode is not None
-        return proc.returncode
+        return self.status
 
     def _cleanup_tmpdir(self) -> None:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+
+
+class _NotYet:
+    """The child is not waitable yet (no status to read)."""
+
+
+def _peek_status(pid: int) -> int | _NotYet | None:
+    """The exit status of the exited child ``pid``, leaving it to be reaped.
+
+    None: unknowable (it was reaped by someone else); ``_NotYet``: not waitable yet."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return _NotYet()
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # killed or dumped: by signal si_status
 
 
 @attrs.define(eq=False)

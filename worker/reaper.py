@@ -3,9 +3,15 @@
 * :func:`become_subreaper` makes the worker a child subreaper
   (``prctl(PR_SET_CHILD_SUBREAPER)``), so processes a flow double-forks or ``setsid``\\ s
   are re-parented to the worker instead of to PID 1, where nothing would clean them up.
-* :func:`reap_orphans` waits for zombie children that no ``RunHandle`` owns (re-parented
-  orphans). It waits for those pids one by one, never ``waitpid(-1)``, which would steal
-  the exit status of a child that trio is waiting for.
+* :func:`reap_orphans` waits for zombie children that this worker did not spawn
+  (re-parented orphans). It waits for those pids one by one, never ``waitpid(-1)``,
+  which would steal the exit status of a child that trio is waiting for.
+* :data:`CHILDREN` knows which children the worker spawned, and when a spawn is in
+  flight. A child can exit (and be a zombie whose parent is the worker) before the
+  spawning task has its pid; the reaper must not mistake it for an orphan, or the exit
+  status is lost and the waiter gets ECHILD, which ``subprocess`` turns into status 0.
+  So every spawn runs inside ``CHILDREN.spawning()``, its pid is registered before that
+  ends, and the reaper waits until no spawn is in flight before it looks.
 * :func:`sweep_run` kills what is left of a finished run: its process group and every
   process carrying its ``PREFECT__FLOW_RUN_ID`` (which a ``setsid`` escapes the group
   with but keeps in its environment).
@@ -19,10 +25,12 @@ import ctypes
 import os
 import signal
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 import attrs
+import trio
 
 PR_SET_CHILD_SUBREAPER: Final = 36
 PROC: Final = Path("/proc")
@@ -63,6 +71,43 @@ def become_subreaper() -> bool:
         return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+@attrs.define
+class Children:
+    """The processes this worker spawned itself, which only their own waiter may reap."""
+
+    spawned: set[int] = attrs.Factory(set)
+    in_flight: int = 0
+    _idle: trio.Event | None = None
+
+    @contextmanager
+    def spawning(self) -> Iterator[None]:
+        """Hold the reaper off while a child is being spawned; register its pid inside."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Return once no spawn is in flight."""
+        while self.in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    def reap_orphans(self) -> list[int]:
+        """Reap zombie children the worker did not spawn (only call when idle)."""
+        assert self.in_flight == 0, "a spawn is in flight: its child could be taken for an orphan"
+        return reap_orphans(self.spawned)
+
+
+CHILDREN: Final = Children()
+"""This process's spawned children (a process has one set of children, hence one registry)."""
 
 
 def _all_pids() -> Iterator[int]:

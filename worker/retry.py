@@ -16,6 +16,11 @@ other 4xx                      no       the request or the configuration is wron
 500                            no       a server bug; the calling loop backs off instead
 =============================  =======  =====================================================
 
+A failure that never reached the server (connection refused, timeouts) is retried at
+most ``transport_cap`` (2 s) apart: asking a server that is down costs it nothing, and
+a restarted server is noticed within seconds. Answers that say "not now" grow the delay
+as below.
+
 Delays grow ``base * 2**n`` up to ``cap``, each multiplied by a random factor in
 ``[1 - jitter, 1 + jitter]`` so that many workers do not retry in step. A
 ``Retry-After`` header replaces the computed delay (bounded by ``retry_after_cap``).
@@ -48,6 +53,7 @@ class RetryPolicy:
     cap: float = 10.0
     jitter: float = 0.2
     retry_after_cap: float = 120.0
+    transport_cap: float = 2.0
     attempt: int = 0
 
     @property
@@ -65,11 +71,15 @@ class RetryPolicy:
         return isinstance(exc, httpx.TransportError)
 
     def delay(self, retry_after: str | None = None, rng: random.Random | None = None) -> float:
-        """Seconds to wait before the next try."""
+        """Seconds to wait before the next try after an answer that said "not now"."""
         hinted = parse_retry_after(retry_after)
         if hinted is not None:
             return min(hinted, self.retry_after_cap)
         return backoff(self.attempt, self.base, self.cap, self.jitter, rng)
+
+    def transport_delay(self, rng: random.Random | None = None) -> float:
+        """Seconds to wait before the next try after a failure that never reached the server."""
+        return backoff(self.attempt, self.base, self.transport_cap, self.jitter, rng)
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float, rng: random.Random | None = None) -> float:

@@ -38,8 +38,9 @@ worker stopped mid-run           CRASHED "The worker stopped before …", or SCH
 The API is never a reason to stop: every loop catches :class:`~worker.api.ApiError`,
 reports the first failure of an outage at WARNING and its end at INFO, and retries
 with a jittered backoff. States owed while the API is down stay in the ledger until
-delivered. The limiter slot is taken before the claim and released in a ``finally``,
-so it is freed on every path (pain point 25).
+delivered. ``--limit`` counts ``live``: a run enters it before its claim and leaves it
+in a ``finally``, so its slot is freed on every path (pain point 25); adopted runs are
+in it too, so they count against the limit.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import structlog
 import trio
 
 from worker import decisions, reaper
-from worker.api import ApiError, ApiNotFound, ApiRefused, PrefectClient
+from worker.api import ApiError, ApiNotFound, ApiRefused, ApiUnavailable, PrefectClient
 from worker.control import ControlChannel
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, Report, boot_id
@@ -113,16 +114,31 @@ FINAL_REPORT_SECONDS = 30.0
 DRAIN_LOG_SECONDS = 15.0
 
 
+PROBE_SECONDS = 1.5
+"""While the API is unreachable, how often ``GET /health`` asks whether it is back."""
+
+
 @attrs.define
 class Outage:
-    """Turns a stream of API failures and successes into two log lines per outage."""
+    """Turns a stream of API failures and successes into two log lines per outage, and
+    ends the loops' backoff pauses the moment an unreachable API answers again.
+
+    Backoff (1 s doubling to 60 s, jittered) protects a server that is up but says "not
+    now" (429, 503, 5xx). A server that cannot be reached at all (connection refused,
+    timeouts) costs nothing to ask, so :meth:`probe_loop` asks ``GET /health`` every
+    ``PROBE_SECONDS`` and, on the first answer, wakes every pause at once.
+    """
 
     failing_since: float | None = None
     failures: int = 0
+    unreachable: bool = False
+    """The last failure never reached the server: the probe runs."""
     metrics: Metrics = attrs.Factory(Metrics)
+    _back: trio.Event = attrs.Factory(trio.Event)
 
     def failed(self, exc: Exception, during: str) -> None:
         self.failures += 1
+        self.unreachable = isinstance(exc, ApiUnavailable) and exc.status is None
         kind = (
             "protocol"
             if isinstance(exc, ProtocolError)
@@ -153,11 +169,34 @@ class Outage:
                 outage_seconds=round(trio.current_time() - self.failing_since, 1),
                 failed_calls=self.failures,
             )
+            self._wake()
         self.failing_since = None
         self.failures = 0
 
     def delay(self) -> float:
         return backoff(self.failures, 1.0, 60.0, 0.2)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the API is found to answer again meanwhile."""
+        with trio.move_on_after(seconds):
+            await self._back.wait()
+
+    @property
+    def back(self) -> trio.Event:
+        """Set when an unreachable API answers again (a fresh event after each outage)."""
+        return self._back
+
+    def _wake(self) -> None:
+        self.unreachable = False
+        self._back.set()
+        self._back = trio.Event()
+
+    async def probe_loop(self, client: PrefectClient) -> None:
+        while True:
+            await trio.sleep(PROBE_SECONDS)
+            if self.unreachable and await client.probe():
+                log.debug("api.answering", after_failures=self.failures)
+                self._wake()
 
 
 @attrs.define
@@ -182,7 +221,6 @@ class Supervisor:
     last_poll: float | None = None
     failed_runs: int = 0
     changed: trio.Event = attrs.Factory(trio.Event)
-    limiter: trio.CapacityLimiter | None = None
     stopping: bool = False
     events_connected: bool = False
     stopped_runs: bool = False
@@ -194,10 +232,7 @@ class Supervisor:
     cache: ReadCache = attrs.Factory(ReadCache)
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     _warned: set[str] = attrs.Factory(set)
-
-    def __attrs_post_init__(self) -> None:
-        if self.settings.limit is not None:
-            self.limiter = trio.CapacityLimiter(self.settings.limit)
+    _told: dict[tuple[str | None, str], None] = attrs.Factory(dict)
 
     @property
     def pool_name(self) -> str:
@@ -221,6 +256,7 @@ class Supervisor:
             self.run_became_due,
             self.run_is_cancelling,
             self._events_connected,
+            self.outage.pause,
         )
 
     def _events_connected(self, connected: bool) -> None:
@@ -243,21 +279,23 @@ class Supervisor:
         mode = "draining, " if self.stopping else ""
         return f"{mode}{len(self.live)} active runs, {poll}, {api}; pool {self.pool_name}"
 
-    async def _idle(self, seconds: float) -> None:
-        """Sleep as a loop's deliberate pause, feeding the systemd watchdog meanwhile.
+    async def _idle(self, seconds: float, wake: trio.Event) -> None:
+        """Sleep as a loop's deliberate pause (ended early by ``wake``), feeding the
+        systemd watchdog meanwhile.
 
         The watchdog is fed only from here and after a completed poll, i.e. only while
         the poll loop really runs: a hung loop (or a frozen process) stops the pings.
         """
         deadline = trio.current_time() + seconds
         chunk = (self.notifier.watchdog_seconds or seconds * 3) / 3
-        while True:
+        while not wake.is_set():
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
             left = deadline - trio.current_time()
             if left <= 0:
                 return
-            await trio.sleep(min(left, chunk))
+            with trio.move_on_after(min(left, chunk)):
+                await wake.wait()
 
     async def _poll_pause(self, seconds: float) -> None:
         """The poll loop's pause: ends early when an event says a run became due (coalesced:
@@ -316,6 +354,7 @@ class Supervisor:
             loops.start_soon(self.cancel_loop)
             loops.start_soon(self.reaper_loop)
             loops.start_soon(self.reporter_loop)
+            loops.start_soon(self.outage.probe_loop, self.client)
             await loops.start(self.control.serve)
             if self.settings.with_healthcheck:
                 from worker import health
@@ -452,7 +491,7 @@ class Supervisor:
                 await self.sync()
             except API_ERRORS as exc:
                 self.outage.failed(exc, "sync")
-                await trio.sleep(min(self.settings.heartbeat_seconds, self.outage.delay()))
+                await self.outage.pause(min(self.settings.heartbeat_seconds, self.outage.delay()))
                 continue
             self.outage.succeeded()
             await trio.sleep(jittered(self.settings.heartbeat_seconds, self.rng))
@@ -471,7 +510,7 @@ class Supervisor:
         # look ahead one interval more than the prefetch, to wake up when those runs are due
         scheduled_before = due_before + datetime.timedelta(seconds=self.settings.query_seconds * 1.5)
         try:
-            flow_runs = await self.client.get_scheduled_flow_runs(
+            flow_runs, problems = await self.client.get_scheduled_flow_runs(
                 self.pool_name, self.settings.work_queues, scheduled_before
             )
         except ApiNotFound as exc:
@@ -486,29 +525,39 @@ class Supervisor:
         self.last_poll = trio.current_time()
         self.metrics.observe_poll(self.last_poll - began)
         self.polled.set()
+        for run_id, problem in problems:
+            self._skipped(run_id, f"unreadable payload: {problem}", "warning")
         taken = 0
         self.due_at = math.inf
         for flow_run in flow_runs:
-            if flow_run.id in self.live or flow_run.id in self.owed or flow_run.id in self.unresolved:
+            known = flow_run.id in self.live or flow_run.id in self.owed or flow_run.id in self.unresolved
+            verdict = decisions.poll_verdict(
+                flow_run, known, due_before, _parse_time(flow_run.next_scheduled_start_time)
+            )
+            if verdict.verdict is decisions.Verdict.SKIP:
+                self._skipped(flow_run.id, verdict.reason, "info", flow_run_name=flow_run.name)
+            if verdict.verdict is decisions.Verdict.LATER:
+                self.due_at = min(self.due_at, trio.current_time() + verdict.due_in)
+            if verdict.verdict is not decisions.Verdict.TAKE:
                 continue
-            if flow_run.state_type is not StateType.SCHEDULED:
-                continue  # never start a run whose polled state was not SCHEDULED
-            start = _parse_time(flow_run.next_scheduled_start_time)
-            if start is not None and start > due_before:
-                wait = (start - due_before).total_seconds()
-                self.due_at = min(self.due_at, trio.current_time() + wait)
-                continue
-            token = object()
-            if self.limiter is not None:
-                try:
-                    self.limiter.acquire_on_behalf_of_nowait(token)
-                except trio.WouldBlock:
-                    log.debug("poll.limit_reached", limit=self.settings.limit, active_runs=len(self.live))
-                    break
+            if self.settings.limit is not None and len(self.live) >= self.settings.limit:
+                # adopted runs are in ``live`` too: they count against the limit
+                self._skipped(flow_run.id, f"limit of {self.settings.limit} active runs reached", "debug")
+                break
             self.live[flow_run.id] = None
-            runs.start_soon(self._run_task, flow_run, token)
+            runs.start_soon(self._run_task, flow_run)
             taken += 1
         return taken
+
+    def _skipped(self, run_id: str | None, reason: str, level: str, **fields: Any) -> None:
+        """Log a polled run that is not taken, once per run and reason (bounded memory)."""
+        key = (run_id, reason)
+        if key in self._told:
+            return
+        self._told[key] = None
+        if len(self._told) > 4096:
+            self._told.pop(next(iter(self._told)))
+        getattr(log, level)("poll.run_not_taken", flow_run_id=run_id, reason=reason, **fields)
 
     async def poll_loop(self, runs: trio.Nursery) -> None:
         while True:
@@ -516,7 +565,7 @@ class Supervisor:
                 await self.poll_once(runs)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
-                await self._idle(min(self.settings.query_seconds, self.outage.delay()))
+                await self._idle(min(self.settings.query_seconds, self.outage.delay()), self.outage.back)
                 continue
             await self._poll_pause(jittered(self.settings.query_seconds, self.rng))
 
@@ -528,16 +577,16 @@ class Supervisor:
                 taken = await self.poll_once(runs)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
-                await trio.sleep(self.outage.delay())
+                await self.outage.pause(self.outage.delay())
                 continue
             if taken == 0 and not self.live:
                 return
-            if taken == 0 or self.limiter is not None:
+            if taken == 0 or self.settings.limit is not None:
                 await changed.wait()
 
     # ---------------------------------------------------------------- one run
 
-    async def _run_task(self, flow_run: FlowRun, token: object) -> None:
+    async def _run_task(self, flow_run: FlowRun) -> None:
         run_log = self._run_log(flow_run.id, flow_run.name)
         try:
             await self._submit(flow_run, run_log)
@@ -545,8 +594,6 @@ class Supervisor:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
         finally:
-            if self.limiter is not None:
-                self.limiter.release_on_behalf_of(token)
             self.live.pop(flow_run.id, None)
             self.control.unregister(flow_run.id)
             self._notify_change()
@@ -726,7 +773,8 @@ class Supervisor:
                 return "reschedule", decisions.WORKER_STOPPED.format(code)
             return "crash", decisions.WORKER_STOPPED.format(code)
         if returncode is None:
-            return "crash_if_running", decisions.ADOPTED_EXIT
+            adopted = isinstance(handle, AdoptedHandle)
+            return "crash_if_running", decisions.ADOPTED_EXIT if adopted else decisions.EXIT_UNKNOWN
         if returncode != 0:
             return "crash", decisions.exit_message(returncode)
         return "crash_if_running", decisions.EXIT_0_NOT_FINAL
@@ -792,6 +840,8 @@ class Supervisor:
                 transition_id=report.transition_id,
             )
             outcome = f"{proposal.type.value} {result.status.value}"
+            if report.kind == "crash_if_running" and outcome == "CRASHED ACCEPT":
+                self.failed_runs += 1  # e.g. exit 0 without a final state: --once says so
         self.outage.succeeded()
         self.ledger.remove(entry.flow_run_id)
         self.owed.pop(entry.flow_run_id, None)
@@ -811,7 +861,7 @@ class Supervisor:
 
     async def reporter_loop(self) -> None:
         while True:
-            await trio.sleep(REPORT_SECONDS)
+            await self.outage.pause(REPORT_SECONDS)
             await self._deliver_owed()
 
     async def _deliver_owed(self) -> None:
@@ -872,7 +922,7 @@ class Supervisor:
                 await self._reconcile_entry(pending[0], None)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "reconcile")
-                await trio.sleep(self.outage.delay())
+                await self.outage.pause(self.outage.delay())
                 continue
             pending.pop(0)
 
@@ -958,8 +1008,8 @@ class Supervisor:
             while True:
                 with trio.move_on_after(REAP_SECONDS):
                     await sigchld.__anext__()
-                owned = [h.pid for h in self.live.values() if isinstance(h, RunHandle) and h.pid is not None]
-                reaped = reaper.reap_orphans(owned)
+                await reaper.CHILDREN.wait_idle()  # a child mid-spawn is not an orphan
+                reaped = reaper.CHILDREN.reap_orphans()
                 if reaped:
                     log.debug("reaper.reaped", pids=reaped)
 

@@ -1,0 +1,129 @@
+"""The compatibility matrix: the end-to-end smoke set against every Prefect 3 release listed
+in ``tests/prefect_versions.py``, each server with the flows' engine of the same version.
+
+One server per version (a module-scoped, parametrized fixture: pytest runs every test of
+one version before it starts the next server). Servers before 3.9.1 answer
+``get_scheduled_flow_runs`` with ``"state": null``; that is what the first test would
+have caught.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, Api, PrefectServer, WorkerProcess, wait_for
+from tests.prefect_versions import VERSIONS, venv_for
+
+# with both polls a minute apart, only the events stream can be this fast
+SLOW_POLLS = {
+    "FLOW_WORKER_QUERY_SECONDS": "60",
+    "FLOW_WORKER_CANCEL_POLL_SECONDS": "60",
+    "FLOW_WORKER_HEARTBEAT_SECONDS": "5",
+}
+
+
+@pytest.fixture(scope="module", params=list(VERSIONS), ids=lambda v: f"prefect-{v}")
+def versioned_server(request: pytest.FixtureRequest) -> Iterator[PrefectServer]:
+    bin_dir = venv_for(request.param)
+    home = Path(tempfile.mkdtemp(prefix=f"flow-worker-prefect-{request.param}-"))
+    server = PrefectServer(home, bin_dir=bin_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def vapi(versioned_server: PrefectServer) -> Iterator[Api]:
+    client = Api(versioned_server)
+    yield client
+    client.http.close()
+
+
+def engine_env(server: PrefectServer) -> dict[str, str]:
+    """The worker runs flows with the engine of the server's own version."""
+    return {
+        **server.env,
+        "FLOW_WORKER_PYTHON": str(server.bin_dir / "python"),
+        "FLOW_WORKER_LOG_FORMAT": "json",
+    }
+
+
+def once(server: PrefectServer, pool: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool, "--once"],
+        env={**engine_env(server), "FLOW_WORKER_STATE_DIR": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def events_of(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+
+
+def test_real_flow_completes_with_merged_env(
+    versioned_server: PrefectServer, vapi: Api, pool_name: str, tmp_path: Path
+) -> None:
+    dep = vapi.deployment(pool_name, job_variables={"env": {"FOO": "from-deployment", "BAR": "dep"}})
+    out = tmp_path / "out.jsonl"
+    run_id = vapi.run(dep, {"name": "compat", "out": str(out)}, {"env": {"BAR": "from-run"}})
+    proc = once(versioned_server, pool_name, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert vapi.state_type(run_id) == "COMPLETED", proc.stderr[-3000:]
+    record = json.loads(out.read_text().splitlines()[0])
+    assert (record["FOO"], record["BAR"], record["run_id"]) == ("from-deployment", "from-run", run_id)
+
+
+def test_crash_is_reported_with_its_status_and_once_exits_1(
+    versioned_server: PrefectServer, vapi: Api, pool_name: str, tmp_path: Path
+) -> None:
+    bad = vapi.run(vapi.deployment(pool_name, job_variables={"command": "sh -c 'exit 3'"}))
+    proc = once(versioned_server, pool_name, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    final = vapi.flow_run(bad)
+    assert final["state_type"] == "CRASHED"
+    assert "Process exited with status code: 3." in final["state"]["message"]
+
+
+def test_event_pickup_and_cancellation(
+    versioned_server: PrefectServer, vapi: Api, pool_name: str, tmp_path: Path
+) -> None:
+    dep = vapi.deployment(pool_name, entrypoint="hello.py:cancellable", flow_name="cancellable")
+    worker = WorkerProcess(
+        versioned_server,
+        ["--pool", pool_name],
+        {**engine_env(versioned_server), **SLOW_POLLS, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+        tmp_path / "w.log",
+    )
+    try:
+        wait_for(lambda: worker.saw("events.connected"), 60, what="the events stream to connect")
+        created = time.monotonic()
+        run_id = vapi.run(dep, {"sleep": 120})
+        wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 15, what="pickup by event")
+        assert time.monotonic() - created < 15
+        wait_for(lambda: vapi.state_type(run_id) == "RUNNING", 60, what="the engine to start the flow")
+        vapi.call(
+            "POST",
+            f"flow_runs/{run_id}/set_state",
+            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+        )
+        final = vapi.wait_final(run_id, 20)  # the cancel poll is a minute away: the event did it
+        assert final["state_type"] == "CANCELLED", final["state"]
+        assert worker.saw("run.cancelling", flow_run_id=run_id, via="event")
+        assert worker.stop() == 0
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
