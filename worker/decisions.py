@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import enum
+import math
 import signal
+from collections.abc import Container
 from typing import Final
 
 import attrs
@@ -61,6 +63,54 @@ def poll_verdict(
     if start is not None and start > due_before:
         return PollVerdict(Verdict.LATER, due_in=(start - due_before).total_seconds())
     return PollVerdict(Verdict.TAKE)
+
+
+@attrs.frozen
+class Triage:
+    take: list[FlowRun]
+    """Due runs to claim now, in the server's order."""
+    not_taken: list[tuple[FlowRun, str, str]]
+    """(run, reason, log level) of each run polled but not taken that deserves a word."""
+    due_in: float
+    """Seconds until the next run seen by the look-ahead is due (inf: none)."""
+
+
+def triage(
+    flow_runs: list[FlowRun],
+    known: Container[str],
+    due_before: datetime.datetime,
+    limit: int | None,
+    active: int,
+) -> Triage:
+    """One poll's answer sorted out: ``poll_verdict`` for each run, then ``--limit``
+    (``active`` runs in hand, adopted ones included) caps how many are taken."""
+    take: list[FlowRun] = []
+    not_taken: list[tuple[FlowRun, str, str]] = []
+    due_in = math.inf
+    for flow_run in flow_runs:
+        start = parse_time(flow_run.next_scheduled_start_time)
+        verdict = poll_verdict(flow_run, flow_run.id in known, due_before, start)
+        if verdict.verdict is Verdict.SKIP:
+            not_taken.append((flow_run, verdict.reason, "info"))
+        elif verdict.verdict is Verdict.LATER:
+            due_in = min(due_in, verdict.due_in)
+        elif verdict.verdict is Verdict.TAKE:
+            if limit is not None and active + len(take) >= limit:
+                not_taken.append((flow_run, f"limit of {limit} active runs reached", "debug"))
+            else:
+                take.append(flow_run)
+    return Triage(take, not_taken, due_in)
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    """An API timestamp as an aware datetime (None if absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace(" ", "T"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
 
 
 @attrs.frozen
@@ -231,6 +281,39 @@ EXIT_0_NOT_FINAL: Final = (
     "The flow run's process exited with status 0 without reporting a final state "
     "(the command is not the Prefect engine, or the engine stopped early)."
 )
+
+
+# ---------------------------------------------------------------- a run's end
+
+
+def run_outcome(
+    cancel_requested: bool, stop_requested: bool, returncode: int | None, on_stop: str, adopted: bool = False
+) -> tuple[str, str]:
+    """The report (``ledger.Report`` kind, message) owed for a run whose process is gone.
+
+    ======================  ===========  ====================  ====================================
+    why it ended            exit status  kind                  message
+    ======================  ===========  ====================  ====================================
+    cancelled (CANCELLING)  any          ``cancelled``         CANCELLED_MESSAGE
+    worker stopped it       any          ``reschedule`` if     WORKER_STOPPED (with the status, or
+                                         on_stop=reschedule,   "exit status unknown")
+                                         else ``crash``
+    by itself               unknown      ``crash_if_running``  ADOPTED_EXIT (adopted) or
+                                                               EXIT_UNKNOWN
+    by itself               ≠ 0          ``crash``             exit_message(status)
+    by itself               0            ``crash_if_running``  EXIT_0_NOT_FINAL
+    ======================  ===========  ====================  ====================================
+    """
+    if cancel_requested:
+        return "cancelled", CANCELLED_MESSAGE
+    if stop_requested:
+        code = exit_message(returncode) if returncode is not None else "exit status unknown"
+        return ("reschedule" if on_stop == "reschedule" else "crash"), WORKER_STOPPED.format(code)
+    if returncode is None:
+        return "crash_if_running", ADOPTED_EXIT if adopted else EXIT_UNKNOWN
+    if returncode != 0:
+        return "crash", exit_message(returncode)
+    return "crash_if_running", EXIT_0_NOT_FINAL
 
 
 # ---------------------------------------------------------------- owed states

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Hashable, MutableMapping
 from typing import Any, Final, TextIO
 
+import attrs
 import structlog
 
 from worker import systemd
@@ -127,3 +128,23 @@ def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | No
         cache_logger_on_first_use=True,
     )
     return chosen
+
+
+@attrs.define
+class Once:
+    """Says a condition once while it lasts (and again only after :meth:`clear`), with a
+    bounded memory of what it has said: a poll every few seconds must not repeat itself."""
+
+    limit: int = 4096
+    _said: dict[Hashable, None] = attrs.Factory(dict)
+
+    def say(self, key: Hashable, logger: Any, level: str, event: str, **fields: Any) -> None:
+        if key in self._said:
+            return
+        self._said[key] = None
+        if len(self._said) > self.limit:
+            self._said.pop(next(iter(self._said)))
+        getattr(logger, level)(event, **fields)
+
+    def clear(self, key: Hashable) -> None:
+        self._said.pop(key, None)

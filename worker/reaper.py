@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Final
 
 import attrs
+import structlog
 import trio
 
+log = structlog.get_logger("flow_worker")
 PR_SET_CHILD_SUBREAPER: Final = 36
 PROC: Final = Path("/proc")
 
@@ -108,6 +110,23 @@ class Children:
 
 CHILDREN: Final = Children()
 """This process's spawned children (a process has one set of children, hence one registry)."""
+
+
+REAP_SECONDS: Final = 60.0
+"""The reaper's safety-net sweep interval (it reaps on every SIGCHLD too)."""
+
+
+async def reap_loop() -> None:
+    """Reap re-parented orphans when a child exits (SIGCHLD; trio itself waits on
+    pidfds, not on SIGCHLD), with a slow periodic sweep as a safety net."""
+    with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+        while True:
+            with trio.move_on_after(REAP_SECONDS):
+                await sigchld.__anext__()
+            await CHILDREN.wait_idle()  # a child mid-spawn is not an orphan
+            reaped = CHILDREN.reap_orphans()
+            if reaped:
+                log.debug("reaper.reaped", pids=reaped)
 
 
 def _all_pids() -> Iterator[int]:

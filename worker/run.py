@@ -1,0 +1,281 @@
+"""One flow run's life, top to bottom: claim, configure, spawn, watch, outcome, report.
+
+:meth:`Runner.run` is the task the poll starts for each due run. Read it in order:
+
+1. :meth:`Runner.claim`: read the deployment (cached), write the claim to the ledger,
+   propose PENDING with a fixed ``transition_id``, judge the answer
+   (``decisions.claim_outcome``), and check the run's history for a state another
+   worker finished meanwhile (``decisions.displaced_state``): if so, put it back and
+   run nothing.
+2. :meth:`Runner.configure`: the pool's base job template + the deployment's and run's
+   job variables → a :class:`~worker.job.ProcessJobConfiguration`.
+3. :meth:`Runner.execute`: spawn the child (``process.RunHandle``), record pid and start
+   time in the ledger, report ``infrastructure_pid``, watch it until it is reaped.
+4. ``decisions.run_outcome`` → :meth:`Reporter.finish <worker.reporter.Reporter.finish>`:
+   what the server is owed, written to the ledger first, delivered once.
+
+From a successful claim on, every path ends in a started child or a state owed; the
+run leaves :class:`InHand` in a ``finally``, so its ``--limit`` slot is freed on every
+path (pain point 25).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Final
+
+import attrs
+import structlog
+import trio
+
+from worker import decisions, reaper
+from worker.api import PrefectClient
+from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
+from worker.control import ControlChannel
+from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
+from worker.ledger import Entry, Ledger, boot_id
+from worker.metrics import Metrics
+from worker.models import Deployment, FlowRun, StateType, WorkPool
+from worker.outage import API_ERRORS, Outage
+from worker.process import RunHandle, StartError, Supervised
+from worker.reporter import Reporter, run_logger
+from worker.settings import Settings
+
+log = structlog.get_logger("flow_worker")
+
+CLAIM_CONCURRENCY: Final = 16
+"""Claims in flight at once: a burst of due runs starts together without a request storm."""
+
+
+@attrs.define
+class InHand:
+    """The runs this worker holds now, and whether it is stopping."""
+
+    live: dict[str, Supervised | None] = attrs.Factory(dict)
+    """Runs between poll and end: None while claiming/configuring, then the handle
+    (spawned or adopted). Its size is what ``--limit`` counts."""
+    stopping: bool = False
+    """Claim nothing more (the drain)."""
+    stopped_runs: bool = False
+    """Every run is being stopped: a child started now is stopped at once."""
+    changed: trio.Event = attrs.Factory(trio.Event)
+    """Set (and replaced) whenever a run leaves: ``--once`` re-polls then."""
+
+    def watched(self) -> list[str]:
+        """Runs whose process this worker watches and has not been asked to stop."""
+        return [run_id for run_id, h in self.live.items() if h is not None and not h.stop_requested]
+
+    def cancel(self, run_id: str, via: str = "event") -> None:
+        """The run is CANCELLING: stop it now if it is ours (idempotent)."""
+        handle = self.live.get(run_id)
+        if handle is not None and not handle.stop_requested:
+            log.info("run.cancelling", flow_run_id=run_id, pid=handle.pid, via=via)
+            handle.cancel("flow run is CANCELLING")
+
+    def release(self, run_id: str) -> None:
+        self.live.pop(run_id, None)
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@attrs.define
+class Runner:
+    """Everything one run's life needs, passed in; one Runner serves every run."""
+
+    settings: Settings
+    client: PrefectClient
+    ledger: Ledger
+    reporter: Reporter
+    outage: Outage
+    metrics: Metrics
+    control: ControlChannel
+    in_hand: InHand
+    lost_claims: dict[str, Entry]
+    """Where a claim whose answer was lost goes (``Reconciler.pending``)."""
+    pool: WorkPool | None = None
+    """The pool as last synced (its base job template); set by the supervisor."""
+    cache: ReadCache = attrs.Factory(ReadCache)
+    claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
+
+    @property
+    def pool_name(self) -> str:
+        return self.reporter.pool
+
+    async def run(self, flow_run: FlowRun) -> None:
+        """The task of one polled run (already in ``in_hand.live``): its whole life."""
+        run_log = run_logger(flow_run.id, flow_run.name, self.pool_name)
+        try:
+            async with self.claims:  # a burst claims concurrently, but boundedly
+                claimed = await self.claim(flow_run, run_log)
+            if claimed is None:
+                return
+            deployment, entry, run_log = claimed
+            # From here the run is ours: every path ends in a started child or a state owed.
+            try:
+                config = await self.configure(flow_run, deployment)
+            except (ConfigurationError, *API_ERRORS) as exc:
+                run_log.error("run.bad_configuration", error=str(exc))
+                await self.reporter.finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
+                return
+            if self.in_hand.stopping:
+                await self.reporter.finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
+                return
+            await self.execute(flow_run, entry, config, run_log)
+        except API_ERRORS as exc:
+            self.outage.failed(exc, "submit")
+            run_log.warning("run.submit_failed", error=str(exc))
+        finally:
+            self.control.unregister(flow_run.id)
+            self.in_hand.release(flow_run.id)
+
+    async def claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
+        """Read the deployment, propose PENDING, verify the claim. None: not ours."""
+        deployment = None
+        if flow_run.deployment_id:
+            deployment_id = flow_run.deployment_id
+            deployment = await self.cache.get(
+                ("deployment", deployment_id),
+                DEPLOYMENT_TTL,
+                lambda: self.client.read_deployment(deployment_id),
+            )
+            if deployment is None:
+                await self.client.set_flow_run_state(
+                    flow_run.id,
+                    StateType.CANCELLED,
+                    "Cancelled",
+                    f"Deployment {deployment_id} no longer exists, cancelled run.",
+                    force=True,
+                )
+                run_log.warning("run.deployment_missing", deployment_id=deployment_id)
+                return None
+            run_log = run_log.bind(deployment_id=deployment.id, deployment_name=deployment.name)
+        transition_id = str(uuid.uuid4())
+        # the ledger knows of the claim before the server does: a crash in between is recoverable
+        entry = Entry(
+            flow_run_id=flow_run.id,
+            flow_run_name=flow_run.name,
+            pool=self.pool_name,
+            worker_name=self.settings.worker_name,
+            phase="claiming",
+            transition_id=transition_id,
+            claimed_at=time.time(),
+        )
+        self.ledger.write(entry)
+        try:
+            result = await self.client.set_flow_run_state(
+                flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
+            )
+        except API_ERRORS:
+            # did the server write it? The reporter loop asks it once the API answers again.
+            self.lost_claims[flow_run.id] = entry
+            raise
+        claim = decisions.claim_outcome(result, transition_id)
+        if not claim.proceed:
+            self.ledger.remove(flow_run.id)
+            run_log.info("run.not_claimed", reason=claim.reason)
+            return None
+        if not await self._undo_if_raced(flow_run, transition_id, run_log):
+            return None
+        entry = self.ledger.update(entry, phase="claimed")
+        run_log.info("run.claimed", worker_name=self.settings.worker_name)
+        self.metrics.runs_claimed += 1
+        return deployment, entry, run_log
+
+    async def _undo_if_raced(self, flow_run: FlowRun, transition_id: str, run_log: Any) -> bool:
+        """True if the claim stands; False if another worker had finished the run after
+        our poll, in which case its final state is put back (PROTOCOL §7.6)."""
+        displaced = decisions.displaced_state(
+            await self.client.read_flow_run_states(flow_run.id), transition_id
+        )
+        if displaced is None:
+            return True
+        await self.client.set_flow_run_state(
+            flow_run.id,
+            displaced.type,
+            displaced.name or displaced.type.value.title(),
+            displaced.message,
+            force=True,
+            state_details=displaced.state_details,
+            data=displaced.data,
+        )
+        self.ledger.remove(flow_run.id)
+        run_log.warning("run.claim_raced", restored_state=displaced.type.value)
+        return False
+
+    async def configure(self, flow_run: FlowRun, deployment: Deployment | None) -> ProcessJobConfiguration:
+        """Template + job variables → what to spawn (``ConfigurationError`` names the problem)."""
+        assert self.pool is not None
+        flow = None
+        if flow_run.flow_id:
+            flow_id = flow_run.flow_id
+            flow = await self.cache.get(("flow", flow_id), FLOW_TTL, lambda: self.client.read_flow(flow_id))
+        values = merge_job_variables(deployment.job_variables if deployment else None, flow_run.job_variables)
+        config = await ProcessJobConfiguration.from_template_and_values(
+            self.pool.base_job_template, values, self.client
+        )
+        config.prepare_for_flow_run(
+            flow_run,
+            deployment,
+            flow,
+            self.pool,
+            self.settings.worker_name,
+            settings_env=self.settings.child_prefect_env(),
+            python=self.settings.python,
+        )
+        return config
+
+    async def execute(
+        self, flow_run: FlowRun, entry: Entry, config: ProcessJobConfiguration, run_log: Any
+    ) -> None:
+        """Spawn, record, watch until reaped, report the outcome."""
+        handle = RunHandle(
+            flow_run.id,
+            run_log,
+            grace=self.settings.cancel_grace_seconds,
+            send_intent=self.control.send_intent,
+            config=config,
+            output_dir=self.ledger.directory / "output",
+        )
+        try:
+            pid = await handle.start(extra_env=self.control.register(flow_run.id))
+        except (StartError, ConfigurationError) as exc:
+            run_log.error("run.start_failed", error=str(exc))
+            await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
+            return
+        facts = reaper.process_facts(pid)
+        entry = self.ledger.update(
+            entry,
+            phase="started",
+            pid=pid,
+            pgid=pid,
+            start_time=facts.start_time if facts else None,
+            boot_id=boot_id(),
+            started_at=time.time(),
+        )
+        self.in_hand.live[flow_run.id] = handle
+        run_log = run_log.bind(pid=pid)
+        run_log.info("run.started", command=config.command, cwd=str(config.working_dir or handle.tmpdir))
+        if self.in_hand.stopped_runs:
+            handle.stop("worker stopping", self.stop_intent)
+        try:
+            await self.client.set_infrastructure_pid(flow_run.id, pid)
+        except API_ERRORS as exc:
+            run_log.warning("run.pid_not_reported", error=str(exc))
+        try:
+            returncode = await handle.wait()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                rc = handle.status if handle.status is not None else -15
+                self.reporter.owe(entry, "crash", decisions.WORKER_STOPPED.format(decisions.exit_message(rc)))
+            raise
+        run_log.info("run.exited", returncode=returncode, stopped=handle.stop_requested, intent=handle.intent)
+        kind, message = decisions.run_outcome(
+            handle.cancel_requested, handle.stop_requested, returncode, self.settings.on_stop
+        )
+        await self.reporter.finish(entry, run_log, kind, message)
+
+    @property
+    def stop_intent(self) -> str:
+        """What the engine is told when the worker stops its run (``on_stop``)."""
+        return "reschedule" if self.settings.on_stop == "reschedule" else "relinquish"
