@@ -299,3 +299,92 @@ def test_every_exit_status_is_true_under_a_burst(
     for r in zeros:  # `true` is not the engine: exit 0 without a final state, said as such
         assert by_id[r]["state_type"] == "CRASHED"
         assert "exited with status 0 without reporting a final state" in by_id[r]["state"]["message"]
+
+
+def test_crash_message_shows_the_error(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    command = f"{sys.executable} -c 'import nonexistent_module'"
+    run_id = api.run(api.deployment(pool_name, job_variables={"command": command}))
+    proc = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool_name, "--once"],
+        env={**prefect_server.env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    final = api.flow_run(run_id)
+    assert final["state_type"] == "CRASHED"
+    message = final["state"]["message"]
+    assert "Process exited with status code: 1." in message
+    assert "ModuleNotFoundError: No module named 'nonexistent_module'" in message
+    assert len(message) < 2600, "the stderr tail is bounded"
+
+
+def test_prefects_own_flags_work(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    """A unit written for `prefect worker start` works by changing only the program name."""
+    reference = f"ref-{pool_name}"
+    api.create_pool_with_cli(reference)
+    custom = api.call("GET", f"work_pools/{reference}")["base_job_template"]
+    custom["variables"]["properties"]["env"]["default"] = {"FOO": "from-template-file"}
+    template_file = tmp_path / "template.json"
+    template_file.write_text(json.dumps(custom))
+    out = tmp_path / "out.jsonl"
+    args = ["--pool", pool_name, "--type", "process", "--install-policy", "never", "--run-once"]
+    first = subprocess.run(
+        [str(BIN / "flow-worker"), *args, "--base-job-template", str(template_file)],
+        env={
+            **prefect_server.env,
+            "FLOW_WORKER_STATE_DIR": str(tmp_path / "s"),
+            "FLOW_WORKER_LOG_FORMAT": "json",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "worker.install_policy_ignored" in first.stderr
+    assert api.call("GET", f"work_pools/{pool_name}")["base_job_template"] == custom
+    run_id = api.run(api.deployment(pool_name), {"name": "flags", "out": str(out)})
+    second = subprocess.run(
+        [str(BIN / "flow-worker"), *args, "--name", "unit-file-worker"],
+        env={**prefect_server.env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    run = api.flow_run(run_id)
+    assert run["state_type"] == "COMPLETED"
+    assert json.loads(out.read_text())["FOO"] == "from-template-file"
+    pool_id = api.call("GET", f"work_pools/{pool_name}")["id"]
+    assert {
+        "prefect.worker.name": "unit-file-worker",
+        "prefect.worker.type": "process",
+        "prefect.work-pool.name": pool_name,
+        "prefect.work-pool.id": pool_id,
+    }.items() <= run["labels"].items()
+    assert run["infrastructure_pid"].isdigit()
+
+    other = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", pool_name, "--type", "kubernetes"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert other.returncode == 2
+    assert other.stderr.count("\n") == 1 and "--type 'kubernetes' is not supported" in other.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    refused = subprocess.run(
+        [str(BIN / "flow-worker"), "--pool", "p", "--base-job-template", str(bad)],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and f"base_job_template: {bad} is not JSON" in refused.stderr

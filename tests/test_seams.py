@@ -316,3 +316,28 @@ def test_an_orphan_is_still_reaped() -> None:
     os.waitid(os.P_PID, orphan_pid, os.WEXITED | os.WNOWAIT)
     assert orphan_pid in reaper.CHILDREN.reap_orphans()
     orphan.returncode = 0  # reaped above; keep Popen's own __del__ from waiting again
+
+
+def test_a_crash_message_carries_the_stderr_tail() -> None:
+    kind, message = decisions.run_outcome(False, False, 1, "crash", stderr_tail="ModuleNotFoundError: x")
+    assert kind == "crash"
+    assert message.endswith("Last lines of stderr:\nModuleNotFoundError: x")
+    _, clean = decisions.run_outcome(False, False, 1, "crash")
+    assert "stderr" not in clean
+
+
+async def test_stderr_tail_keeps_the_newest_lines_within_bounds(tmp_path: Path) -> None:
+    from worker.process import STDERR_TAIL_BYTES, STDERR_TAIL_LINES
+
+    script = tmp_path / "noisy.py"
+    script.write_text(
+        "import sys\nfor i in range(30): print(f'line {i} ' + 'x' * 300, file=sys.stderr)\nsys.exit(2)\n"
+    )
+    handle = RunHandle("tail", LOG, output_dir=tmp_path)
+    handle.config.command = f"{sys.executable} {script}"
+    await handle.start()
+    assert await handle.wait() == 2
+    tail = handle.stderr_tail()
+    lines = tail.splitlines()
+    assert len(tail) <= STDERR_TAIL_BYTES and 0 < len(lines) <= STDERR_TAIL_LINES
+    assert lines[-1].startswith("line 29 ")

@@ -226,10 +226,14 @@ class PrefectClient:
         data = await self._get_optional(f"work_pools/{pool}")
         return None if data is None else structure(data, WorkPool)
 
-    async def create_work_pool(self, pool: str) -> WorkPool:
-        """Create a process pool (bare, as Prefect's worker does); 409 means it exists now."""
+    async def create_work_pool(self, pool: str, template: dict[str, Any] | None = None) -> WorkPool:
+        """Create a process pool (bare, as Prefect's worker does, unless a template is given);
+        409 means it exists now."""
+        body: dict[str, Any] = {"name": pool, "type": "process"}
+        if template is not None:
+            body["base_job_template"] = template
         try:
-            response = await self.request("POST", "work_pools/", json={"name": pool, "type": "process"})
+            response = await self.request("POST", "work_pools/", json=body)
         except ApiRefused as exc:
             if exc.status != 409:
                 raise

@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only flags that were given override file/env
     )
     p.add_argument("-p", "--pool", help="work pool to serve")
+    p.add_argument("-t", "--type", dest="worker_type", help="worker type: only 'process' (Prefect's flag)")
+    p.add_argument("--base-job-template", help="JSON job template for a pool the worker creates")
+    p.add_argument(
+        "--install-policy",
+        choices=["always", "if-not-present", "never", "prompt"],
+        help="accepted for Prefect's compatibility; a process worker has nothing to install",
+    )
     p.add_argument("-q", "--work-queue", dest="work_queues", action="append", help="queue name (repeatable)")
     p.add_argument("-n", "--name", help="worker name (default: 'ProcessWorker <uuid>')")
     p.add_argument("-l", "--limit", type=int, help="most flow runs at once")
@@ -57,12 +64,23 @@ async def _amain(settings: Any, ledger: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import structlog
+
     from worker import logs
     from worker import settings as settings_mod
     from worker.ledger import Ledger, LedgerError, default_state_dir
 
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)
+    worker_type = args.pop("worker_type", "process")
+    install_policy = args.pop("install_policy", None)
+    if worker_type != "process":
+        print(
+            f"flow-worker: --type {worker_type!r} is not supported: flow-worker is a process worker "
+            "(use `prefect worker start` for other types)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         settings = settings_mod.validated(settings_mod.load(args, config_path=config_path))
     except settings_mod.SettingsError as exc:
@@ -77,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_format, settings.log_level)
+    if install_policy is not None:
+        structlog.get_logger("flow_worker").info(
+            "worker.install_policy_ignored", install_policy=install_policy, reason="nothing to install"
+        )
     return trio.run(_amain, settings, ledger)
 
 

@@ -287,7 +287,12 @@ EXIT_0_NOT_FINAL: Final = (
 
 
 def run_outcome(
-    cancel_requested: bool, stop_requested: bool, returncode: int | None, on_stop: str, adopted: bool = False
+    cancel_requested: bool,
+    stop_requested: bool,
+    returncode: int | None,
+    on_stop: str,
+    adopted: bool = False,
+    stderr_tail: str = "",
 ) -> tuple[str, str]:
     """The report (``ledger.Report`` kind, message) owed for a run whose process is gone.
 
@@ -303,17 +308,21 @@ def run_outcome(
     by itself               ≠ 0          ``crash``             exit_message(status)
     by itself               0            ``crash_if_running``  EXIT_0_NOT_FINAL
     ======================  ===========  ====================  ====================================
+
+    A crash by itself (``crash``, ``crash_if_running``) also shows ``stderr_tail``, the
+    process's last stderr lines, so the error itself is visible where the state is.
     """
     if cancel_requested:
         return "cancelled", CANCELLED_MESSAGE
     if stop_requested:
         code = exit_message(returncode) if returncode is not None else "exit status unknown"
         return ("reschedule" if on_stop == "reschedule" else "crash"), WORKER_STOPPED.format(code)
+    said = f"\nLast lines of stderr:\n{stderr_tail}" if stderr_tail else ""
     if returncode is None:
-        return "crash_if_running", ADOPTED_EXIT if adopted else EXIT_UNKNOWN
+        return "crash_if_running", (ADOPTED_EXIT if adopted else EXIT_UNKNOWN) + said
     if returncode != 0:
-        return "crash", exit_message(returncode)
-    return "crash_if_running", EXIT_0_NOT_FINAL
+        return "crash", exit_message(returncode) + said
+    return "crash_if_running", EXIT_0_NOT_FINAL + said
 
 
 # ---------------------------------------------------------------- owed states

@@ -9,7 +9,7 @@ from worker.api import ApiNotFound, PrefectClient
 from worker.job import ProcessJobConfiguration
 from worker.logs import Once
 from worker.models import WorkPool
-from worker.settings import Settings
+from worker.settings import Settings, read_job_template
 
 log = structlog.get_logger("flow_worker")
 
@@ -24,8 +24,18 @@ async def ensure_pool(client: PrefectClient, settings: Settings, once: Once) -> 
     if pool is None:
         if not settings.create_pool_if_not_found:
             raise ApiNotFound("GET", f"/work_pools/{name}", 404, f"Work pool {name!r} not found!")
-        pool = await client.create_work_pool(name)
-        log.info("pool.created", work_pool=name)
+        template = read_job_template(settings.base_job_template) if settings.base_job_template else None
+        pool = await client.create_work_pool(name, template)
+        log.info("pool.created", work_pool=name, base_job_template=settings.base_job_template)
+    elif settings.base_job_template:
+        once.say(
+            "pool.exists",
+            log,
+            "info",
+            "pool.template_not_applied",
+            work_pool=name,
+            reason="the pool exists; --base-job-template is used only when creating it",
+        )
     if pool.base_job_template == {}:
         template = ProcessJobConfiguration.default_base_job_template()
         await client.set_base_job_template(name, template)

@@ -27,6 +27,7 @@ Policy, stated once:
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -47,6 +48,11 @@ OUTPUT_POLL: Final = 0.2
 
 MAX_LINE: Final = 64 * 1024
 """Longer output lines are split, so a flow that never writes a newline cannot grow memory."""
+
+STDERR_TAIL_LINES: Final = 10
+STDERR_TAIL_BYTES: Final = 2048
+"""How much of a run's last stderr lines a crash message carries (a traceback's last
+lines, a ``ModuleNotFoundError``): enough to see the error, bounded for the UI."""
 
 ADOPTED_POLL: Final = 1.0
 """How often an adopted process is checked when pidfd is not available."""
@@ -71,6 +77,7 @@ class Supervised:
     intent: str = ""
     output_dir: Path | None = None
     _stop_event: trio.Event = attrs.Factory(trio.Event)
+    _stderr_tail: collections.deque[str] = attrs.Factory(lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
 
     @property
     def pid(self) -> int | None:
@@ -176,7 +183,22 @@ class Supervised:
 
     def _emit(self, line: bytes, name: str) -> None:
         stream = "stdout" if name == "out" else "stderr"
-        self.log.info("run.output", stream=stream, line=line.decode("utf-8", "replace").rstrip("\r"))
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if stream == "stderr" and text.strip():
+            self._stderr_tail.append(text[:STDERR_TAIL_BYTES])
+        self.log.info("run.output", stream=stream, line=text)
+
+    def stderr_tail(self) -> str:
+        """The last lines the process wrote to stderr (at most ``STDERR_TAIL_LINES`` lines and
+        ``STDERR_TAIL_BYTES`` characters, newest kept): what a crash message shows."""
+        kept: list[str] = []
+        size = 0
+        for line in reversed(self._stderr_tail):
+            size += len(line) + 1
+            if size > STDERR_TAIL_BYTES:
+                break
+            kept.append(line)
+        return "\n".join(reversed(kept))
 
     def remove_output(self) -> None:
         for path, _ in self.output_paths():

@@ -137,7 +137,12 @@ class Reconciler:
             await handle.wait()
             run_log.info("run.exited", returncode=None, stopped=handle.stop_requested, adopted=True)
             kind, message = decisions.run_outcome(
-                handle.cancel_requested, handle.stop_requested, None, self.settings.on_stop, adopted=True
+                handle.cancel_requested,
+                handle.stop_requested,
+                None,
+                self.settings.on_stop,
+                adopted=True,
+                stderr_tail=handle.stderr_tail(),
             )
             await self.reporter.finish(entry, run_log, kind, message)
         finally:

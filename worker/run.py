@@ -30,7 +30,7 @@ import structlog
 import trio
 
 from worker import decisions, reaper
-from worker.api import PrefectClient
+from worker.api import ApiRefused, PrefectClient
 from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.control import ControlChannel
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
@@ -97,6 +97,7 @@ class Runner:
     """The pool as last synced (its base job template); set by the supervisor."""
     cache: ReadCache = attrs.Factory(ReadCache)
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
+    labels_unsupported: bool = False
 
     @property
     def pool_name(self) -> str:
@@ -262,6 +263,7 @@ class Runner:
             await self.client.set_infrastructure_pid(flow_run.id, pid)
         except API_ERRORS as exc:
             run_log.warning("run.pid_not_reported", error=str(exc))
+        await self._label(flow_run, run_log)
         try:
             returncode = await handle.wait()
         except trio.Cancelled:
@@ -269,11 +271,44 @@ class Runner:
                 rc = handle.status if handle.status is not None else -15
                 self.reporter.owe(entry, "crash", decisions.WORKER_STOPPED.format(decisions.exit_message(rc)))
             raise
-        run_log.info("run.exited", returncode=returncode, stopped=handle.stop_requested, intent=handle.intent)
+        tail = handle.stderr_tail() if returncode != 0 else ""
+        run_log.info(
+            "run.exited",
+            returncode=returncode,
+            stopped=handle.stop_requested,
+            intent=handle.intent,
+            **({"stderr_tail": tail} if tail else {}),
+        )
         kind, message = decisions.run_outcome(
-            handle.cancel_requested, handle.stop_requested, returncode, self.settings.on_stop
+            handle.cancel_requested,
+            handle.stop_requested,
+            returncode,
+            self.settings.on_stop,
+            stderr_tail=tail,
         )
         await self.reporter.finish(entry, run_log, kind, message)
+
+    async def _label(self, flow_run: FlowRun, run_log: Any) -> None:
+        """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.
+        A server without the labels endpoint (before 3.1) is said once, not per run."""
+        if self.labels_unsupported:
+            return
+        assert self.pool is not None
+        labels = {
+            "prefect.worker.name": self.settings.worker_name,
+            "prefect.worker.type": "process",
+            "prefect.work-pool.name": self.pool.name,
+            "prefect.work-pool.id": self.pool.id,
+        }
+        try:
+            await self.client.update_labels(flow_run.id, labels)
+        except ApiRefused as exc:
+            self.labels_unsupported = True
+            log.info(
+                "api.labels_unsupported", error=str(exc), effect="runs are not labelled with their worker"
+            )
+        except API_ERRORS as exc:
+            run_log.warning("run.labels_not_set", error=str(exc))
 
     @property
     def stop_intent(self) -> str:

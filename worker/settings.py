@@ -12,6 +12,7 @@ This is the only module that reads the environment; everything else gets ``Setti
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -122,6 +123,9 @@ class Settings:
     python: str | None = _setting(
         None,
         doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
+    )
+    base_job_template: str | None = _setting(
+        None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
     )
 
     @property
@@ -300,4 +304,21 @@ def validated(settings: Settings) -> Settings:
         )
     if not settings.pool:
         raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
+    if settings.base_job_template is not None:
+        read_job_template(settings.base_job_template)
     return settings
+
+
+def read_job_template(path: str) -> dict[str, Any]:
+    """A base job template file, as ``prefect work-pool create --base-job-template`` takes it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"base_job_template: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SettingsError(f"base_job_template: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not {"job_configuration", "variables"} <= data.keys():
+        raise SettingsError(
+            f"base_job_template: {path} must be a JSON object with 'job_configuration' and 'variables'"
+        )
+    return data
