@@ -388,3 +388,41 @@ def test_prefects_own_flags_work(
         timeout=30,
     )
     assert refused.returncode == 2 and f"base_job_template: {bad} is not JSON" in refused.stderr
+
+
+def test_an_interpreter_without_prefect_is_said_at_start(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """The first thing a new user does: install the worker, forget `python = …`."""
+    bare = tmp_path / "bare-venv"
+    subprocess.run(
+        [Path(sys.base_prefix) / "bin" / "python3", "-m", "venv", "--without-pip", bare], check=True
+    )
+    python = str(bare / "bin" / "python")
+    port = free_port()
+    worker = start_worker(
+        "--pool",
+        pool_name,
+        "--with-healthcheck",
+        PREFECT_WORKER_WEBSERVER_PORT=str(port),
+        FLOW_WORKER_PYTHON=python,
+        **FAST,
+    )
+    wait_for(lambda: worker.saw("worker.interpreter_unusable", level="error"), 60, what="the ERROR at start")
+    health = wait_for(lambda: _get(f"http://127.0.0.1:{port}/health"), 30, what="/health")
+    assert health.status_code == 503
+    assert python in health.json()["message"] and "set `python`" in health.json()["message"]
+    default = api.run(api.deployment(pool_name))
+    final = api.wait_final(default, 60)
+    assert final["state_type"] == "CRASHED"
+    assert "Flow run could not start: the interpreter" in final["state"]["message"]
+    assert "FLOW_WORKER_PYTHON" in final["state"]["message"]
+    own = api.run(api.deployment(pool_name, job_variables={"command": FAKE_ENGINE}))
+    assert api.wait_final(own, 60)["state_type"] == "COMPLETED", "runs with their own command still run"
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return None

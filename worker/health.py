@@ -2,7 +2,8 @@
 
 ``/health`` answers 200 ``{"message":"OK"}`` while the worker has polled within
 ``30 * query_seconds`` (measured from process start until the first poll), else 503
-``{"message":"Worker may be unresponsive at this time"}``. Other paths are 404, other
+``{"message":"Worker may be unresponsive at this time"}``, or 503 with the reason when the
+worker knows what is wrong (an interpreter that cannot import prefect). Other paths are 404, other
 methods on ``/health`` 405. One request per connection; a peer that sends garbage gets
 400 and the connection is closed (its fault, logged at DEBUG).
 """
@@ -33,7 +34,11 @@ PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def respond(
-    method: bytes, target: bytes, healthy: Callable[[], bool], metrics: Callable[[], str] | None = None
+    method: bytes,
+    target: bytes,
+    healthy: Callable[[], bool],
+    metrics: Callable[[], str] | None = None,
+    problem: Callable[[], str | None] | None = None,
 ) -> tuple[int, str, bytes]:
     """Status, content type and body for one request (pure; the routing table)."""
     path = target.split(b"?", 1)[0]
@@ -44,6 +49,9 @@ def respond(
     if path == b"/metrics":
         assert metrics is not None
         return 200, PROMETHEUS, metrics().encode()
+    said = problem() if problem is not None else None
+    if said is not None:
+        return 503, JSON, json.dumps({"message": said}).encode()
     if healthy():
         return 200, JSON, json.dumps({"message": "OK"}).encode()
     return 503, JSON, json.dumps({"message": "Worker may be unresponsive at this time"}).encode()
@@ -62,14 +70,17 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
 
 
 async def _handle(
-    stream: trio.SocketStream, healthy: Callable[[], bool], metrics: Callable[[], str] | None
+    stream: trio.SocketStream,
+    healthy: Callable[[], bool],
+    metrics: Callable[[], str] | None,
+    problem: Callable[[], str | None] | None = None,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
         request = await _read_request(conn, stream)
         if request is None:
             return
-        status, content_type, payload = respond(request.method, request.target, healthy, metrics)
+        status, content_type, payload = respond(request.method, request.target, healthy, metrics, problem)
         headers = [
             ("content-type", content_type),
             ("content-length", str(len(payload))),
@@ -98,7 +109,7 @@ async def serve(
     port: int,
     healthy: Callable[[], bool],
     metrics: Callable[[], str] | None = None,
-    *,
+    problem: Callable[[], str | None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports the bound port through ``task_status``."""
@@ -108,6 +119,6 @@ async def serve(
     task_status.started(bound)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, healthy, metrics)
+        await _handle(stream, healthy, metrics, problem)
 
     await trio.serve_listeners(handler, listeners)

@@ -33,6 +33,7 @@ from worker import decisions, reaper
 from worker.api import ApiRefused, PrefectClient
 from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.control import ControlChannel
+from worker.interpreter import InterpreterCheck
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, boot_id
 from worker.metrics import Metrics
@@ -98,6 +99,8 @@ class Runner:
     cache: ReadCache = attrs.Factory(ReadCache)
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
+    interpreter: InterpreterCheck = attrs.Factory(InterpreterCheck)
+    """The check of the default command's interpreter (``interpreter.py``)."""
 
     @property
     def pool_name(self) -> str:
@@ -230,6 +233,13 @@ class Runner:
         self, flow_run: FlowRun, entry: Entry, config: ProcessJobConfiguration, run_log: Any
     ) -> None:
         """Spawn, record, watch until reaped, report the outcome."""
+        if not config.command_configured:  # the default engine command: is its interpreter usable?
+            await self.interpreter.done.wait()
+            if self.interpreter.problem is not None:
+                run_log.error("run.start_failed", error=self.interpreter.problem)
+                why = decisions.START_FAILED.format(self.interpreter.problem)
+                await self.reporter.finish(entry, run_log, "crash", why)
+                return
         handle = RunHandle(
             flow_run.id,
             run_log,

@@ -6,6 +6,7 @@ import attrs
 import trio
 
 from worker.health import is_healthy
+from worker.interpreter import InterpreterCheck
 from worker.metrics import Metrics
 from worker.outage import Outage
 from worker.run import InHand
@@ -22,8 +23,15 @@ class Status:
     """Set once the pool was read and the first heartbeat sent: polling may begin."""
     started_at: float = attrs.Factory(trio.current_time)
     last_poll: float | None = None
+    interpreter: InterpreterCheck = attrs.Factory(InterpreterCheck)
+
+    def problem(self) -> str | None:
+        """What makes the worker unhealthy although it polls (for ``/health``), if anything."""
+        return self.interpreter.problem
 
     def healthy(self) -> bool:
+        if self.problem() is not None:
+            return False
         if not self.synced.is_set():
             return False  # 503 until the API has answered once
         return is_healthy(trio.current_time(), self.last_poll, self.started_at, self.query_seconds)
@@ -38,4 +46,5 @@ class Status:
         since = self.last_poll
         poll = f"last poll {trio.current_time() - since:.0f}s ago" if since is not None else "no poll yet"
         mode = "draining, " if self.in_hand.stopping else ""
-        return f"{mode}{len(self.in_hand.live)} active runs, {poll}, {api}; pool {self.pool}"
+        python = "; PYTHON CANNOT IMPORT PREFECT (see the log)" if self.interpreter.problem else ""
+        return f"{mode}{len(self.in_hand.live)} active runs, {poll}, {api}; pool {self.pool}{python}"

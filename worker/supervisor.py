@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import math
 import random
+import sys
 from typing import Any, Final
 
 import attrs
@@ -49,6 +50,7 @@ import trio
 from worker import decisions, reaper
 from worker.api import ApiNotFound, PrefectClient
 from worker.control import ControlChannel
+from worker.interpreter import InterpreterCheck
 from worker.ledger import Ledger
 from worker.logs import Once
 from worker.metrics import Metrics
@@ -108,9 +110,11 @@ class Supervisor:
             self.in_hand,
             self.reconciler.pending,
         )
+        self.runner.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.status = Status(
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
         )
+        self.status.interpreter = self.runner.interpreter
         self.stopper = Stopper(self.settings, self.in_hand, self.notifier, self.poll_scope, self.status.line)
 
     @property
@@ -137,6 +141,7 @@ class Supervisor:
             for loop in (self.heartbeat_loop, self.cancel_loop, self.reporter_loop, reaper.reap_loop):
                 loops.start_soon(loop)
             loops.start_soon(self.outage.probe_loop, self.client)
+            loops.start_soon(self.runner.interpreter.run)
             await loops.start(self.control.serve)
             if self.settings.with_healthcheck:
                 from worker import health
@@ -147,6 +152,7 @@ class Supervisor:
                     self.settings.webserver_port,
                     self.status.healthy,
                     self.status.render_metrics,
+                    self.status.problem,
                 )
             if handle_signals:
                 loops.start_soon(self.stopper.signal_loop, loops)
