@@ -5,7 +5,10 @@ The poll intervals are set far above the deadlines, so a pass can only come from
 
 from __future__ import annotations
 
+import datetime
+import time
 from collections.abc import Callable
+from typing import Any
 
 from tests.conftest import Api, WorkerProcess, wait_for
 
@@ -41,3 +44,34 @@ def test_events_off_still_works(api: Api, pool_name: str, start_worker: Callable
     run_id = api.run(dep)
     assert api.wait_final(run_id, 60)["state_type"] == "CRASHED"  # `true` is no engine: honest report
     assert not worker.saw("events.connected")
+
+
+def test_resumed_queue_starts_its_runs_at_once(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    dep = api.deployment(pool_name, job_variables={"command": "sleep 1"})
+    queue = api.call("GET", f"work_pools/{pool_name}/queues/default")
+    api.call("PATCH", f"work_queues/{queue['id']}", {"is_paused": True})
+    worker = start_worker("--pool", pool_name, **SLOW_POLLS)
+    wait_for(lambda: worker.saw("events.connected"), 30, what="the event subscription")
+    runs = [api.run(dep) for _ in range(5)]
+    # their SCHEDULED events make the worker poll; the paused queue gives it nothing
+    assert all(api.state_type(r) == "SCHEDULED" for r in runs), "a paused queue holds its runs"
+    assert not any(worker.saw("run.started", flow_run_id=r) for r in runs)
+    resumed = time.time()
+    api.call("PATCH", f"work_queues/{queue['id']}", {"is_paused": False})
+    started = [
+        wait_for(lambda r=r: first(worker, "run.started", flow_run_id=r), 15, 0.1, "pickup on resume")
+        for r in runs
+    ]
+    late = max(logged_at(e) for e in started) - resumed
+    print(f"resume: 5 runs started within {late:.2f}s of the queue's resume")
+    assert late < 1.0, f"the last run started {late:.2f}s after the resume"
+
+
+def first(worker: WorkerProcess, event: str, **fields: Any) -> dict[str, Any] | None:
+    return next((e for e in worker.events() if e.get("event") == event and fields.items() <= e.items()), None)
+
+
+def logged_at(event: dict[str, Any]) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()

@@ -1,5 +1,9 @@
 """Event-driven pickup and cancellation: one websocket to the server's ``/api/events/out``.
 
+Pool and queue events (``prefect.work-pool.ready``, ``prefect.work-queue.ready`` when one
+is resumed, ``….updated``) also trigger a poll: runs held by a paused queue start the
+moment it is resumed, not at the next interval.
+
 What the 3.9.1 server sends (read in ``prefect/server/models/events.py`` and checked
 against a live server by ``tests/test_e2e_events.py``): every flow-run state change is an
 event named ``prefect.flow-run.<state name>`` (``Scheduled``, ``Late``, ``AwaitingRetry``,
@@ -48,7 +52,8 @@ def ws_url(api_url: str) -> str:
 
 
 def subscription(pool_id: str, now: datetime.datetime | None = None) -> dict[str, Any]:
-    """The filter frame: flow-run state events of runs in our pool, from now on."""
+    """The filter frame, from now on: state events of our pool's flow runs, and events of
+    the pool itself and of its queues (a resumed pool or queue: poll now)."""
     now = now or datetime.datetime.now(datetime.UTC)
     return {
         "type": "filter",
@@ -58,19 +63,27 @@ def subscription(pool_id: str, now: datetime.datetime | None = None) -> dict[str
                 "since": (now - datetime.timedelta(seconds=5)).isoformat(),
                 "until": (now + datetime.timedelta(days=3650)).isoformat(),
             },
-            "event": {"prefix": ["prefect.flow-run."]},
-            "related": {"id": [f"prefect.work-pool.{pool_id}"]},
+            "event": {"prefix": ["prefect.flow-run.", "prefect.work-queue.", "prefect.work-pool."]},
+            # the pool as the event's resource (pool events) or a related one (runs, queues)
+            "any_resource": {"id": [f"prefect.work-pool.{pool_id}"]},
         },
     }
 
 
+POOL_CHANGED: Final = "POOL_CHANGED"
+"""What :func:`classify` says of an event of the pool or one of its queues."""
+
+
 def classify(frame: dict[str, Any]) -> tuple[str, str] | None:
-    """(state type, flow run id) of a flow-run state event frame, else None."""
+    """(state type, flow run id) of a flow-run state event frame; (``POOL_CHANGED``,
+    resource id) for an event of the pool or a queue (resumed, updated …); else None."""
     if frame.get("type") != "event":
         return None
     event = frame.get("event") or {}
     resource = event.get("resource") or {}
     resource_id = str(resource.get("prefect.resource.id", ""))
+    if resource_id.startswith(("prefect.work-queue.", "prefect.work-pool.")):
+        return POOL_CHANGED, resource_id
     if not resource_id.startswith("prefect.flow-run."):
         return None
     state_type = str(resource.get("prefect.state-type", ""))
@@ -123,6 +136,8 @@ async def stream(
                     state_type, run_id = seen
                     if state_type == "SCHEDULED":
                         on_scheduled(run_id)
+                    elif state_type == POOL_CHANGED:
+                        on_scheduled("")  # a queue or the pool resumed: what it held may be due
                     elif state_type == "CANCELLING":
                         on_cancelling(run_id)
         except EventsUnavailable as exc:
