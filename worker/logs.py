@@ -96,6 +96,67 @@ class JournaldRenderer:
         return json.dumps(dict(event_dict), default=str)
 
 
+CONSOLE_WIDTH: Final = 160
+"""The console's lines are cut to this width (with "…"); JSON and journald keep it all."""
+CONSOLE_FACTS: Final[dict[str, tuple[str, ...]]] = {
+    "run.claimed": (),
+    "run.started": ("pid", "command"),
+    "run.exited": ("returncode", "stderr_tail"),
+    "run.finished": ("state",),
+    "run.reported": ("outcome", "message"),
+    "run.adopted": ("pid",),
+    "run.cancelling": ("via",),
+    "run.terminating": ("reason",),
+    "worker.starting": ("work_pool", "limit", "once"),
+    "worker.synced": ("work_pool",),
+    "worker.stopping": ("reason",),
+    "worker.stopped": ("failed_runs",),
+}
+"""The one or two facts a person wants per event; other events show their first fields
+that are not ids or context. Ids are never shown on the console."""
+_CONTEXT: Final = frozenset({"timestamp", "level", "event", "flow_run_name", "work_pool", "deployment_name"})
+_COLORS: Final = {"debug": "\x1b[2m", "info": "", "warning": "\x1b[33m", "error": "\x1b[31;1m"}
+
+
+class ConsoleLine:
+    """The console renderer, for people: ``time level who event facts``, one short line.
+
+    ``who`` is the run's name (or ``worker``); a run's own output is ``who │ line``.
+    """
+
+    def __init__(self, colors: bool = False, width: int = CONSOLE_WIDTH) -> None:
+        self.colors, self.width = colors, width
+
+    def facts(self, event: str, data: MutableMapping[str, Any]) -> str:
+        keys = CONSOLE_FACTS.get(event)
+        if keys is None:
+            keys = tuple(k for k in data if k not in _CONTEXT and not k.endswith("_id"))[:3]
+        shown = []
+        for key in keys:
+            value = data.get(key)
+            if value is None or value == "":
+                continue
+            text = " ".join(str(value).split())  # one line: a multi-line tail is folded
+            shown.append(f"{key}={text}")
+        return " ".join(shown)
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        data = event_dict
+        event = str(data.get("event", ""))
+        level = str(data.get("level", "info"))
+        stamp = str(data.get("timestamp", ""))[11:19]
+        who = str(data.get("flow_run_name") or "worker")[:24]
+        if event == "run.output":
+            line = f"{stamp} {'':<7} {who:<24} │ {data.get('line', '')}"
+        else:
+            line = f"{stamp} {level.upper():<7} {who:<24} {event} {self.facts(event, data)}".rstrip()
+        if len(line) > self.width:
+            line = line[: self.width - 1] + "…"
+        if self.colors and _COLORS.get(level):
+            return f"{_COLORS[level]}{line}\x1b[0m"
+        return line
+
+
 def choose_format(log_format: str, stream: TextIO) -> str:
     if log_format != "auto":
         return log_format
@@ -112,7 +173,7 @@ def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | No
     if chosen == "journald":
         renderer = JournaldRenderer()
     elif chosen == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = ConsoleLine(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(default=str)
     structlog.configure(
