@@ -176,8 +176,11 @@ def configure(log_format: str = "auto", level: str = "INFO", stream: TextIO | No
         renderer = ConsoleLine(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(default=str)
+    from worker.ui import TAP  # the run-log lines for the Prefect UI (ui.py)
+
     structlog.configure(
         processors=[
+            TAP,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

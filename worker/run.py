@@ -21,6 +21,7 @@ path (pain point 25).
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from typing import Any, Final
@@ -29,7 +30,7 @@ import attrs
 import structlog
 import trio
 
-from worker import decisions, reaper
+from worker import decisions, reaper, ui
 from worker.api import ApiRefused, PrefectClient
 from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.control import ControlChannel
@@ -37,7 +38,7 @@ from worker.interpreter import InterpreterCheck
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, boot_id
 from worker.metrics import Metrics
-from worker.models import Deployment, FlowRun, StateType, WorkPool
+from worker.models import Deployment, Flow, FlowRun, StateType, WorkPool
 from worker.outage import API_ERRORS, Outage
 from worker.process import RunHandle, StartError, Supervised
 from worker.reporter import Reporter, run_logger
@@ -100,6 +101,13 @@ class Runner:
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
     interpreter: InterpreterCheck = attrs.Factory(InterpreterCheck)
+    uplink: ui.Uplink = attrs.field(init=False)
+    """Where the worker's lines and events about runs go, for the Prefect UI (``ui.py``)."""
+
+    def __attrs_post_init__(self) -> None:
+        self.uplink = ui.Uplink(self.client, self.settings.worker_name, self.settings.log_to_api)
+        self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
+
     """The check of the default command's interpreter (``interpreter.py``)."""
 
     @property
@@ -117,7 +125,7 @@ class Runner:
             deployment, entry, run_log = claimed
             # From here the run is ours: every path ends in a started child or a state owed.
             try:
-                config = await self.configure(flow_run, deployment)
+                config, flow = await self.configure(flow_run, deployment)
             except (ConfigurationError, *API_ERRORS) as exc:
                 run_log.error("run.bad_configuration", error=str(exc))
                 await self.reporter.finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
@@ -125,7 +133,8 @@ class Runner:
             if self.in_hand.stopping:
                 await self.reporter.finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
                 return
-            await self.execute(flow_run, entry, config, run_log)
+            related = ui.run_related(flow_run, deployment, flow, self.pool)
+            await self.execute(flow_run, entry, config, run_log, related)
         except API_ERRORS as exc:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
@@ -207,7 +216,9 @@ class Runner:
         run_log.warning("run.claim_raced", restored_state=displaced.type.value)
         return False
 
-    async def configure(self, flow_run: FlowRun, deployment: Deployment | None) -> ProcessJobConfiguration:
+    async def configure(
+        self, flow_run: FlowRun, deployment: Deployment | None
+    ) -> tuple[ProcessJobConfiguration, Flow | None]:
         """Template + job variables → what to spawn (``ConfigurationError`` names the problem)."""
         assert self.pool is not None
         flow = None
@@ -227,10 +238,15 @@ class Runner:
             settings_env=self.settings.child_prefect_env(),
             python=self.settings.python,
         )
-        return config
+        return config, flow
 
     async def execute(
-        self, flow_run: FlowRun, entry: Entry, config: ProcessJobConfiguration, run_log: Any
+        self,
+        flow_run: FlowRun,
+        entry: Entry,
+        config: ProcessJobConfiguration,
+        run_log: Any,
+        related: list[dict[str, str]],
     ) -> None:
         """Spawn, record, watch until reaped, report the outcome."""
         if not config.command_configured:  # the default engine command: is its interpreter usable?
@@ -265,6 +281,7 @@ class Runner:
             started_at=time.time(),
         )
         self.in_hand.live[flow_run.id] = handle
+        submitted = self.uplink.add_event("prefect.worker.submitted-flow-run", related)
         run_log = run_log.bind(pid=pid)
         run_log.info("run.started", command=config.command, cwd=str(config.working_dir or handle.tmpdir))
         if self.in_hand.stopped_runs:
@@ -288,6 +305,9 @@ class Runner:
             stopped=handle.stop_requested,
             intent=handle.intent,
             **({"stderr_tail": tail} if tail else {}),
+        )
+        self.uplink.add_event(
+            "prefect.worker.executed-flow-run", ui.with_exit(related, pid, returncode), follows=submitted
         )
         kind, message = decisions.run_outcome(
             handle.cancel_requested,

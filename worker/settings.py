@@ -124,6 +124,11 @@ class Settings:
         None,
         doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
     )
+    log_to_api: bool = _setting(
+        True,
+        env=["PREFECT_LOGGING_TO_API_ENABLED"],
+        doc="send the worker's lines about a run to the run's logs in the Prefect UI",
+    )
     base_job_template: str | None = _setting(
         None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
     )

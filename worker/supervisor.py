@@ -40,7 +40,6 @@ from __future__ import annotations
 import datetime
 import math
 import random
-import sys
 from typing import Any, Final
 
 import attrs
@@ -50,7 +49,6 @@ import trio
 from worker import decisions, reaper
 from worker.api import ApiNotFound, PrefectClient
 from worker.control import ControlChannel
-from worker.interpreter import InterpreterCheck
 from worker.ledger import Ledger
 from worker.logs import Once
 from worker.metrics import Metrics
@@ -110,7 +108,6 @@ class Supervisor:
             self.in_hand,
             self.reconciler.pending,
         )
-        self.runner.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.status = Status(
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
         )
@@ -142,6 +139,7 @@ class Supervisor:
                 loops.start_soon(loop)
             loops.start_soon(self.outage.probe_loop, self.client)
             loops.start_soon(self.runner.interpreter.run)
+            loops.start_soon(self.runner.uplink.loop)
             await loops.start(self.control.serve)
             if self.settings.with_healthcheck:
                 from worker import health
@@ -168,6 +166,7 @@ class Supervisor:
                 if self.in_hand.live:
                     log.info("worker.draining", active_runs=sorted(self.in_hand.live))
             await self._flush_reports()
+            await self.runner.uplink.stopped()
             loops.cancel_scope.cancel()
         failed = self.reporter.failed_runs
         log.info("worker.stopped", worker_name=self.settings.worker_name, failed_runs=failed)
@@ -193,6 +192,7 @@ class Supervisor:
             self.pool_name, self.settings.worker_name, self.settings.heartbeat_seconds
         )
         if first:
+            self.runner.uplink.started(pool)
             log.info("worker.synced", work_pool=self.pool_name, work_pool_id=pool.id)
             self.notifier.ready(self.status.line())
 
