@@ -426,3 +426,60 @@ def _get(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=2)
     except httpx.HTTPError:
         return None
+
+
+def test_https_api_with_a_private_ca(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    """REST and the events stream over HTTPS with a throwaway CA: trusted through
+    PREFECT_API_SSL_CERT_FILE a real flow runs to COMPLETED; without it, one clear ERROR."""
+    from tests.tls_proxy import TlsProxy
+
+    ca = tmp_path / "ca.pem"
+    with TlsProxy(prefect_server.port, ca) as proxy:
+        https = {
+            **prefect_server.env,
+            "PREFECT_API_URL": proxy.url + "/api",
+            "FLOW_WORKER_LOG_FORMAT": "json",
+        }
+        refused = WorkerProcess(
+            prefect_server,
+            ["--pool", pool_name],
+            {**https, "FLOW_WORKER_STATE_DIR": str(tmp_path / "a")},
+            tmp_path / "a.log",
+        )
+        try:
+            wait_for(
+                lambda: refused.saw("api.certificate_refused", level="error"),
+                30,
+                what="the certificate ERROR",
+            )
+            wait_for(lambda: proxy.handshakes_failed >= 3, 30, what="the worker to keep retrying")
+            assert refused.proc.poll() is None, "a certificate problem is no reason to exit"
+            assert len([e for e in refused.events() if e.get("level") == "error"]) == 1
+        finally:
+            assert refused.stop() == 0
+
+        out = tmp_path / "out.jsonl"
+        # the flow's own engine talks to the API through the proxy too
+        dep = api.deployment(pool_name, job_variables={"env": {"PREFECT_API_URL": proxy.url + "/api"}})
+        trusted = WorkerProcess(
+            prefect_server,
+            ["--pool", pool_name, "--with-healthcheck"],
+            {
+                **https,
+                "PREFECT_API_SSL_CERT_FILE": str(ca),
+                "FLOW_WORKER_STATE_DIR": str(tmp_path / "b"),
+                "FLOW_WORKER_QUERY_SECONDS": "60",
+                "PREFECT_WORKER_WEBSERVER_PORT": str(free_port()),
+            },
+            tmp_path / "b.log",
+        )
+        try:
+            wait_for(lambda: trusted.saw("events.connected"), 30, what="the events stream over wss://")
+            run_id = api.run(dep, {"name": "tls", "out": str(out)})
+            assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
+            assert trusted.saw("run.started", flow_run_id=run_id)
+            assert not trusted.saw("api.certificate_refused")
+        finally:
+            assert trusted.stop() == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime
 import random
+import ssl
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -65,6 +66,36 @@ class ApiRefused(ApiError):
 
 class ApiNotFound(ApiRefused):
     """404: the object does not exist (any more)."""
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """How the API's certificate is checked, for REST and the events websocket alike:
+    against ``api_ssl_cert_file`` if set, else the system's trust store (so a private CA
+    installed on the host works, unlike httpx's bundled one); not at all with
+    ``api_tls_insecure_skip_verify``."""
+    context = ssl.create_default_context(cafile=settings.api_ssl_cert_file)
+    if settings.api_tls_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe(exc: BaseException) -> str:
+    """A transport error with its root cause: httpx on trio often says only "ConnectError"
+    while the cause (a refused certificate, a refused connection) is in the chain."""
+    text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    cause, seen = exc.__cause__ or exc.__context__, 0
+    while cause is not None and seen < 8:
+        if str(cause) and str(cause) not in text:
+            text += f" ({type(cause).__name__}: {cause})"
+            break
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return text
+
+
+def is_certificate_error(exc: BaseException) -> bool:
+    """Whether a failure is the API's certificate being refused (a configuration problem)."""
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLCertVerificationError)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -126,11 +157,13 @@ class PrefectClient:
         elif settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         assert settings.api_url, "settings.validated() checks this"
+        headers.update(settings.custom_headers())
         http = httpx.AsyncClient(
             base_url=settings.api_url.rstrip("/") + "/",
             headers=headers,
             timeout=httpx.Timeout(settings.api_request_timeout),
             transport=transport,
+            verify=tls_context(settings),
         )
         return cls(settings, http)
 
@@ -158,7 +191,7 @@ class PrefectClient:
                 response = await self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if policy.exhausted:
-                    raise ApiUnavailable(method, "/" + path, None, f"{type(exc).__name__}: {exc}") from None
+                    raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
                 delay = policy.transport_delay(rng=self.rng)
                 log.debug(
                     "api.retry",

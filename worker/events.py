@@ -33,6 +33,7 @@ from typing import Any, Final
 import structlog
 import trio
 
+from worker.api import tls_context
 from worker.retry import backoff
 from worker.settings import Settings
 
@@ -49,6 +50,12 @@ def ws_url(api_url: str) -> str:
     if base.startswith("https://"):
         return "wss://" + base.removeprefix("https://") + "/events/out"
     return "ws://" + base.removeprefix("http://") + "/events/out"
+
+
+def auth_frame(token: str | None) -> dict[str, Any]:
+    """The first frame: the API key (Prefect Cloud) or auth string, or null (an open server);
+    the same frame Prefect's own events client sends to both."""
+    return {"type": "auth", "token": token}
 
 
 def subscription(pool_id: str, now: datetime.datetime | None = None) -> dict[str, Any]:
@@ -108,6 +115,8 @@ async def stream(
     token = settings.api_auth_string or settings.api_key
     assert settings.api_url is not None
     url = ws_url(settings.api_url)
+    context = tls_context(settings) if url.startswith("wss://") else None
+    headers = [(k.encode(), v.encode()) for k, v in settings.custom_headers().items()]
     while True:
         pool = pool_id()
         if pool is None:
@@ -115,10 +124,14 @@ async def stream(
             continue
         try:
             async with open_websocket_url(
-                url, subprotocols=["prefect"], connect_timeout=HANDSHAKE_TIMEOUT
+                url,
+                ssl_context=context,
+                subprotocols=["prefect"],
+                extra_headers=headers,
+                connect_timeout=HANDSHAKE_TIMEOUT,
             ) as ws:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await ws.send_message(json.dumps({"type": "auth", "token": token}))
+                    await ws.send_message(json.dumps(auth_frame(token)))
                     answer = json.loads(await ws.get_message())
                     if answer.get("type") != "auth_success":
                         raise EventsUnavailable(f"authentication refused: {answer}")

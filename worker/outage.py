@@ -12,7 +12,7 @@ import attrs
 import structlog
 import trio
 
-from worker.api import ApiError, ApiRefused, ApiUnavailable, PrefectClient
+from worker.api import ApiError, ApiRefused, ApiUnavailable, PrefectClient, is_certificate_error
 from worker.metrics import Metrics
 from worker.models import ProtocolError
 from worker.retry import backoff
@@ -60,7 +60,16 @@ class Outage:
         if self.failing_since is None:
             self.failing_since = trio.current_time()
             auth = isinstance(exc, ApiRefused) and exc.status in (401, 403)
-            if auth:
+            if is_certificate_error(exc):
+                log.error(
+                    "api.certificate_refused",
+                    during=during,
+                    error=str(exc),
+                    hint="the API's certificate is not trusted: set PREFECT_API_SSL_CERT_FILE "
+                    "(api_ssl_cert_file) to its CA bundle, install the CA in the system's trust store, "
+                    "or set PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true",
+                )
+            elif auth:
                 log.error(
                     "api.unauthorized",
                     during=during,

@@ -74,6 +74,17 @@ class Settings:
     api_auth_string: str | None = _setting(
         None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
     )
+    api_ssl_cert_file: str | None = _setting(
+        None, env=["PREFECT_API_SSL_CERT_FILE"], doc="CA bundle for an HTTPS API; default: the system's"
+    )
+    api_tls_insecure_skip_verify: bool = _setting(
+        False, env=["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"], doc="do not verify the API's certificate"
+    )
+    client_custom_headers: str | None = _setting(
+        None,
+        env=["PREFECT_CLIENT_CUSTOM_HEADERS"],
+        doc='JSON object of extra HTTP headers, e.g. {"X-Env": "prod"}',
+    )
     api_request_timeout: float = _setting(
         60.0,
         env=["PREFECT_API_REQUEST_TIMEOUT"],
@@ -145,7 +156,17 @@ class Settings:
             env["PREFECT_API_KEY"] = self.api_key
         if self.api_auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.api_auth_string
+        if self.api_ssl_cert_file:
+            env["PREFECT_API_SSL_CERT_FILE"] = self.api_ssl_cert_file
+        if self.api_tls_insecure_skip_verify:
+            env["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
+        if self.client_custom_headers:
+            env["PREFECT_CLIENT_CUSTOM_HEADERS"] = self.client_custom_headers
         return env
+
+    def custom_headers(self) -> dict[str, str]:
+        """``client_custom_headers`` as a dict (checked by :func:`validated`)."""
+        return dict(json.loads(self.client_custom_headers)) if self.client_custom_headers else {}
 
 
 attrs.resolve_types(Settings)
@@ -311,6 +332,22 @@ def validated(settings: Settings) -> Settings:
         raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
     if settings.base_job_template is not None:
         read_job_template(settings.base_job_template)
+    if settings.client_custom_headers:
+        try:
+            headers = json.loads(settings.client_custom_headers)
+        except ValueError as exc:
+            raise SettingsError(
+                f"client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) is not JSON: {exc}"
+            ) from None
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise SettingsError(
+                "client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) must be a JSON object of strings, "
+                'e.g. {"X-Env": "prod"}'
+            )
+    if settings.api_ssl_cert_file and not Path(settings.api_ssl_cert_file).is_file():
+        raise SettingsError(
+            f"api_ssl_cert_file (PREFECT_API_SSL_CERT_FILE): no such file {settings.api_ssl_cert_file}"
+        )
     return settings
 
 
