@@ -14,6 +14,9 @@
 4. ``decisions.run_outcome`` → :meth:`Reporter.finish <worker.reporter.Reporter.finish>`:
    what the server is owed, written to the ledger first, delivered once.
 
+Along the way the UI is told (``ui.py``): the ``prefect.worker.submitted-flow-run`` and
+``…executed-flow-run`` events, and, through the logging tap, the run's worker lines.
+
 From a successful claim on, every path ends in a started child or a state owed; the
 run leaves :class:`InHand` in a ``finally``, so its ``--limit`` slot is freed on every
 path (pain point 25).
@@ -72,7 +75,7 @@ class InHand:
         """The run is CANCELLING: stop it now if it is ours (idempotent)."""
         handle = self.live.get(run_id)
         if handle is not None and not handle.stop_requested:
-            log.info("run.cancelling", flow_run_id=run_id, pid=handle.pid, via=via)
+            handle.log.info("run.cancelling", flow_run_id=run_id, pid=handle.pid, via=via)
             handle.cancel("flow run is CANCELLING")
 
     def release(self, run_id: str) -> None:
@@ -100,15 +103,14 @@ class Runner:
     cache: ReadCache = attrs.Factory(ReadCache)
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
-    interpreter: InterpreterCheck = attrs.Factory(InterpreterCheck)
+    interpreter: InterpreterCheck = attrs.field(init=False)
+    """The check of the default command's interpreter (``interpreter.py``)."""
     uplink: ui.Uplink = attrs.field(init=False)
     """Where the worker's lines and events about runs go, for the Prefect UI (``ui.py``)."""
 
     def __attrs_post_init__(self) -> None:
         self.uplink = ui.Uplink(self.client, self.settings.worker_name, self.settings.log_to_api)
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
-
-    """The check of the default command's interpreter (``interpreter.py``)."""
 
     @property
     def pool_name(self) -> str:

@@ -86,7 +86,9 @@ def line_for(event_dict: MutableMapping[str, Any], worker: str) -> tuple[int, st
     facts.setdefault("worker", worker)
     message = template.format_map(facts)
     if event_dict.get("event") == "run.exited":
-        if event_dict.get("returncode") not in (0, None):
+        if event_dict.get("returncode") is None:
+            message = f"Process {facts['pid']} exited; its exit status is unknown (adopted after a restart)"
+        elif event_dict.get("returncode") != 0:
             level = ERROR
         if event_dict.get("stderr_tail"):
             message += f"; last lines of stderr:\n{event_dict['stderr_tail']}"
