@@ -7,6 +7,7 @@ imports prefect: the server and the CLI are subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -197,16 +198,36 @@ class Api:
         )
 
 
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[PrefectServer]:
-    home = Path(tempfile.mkdtemp(prefix="flow-worker-prefect-"))
-    server = PrefectServer(home)
+@contextlib.contextmanager
+def running_server(prefix: str = "flow-worker-prefect-", bin_dir: Path = BIN) -> Iterator[PrefectServer]:
+    """A Prefect server (of the version in ``bin_dir``) on SQLite in a temporary home."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PrefectServer(home, bin_dir=bin_dir)
     server.start()
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    with running_server() as server:
+        yield server
+
+
+def flow_worker(
+    server: PrefectServer, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``flow-worker ARGS`` run to its end against ``server``; output captured."""
+    return subprocess.run(
+        [str(BIN / "flow-worker"), *args],
+        env={**server.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

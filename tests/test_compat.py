@@ -10,9 +10,7 @@ have caught.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BIN, Api, PrefectServer, WorkerProcess, wait_for
+from tests.conftest import Api, PrefectServer, WorkerProcess, flow_worker, running_server, wait_for
 from tests.prefect_versions import VERSIONS, venv_for
 
 # with both polls a minute apart, only the events stream can be this fast
@@ -33,15 +31,8 @@ SLOW_POLLS = {
 
 @pytest.fixture(scope="module", params=list(VERSIONS), ids=lambda v: f"prefect-{v}")
 def versioned_server(request: pytest.FixtureRequest) -> Iterator[PrefectServer]:
-    bin_dir = venv_for(request.param)
-    home = Path(tempfile.mkdtemp(prefix=f"flow-worker-prefect-{request.param}-"))
-    server = PrefectServer(home, bin_dir=bin_dir)
-    server.start()
-    try:
+    with running_server(f"flow-worker-prefect-{request.param}-", venv_for(request.param)) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -61,12 +52,8 @@ def engine_env(server: PrefectServer) -> dict[str, str]:
 
 
 def once(server: PrefectServer, pool: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", pool, "--once"],
-        env={**engine_env(server), "FLOW_WORKER_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return flow_worker(
+        server, "--pool", pool, "--once", **engine_env(server), FLOW_WORKER_STATE_DIR=str(tmp_path / "s")
     )
 
 

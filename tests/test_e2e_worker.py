@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BIN, FLOWS, Api, PrefectServer, WorkerProcess, free_port, wait_for
+from tests.conftest import BIN, FLOWS, Api, PrefectServer, WorkerProcess, flow_worker, free_port, wait_for
 
 FAST = {
     "FLOW_WORKER_QUERY_SECONDS": "1",
@@ -279,16 +279,14 @@ def test_every_exit_status_is_true_under_a_burst(
     clean = api.deployment(pool_name, job_variables={"command": "true"})
     threes = [api.run(failing) for _ in range(50)]
     zeros = [api.run(clean) for _ in range(50)]
-    proc = subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", pool_name, "--once", "--limit", "16"],
-        env={
-            **prefect_server.env,
-            "FLOW_WORKER_STATE_DIR": str(tmp_path / "s"),
-            "FLOW_WORKER_LOG_FORMAT": "json",
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = flow_worker(
+        prefect_server,
+        "--pool",
+        pool_name,
+        "--once",
+        "--limit",
+        "16",
+        FLOW_WORKER_STATE_DIR=str(tmp_path / "s"),
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     rows = api.call("POST", "flow_runs/filter", {"flow_runs": {"id": {"any_": threes + zeros}}})
@@ -306,12 +304,8 @@ def test_crash_message_shows_the_error(
 ) -> None:
     command = f"{sys.executable} -c 'import nonexistent_module'"
     run_id = api.run(api.deployment(pool_name, job_variables={"command": command}))
-    proc = subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", pool_name, "--once"],
-        env={**prefect_server.env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = flow_worker(
+        prefect_server, "--pool", pool_name, "--once", FLOW_WORKER_STATE_DIR=str(tmp_path / "s")
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     final = api.flow_run(run_id)
@@ -334,28 +328,15 @@ def test_prefects_own_flags_work(
     template_file.write_text(json.dumps(custom))
     out = tmp_path / "out.jsonl"
     args = ["--pool", pool_name, "--type", "process", "--install-policy", "never", "--run-once"]
-    first = subprocess.run(
-        [str(BIN / "flow-worker"), *args, "--base-job-template", str(template_file)],
-        env={
-            **prefect_server.env,
-            "FLOW_WORKER_STATE_DIR": str(tmp_path / "s"),
-            "FLOW_WORKER_LOG_FORMAT": "json",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
+    state = str(tmp_path / "s")
+    first = flow_worker(
+        prefect_server, *args, "--base-job-template", str(template_file), FLOW_WORKER_STATE_DIR=state
     )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "worker.install_policy_ignored" in first.stderr
     assert api.call("GET", f"work_pools/{pool_name}")["base_job_template"] == custom
     run_id = api.run(api.deployment(pool_name), {"name": "flags", "out": str(out)})
-    second = subprocess.run(
-        [str(BIN / "flow-worker"), *args, "--name", "unit-file-worker"],
-        env={**prefect_server.env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    second = flow_worker(prefect_server, *args, "--name", "unit-file-worker", FLOW_WORKER_STATE_DIR=state)
     assert second.returncode == 0, second.stderr[-3000:]
     run = api.flow_run(run_id)
     assert run["state_type"] == "COMPLETED"
@@ -369,24 +350,12 @@ def test_prefects_own_flags_work(
     }.items() <= run["labels"].items()
     assert run["infrastructure_pid"].isdigit()
 
-    other = subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", pool_name, "--type", "kubernetes"],
-        env=prefect_server.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    other = flow_worker(prefect_server, "--pool", pool_name, "--type", "kubernetes", timeout=30)
     assert other.returncode == 2
     assert other.stderr.count("\n") == 1 and "--type 'kubernetes' is not supported" in other.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    refused = subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", "p", "--base-job-template", str(bad)],
-        env=prefect_server.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    refused = flow_worker(prefect_server, "--pool", "p", "--base-job-template", str(bad), timeout=30)
     assert refused.returncode == 2 and f"base_job_template: {bad} is not JSON" in refused.stderr
 
 

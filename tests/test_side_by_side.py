@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BIN, Api, PrefectServer, wait_for
+from tests.conftest import BIN, Api, PrefectServer, flow_worker, wait_for
 from worker.ui import slug
 
 KINDS = {
@@ -89,12 +89,15 @@ def test_nothing_prefects_worker_leaves_is_missing(
     )
     assert prefect.returncode == 0, prefect.stderr[-2000:]
     ours = run_pool(api, f"{pool_name}-fw")
-    fw = subprocess.run(
-        [str(BIN / "flow-worker"), "--pool", f"{pool_name}-fw", "--type", "process", "--run-once"],
-        env={**env, "FLOW_WORKER_STATE_DIR": str(tmp_path / "s")},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    fw = flow_worker(
+        prefect_server,
+        "--pool",
+        f"{pool_name}-fw",
+        "--type",
+        "process",
+        "--run-once",
+        **env,
+        FLOW_WORKER_STATE_DIR=str(tmp_path / "s"),
     )
     assert fw.returncode == 1, fw.stderr[-2000:]  # the `exit 3` run crashed
 
