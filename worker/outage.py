@@ -45,10 +45,13 @@ class Outage:
     """The last failure never reached the server: the probe runs."""
     metrics: Metrics = attrs.Factory(Metrics)
     _back: trio.Event = attrs.Factory(trio.Event)
+    _lost: trio.Event = attrs.Factory(trio.Event)
 
     def failed(self, exc: Exception, during: str) -> None:
         self.failures += 1
         self.unreachable = isinstance(exc, ApiUnavailable) and exc.status is None
+        if self.unreachable:
+            self._lost.set()
         kind = (
             "protocol"
             if isinstance(exc, ProtocolError)
@@ -109,9 +112,12 @@ class Outage:
         self.unreachable = False
         self._back.set()
         self._back = trio.Event()
+        self._lost = trio.Event()
 
     async def probe_loop(self, client: PrefectClient) -> None:
+        """Idle (no wake-ups) until the API is unreachable; then probe until it answers."""
         while True:
+            await self._lost.wait()
             await trio.sleep(PROBE_SECONDS)
             if self.unreachable and await client.probe():
                 log.debug("api.answering", after_failures=self.failures)

@@ -13,7 +13,8 @@ Theory of operation
   them (worker, flow run, deployment, flow, work pool, tags; the exit status and pid on
   the executed event), so an automation written for Prefect's worker fires for this one.
 * **Shipping.** :meth:`Uplink.loop` sends both in batches (``POST /logs/``,
-  ``POST /events``) every ``SHIP_SECONDS``, off the hot path. Memory is bounded: while the
+  ``POST /events``) ``SHIP_SECONDS`` after the first entry is queued, off the hot path,
+  and does not wake at all while nothing is queued. Memory is bounded: while the
   API is down the oldest entries are dropped and counted (one WARNING when shipping
   resumes). A server that refuses a batch (4xx) loses that batch, said once; a server
   without an events endpoint is detected once and events are skipped. Nothing here ever
@@ -40,7 +41,9 @@ from worker.outage import API_ERRORS
 log = structlog.get_logger("flow_worker")
 
 LOGGER_NAME: Final = "prefect.flow_runs.worker"
-SHIP_SECONDS: Final = 1.0
+SHIP_SECONDS: Final = 2.0
+"""Lines and events are gathered this long before a batch goes (Prefect's log handler
+also flushes every 2 s): a burst of runs costs a few requests, not a few per run."""
 BATCH: Final = 200
 MAX_LOGS: Final = 10_000
 MAX_EVENTS: Final = 2_000
@@ -111,6 +114,7 @@ class Uplink:
     _failing: bool = False
     _refused: set[str] = attrs.Factory(set)
     _started: str | None = None
+    _queued: trio.Event = attrs.Factory(trio.Event)
     _pool: WorkPool | None = None
 
     # ---------------------------------------------------------------- what goes in
@@ -120,6 +124,7 @@ class Uplink:
             return
         if len(self.logs) == self.logs.maxlen:
             self.dropped += 1
+        self._queued.set()
         self.logs.append(
             {
                 "name": LOGGER_NAME,
@@ -137,6 +142,7 @@ class Uplink:
             return event_id
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
+        self._queued.set()
         event: dict[str, Any] = {
             "id": event_id,
             "occurred": _now(),
@@ -169,11 +175,16 @@ class Uplink:
     # ---------------------------------------------------------------- shipping
 
     async def loop(self) -> None:
-        """Ship every ``SHIP_SECONDS``; the logging tap feeds this uplink from now on."""
+        """Idle until something is queued, then gather for ``SHIP_SECONDS`` and ship it
+        (and retry every ``SHIP_SECONDS`` while the API is down). The logging tap feeds
+        this uplink from now on."""
         TAP.uplink = self
         while True:
+            await self._queued.wait()
             await trio.sleep(SHIP_SECONDS)
             await self.ship()
+            if not self.logs and not self.events:
+                self._queued = trio.Event()
 
     async def ship(self) -> None:
         """Send what is queued, a batch at a time; keep it if the API is down."""
