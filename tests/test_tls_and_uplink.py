@@ -116,3 +116,19 @@ def test_executed_event_carries_pid_and_status() -> None:
         ui.worker_resource("ProcessWorker A/b")["prefect.resource.id"]
         == "prefect.worker.process.processworker-a-b"
     )
+
+
+async def test_entries_queued_while_a_full_batch_is_sent_are_kept() -> None:
+    class Slow(Api):
+        async def request(self, method: str, path: str, json: Any = None) -> None:
+            for i in range(3):  # the queue is full: these push the oldest (sent) entries out
+                uplink.add_log("r", 20, f"new {i}")
+            await super().request(method, path, json)
+
+    client = Slow()
+    uplink = ui.Uplink(client, "w")  # type: ignore[arg-type]
+    uplink.logs = collections.deque(maxlen=5)
+    for i in range(5):
+        uplink.add_log("r", 20, f"old {i}")
+    await uplink._send("logs/", uplink.logs)
+    assert [e["message"] for e in uplink.logs] == ["new 0", "new 1", "new 2"]

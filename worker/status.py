@@ -46,5 +46,5 @@ class Status:
         since = self.last_poll
         poll = f"last poll {trio.current_time() - since:.0f}s ago" if since is not None else "no poll yet"
         mode = "draining, " if self.in_hand.stopping else ""
-        python = "; PYTHON CANNOT IMPORT PREFECT (see the log)" if self.interpreter.problem else ""
+        python = "; PYTHON HAS NO PREFECT (see the log)" if self.interpreter.problem else ""
         return f"{mode}{len(self.in_hand.live)} active runs, {poll}, {api}; pool {self.pool}{python}"

@@ -216,8 +216,9 @@ class Uplink:
             if path not in self._refused:
                 self._refused.add(path)
                 log.warning("uplink.refused", path=path, error=str(exc), effect="that batch is dropped")
-        for _ in batch:  # sent (or refused): take exactly that batch off the front
-            queue.popleft()
+        sent = {id(entry) for entry in batch}
+        while queue and id(queue[0]) in sent:  # exactly that batch (a full queue may have
+            queue.popleft()  # dropped some of it meanwhile), never what came after it
 
 
 class RunLogTap:
