@@ -17,7 +17,7 @@ import datetime
 import random
 import ssl
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -141,6 +141,9 @@ class PrefectClient:
     rng: random.Random = attrs.Factory(random.Random)
     csrf: dict[str, str] | None = None
     requests_sent: int = 0
+    fail_fast: Callable[[], bool] = lambda: False
+    """True while the API is known to be unreachable: a call that cannot connect then fails
+    at once instead of retrying, so its loop waits in a pause the probe can end."""
 
     @classmethod
     def from_settings(
@@ -190,7 +193,7 @@ class PrefectClient:
                 self.requests_sent += 1
                 response = await self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if policy.exhausted:
+                if policy.exhausted or self.fail_fast():
                     raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
                 delay = policy.transport_delay(rng=self.rng)
                 log.debug(

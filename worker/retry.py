@@ -78,7 +78,11 @@ class RetryPolicy:
         return backoff(self.attempt, self.base, self.cap, self.jitter, rng)
 
     def transport_delay(self, rng: random.Random | None = None) -> float:
-        """Seconds to wait before the next try after a failure that never reached the server."""
+        """Seconds to wait before the next try after a failure that never reached the server.
+        The first retry is immediate: the usual cause is a pooled connection the server
+        closed (it restarted), and a fresh connection then succeeds at once."""
+        if self.attempt == 0:
+            return 0.0
         return backoff(self.attempt, self.base, self.transport_cap, self.jitter, rng)
 
 
