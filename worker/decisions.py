@@ -286,6 +286,11 @@ EXIT_0_NOT_FINAL: Final = (
 # ---------------------------------------------------------------- a run's end
 
 
+def stop_intent(on_stop: str) -> str:
+    """What the engine is told when the worker stops its run (the ``on_stop`` setting)."""
+    return "reschedule" if on_stop == "reschedule" else "relinquish"
+
+
 def run_outcome(
     cancel_requested: bool,
     stop_requested: bool,

@@ -345,4 +345,4 @@ class Runner:
     @property
     def stop_intent(self) -> str:
         """What the engine is told when the worker stops its run (``on_stop``)."""
-        return "reschedule" if self.settings.on_stop == "reschedule" else "relinquish"
+        return decisions.stop_intent(self.settings.on_stop)

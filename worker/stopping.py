@@ -27,6 +27,7 @@ import attrs
 import structlog
 import trio
 
+from worker import decisions
 from worker.run import InHand
 from worker.settings import Settings
 from worker.systemd import Notifier
@@ -71,7 +72,7 @@ class Stopper:
             active_runs=sorted(self.in_hand.live),
             on_stop=self.settings.on_stop,
         )
-        intent = "reschedule" if self.settings.on_stop == "reschedule" else "relinquish"
+        intent = decisions.stop_intent(self.settings.on_stop)
         for handle in self.in_hand.live.values():
             if handle is not None:
                 handle.stop(f"worker stopping: {reason}", intent)
