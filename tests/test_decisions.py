@@ -71,7 +71,8 @@ def test_exit_messages() -> None:
 
 def test_owed_proposal_table() -> None:
     p = decisions.owed_proposal
-    assert p("reschedule", None) == decisions.Proposal(StateType.SCHEDULED, "Scheduled", True)
+    assert p("reschedule", StateType.RUNNING) == decisions.Proposal(StateType.SCHEDULED, "Scheduled", True)
+    assert p("reschedule", None) is None  # deleted
     assert p("crash", StateType.CANCELLING) == decisions.Proposal(StateType.CANCELLED, "Cancelled", True)
     assert p("cancelled", StateType.CRASHED) == decisions.Proposal(StateType.CANCELLED, "Cancelled", True)
     assert p("cancelled", StateType.CANCELLED) is None
@@ -79,3 +80,17 @@ def test_owed_proposal_table() -> None:
     assert p("crash_if_running", StateType.PENDING) == decisions.Proposal(StateType.CRASHED, "Crashed", False)
     assert p("crash_if_running", StateType.COMPLETED) is None
     assert p("crash", None) is None
+    # a run back in the queue (a peer's reclaim, or an AwaitingRetry) is not crashed: it will run
+    assert p("crash_if_running", StateType.SCHEDULED) is None
+    assert p("crash", StateType.SCHEDULED) is None
+    # a run another worker has taken since: nothing is written over the peer's decision
+    for kind in ("reschedule", "crash", "crash_if_running", "cancelled"):
+        assert p(kind, StateType.RUNNING, taken=True) is None
+    assert p("none", StateType.RUNNING) is None
+
+
+def test_a_run_lost_to_a_peer_owes_nothing() -> None:
+    assert decisions.run_outcome(False, True, -15, "crash", lost="crashed by a peer") == (
+        "none",
+        "crashed by a peer",
+    )

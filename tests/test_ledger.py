@@ -67,7 +67,9 @@ def test_default_state_dir() -> None:
         ("started", False, False, StateType.RUNNING, None, Action.CRASH),
         ("started", False, False, StateType.COMPLETED, None, Action.FORGET),
         ("started", False, False, None, None, Action.FORGET),
-        ("claimed", False, False, StateType.PENDING, None, Action.RESCHEDULE),
+        ("claimed", False, False, StateType.PENDING, "mine", Action.RESCHEDULE),
+        # a peer returned it to the queue and another worker claimed it: not ours to touch
+        ("claimed", False, False, StateType.PENDING, "someone-else", Action.FORGET),
         ("claimed", False, False, StateType.CANCELLED, None, Action.FORGET),
         ("claiming", False, False, StateType.PENDING, "mine", Action.RESCHEDULE),
         ("claiming", False, False, StateType.PENDING, "someone-else", Action.FORGET),

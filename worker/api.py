@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.utils
 import random
 import ssl
 import uuid
@@ -26,6 +27,7 @@ import structlog
 import trio
 
 from worker import templating
+from worker.decisions import parse_time
 from worker.models import (
     Deployment,
     Flow,
@@ -34,6 +36,7 @@ from worker.models import (
     ProtocolError,
     State,
     StateType,
+    WorkerRecord,
     WorkPool,
     structure,
 )
@@ -44,6 +47,8 @@ PREFECT_VERSION: Final = "3.9.1"
 API_VERSION: Final = "0.8.4"
 USER_AGENT: Final = f"prefect/{PREFECT_VERSION} (API {API_VERSION})"
 PROBE_TIMEOUT: Final = 2.0
+PAGE: Final = 200
+"""Rows asked per page of a filter (the server's default cap, PREFECT_API_DEFAULT_LIMIT)."""
 _MUTATING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 log = structlog.get_logger("flow_worker.api")
@@ -341,6 +346,35 @@ class PrefectClient:
         response = await self.request("POST", "flow_runs/filter", json=body)
         return [structure(row, FlowRun) for row in response.json()]
 
+    async def read_workers(self, pool: str) -> tuple[list[WorkerRecord], datetime.datetime]:
+        """The pool's workers with their last heartbeats, and the server's clock, so
+        heartbeat ages never depend on clock skew between hosts: its ``Date`` header (whole
+        seconds, rounded down), or the newest heartbeat it recorded if that is later."""
+        response = await self.request("POST", f"work_pools/{pool}/workers/filter", json={})
+        workers = [structure(row, WorkerRecord) for row in response.json()]
+        try:
+            now = email.utils.parsedate_to_datetime(response.headers["date"])
+        except (KeyError, TypeError, ValueError):
+            now = datetime.datetime.now(datetime.UTC)
+        beats = [parse_time(w.last_heartbeat_time) for w in workers]
+        return workers, max([now, *(b for b in beats if b is not None)])
+
+    async def pool_flow_runs(self, pool: str, state_types: Iterable[StateType]) -> list[FlowRun]:
+        """Every run of ``pool`` in one of ``state_types`` (paged: the server caps a page)."""
+        out: list[FlowRun] = []
+        while True:
+            body = {
+                "work_pools": {"name": {"any_": [pool]}},
+                "flow_runs": {"state": {"type": {"any_": [t.value for t in state_types]}}},
+                "sort": "ID_DESC",
+                "limit": PAGE,
+                "offset": len(out),
+            }
+            rows = (await self.request("POST", "flow_runs/filter", json=body)).json()
+            out.extend(structure(row, FlowRun) for row in rows)
+            if len(rows) < PAGE:
+                return out
+
     # ---------------------------------------------------------------- writes
 
     async def set_flow_run_state(
@@ -375,6 +409,19 @@ class PrefectClient:
             delay = float(result.details.get("delay_seconds") or 1.0)
             await trio.sleep(min(max(delay, 0.1), 30.0))
         return result
+
+    async def restore_state(self, run_id: str, state: State) -> OrchestrationResult:
+        """Put ``state`` back (forced, with its details and data): undoes a transition
+        made on a stale read (``decisions.displaced_state``)."""
+        return await self.set_flow_run_state(
+            run_id,
+            state.type,
+            state.name or state.type.value.title(),
+            state.message,
+            force=True,
+            state_details=state.state_details,
+            data=state.data,
+        )
 
     async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:
         await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)})

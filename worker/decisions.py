@@ -245,7 +245,7 @@ def reconcile(
     any             a report is owed           DELIVER it
     started         same pid+start time+boot   ADOPT
     started         process gone, run live     CRASH (exit status unknown)
-    claimed         run PENDING                RESCHEDULE
+    claimed         run PENDING by our claim   RESCHEDULE
     claiming        run PENDING by our claim   RESCHEDULE
     any             run final or deleted       FORGET
     ==============  =========================  ===========================================
@@ -258,9 +258,11 @@ def reconcile(
         return Reconcile(Action.FORGET)
     if phase == "started":
         return Reconcile(Action.CRASH, PROCESS_LOST.format(pid=pid))
-    if phase == "claimed" and run_state is StateType.PENDING:
-        return Reconcile(Action.RESCHEDULE, NEVER_STARTED)
-    if phase == "claiming" and run_state is StateType.PENDING and run_transition_id == claim_transition_id:
+    if (
+        phase in ("claimed", "claiming")
+        and run_state is StateType.PENDING
+        and run_transition_id == claim_transition_id
+    ):  # (a PENDING by another claim: a peer returned it to the queue and someone took it)
         return Reconcile(Action.RESCHEDULE, NEVER_STARTED)
     return Reconcile(Action.FORGET)
 
@@ -298,12 +300,15 @@ def run_outcome(
     on_stop: str,
     adopted: bool = False,
     stderr_tail: str = "",
+    lost: str = "",
 ) -> tuple[str, str]:
     """The report (``ledger.Report`` kind, message) owed for a run whose process is gone.
 
     ======================  ===========  ====================  ====================================
     why it ended            exit status  kind                  message
     ======================  ===========  ====================  ====================================
+    a peer took the run     any          ``none``              ``lost`` (why): nothing is reported
+    (``fence_verdict``)                                        over the peer's decision
     cancelled (CANCELLING)  any          ``cancelled``         CANCELLED_MESSAGE
     worker stopped it       any          ``reschedule`` if     WORKER_STOPPED (with the status, or
                                          on_stop=reschedule,   "exit status unknown")
@@ -317,6 +322,8 @@ def run_outcome(
     A crash by itself (``crash``, ``crash_if_running``) also shows ``stderr_tail``, the
     process's last stderr lines, so the error itself is visible where the state is.
     """
+    if lost:
+        return "none", lost
     if cancel_requested:
         return "cancelled", CANCELLED_MESSAGE
     if stop_requested:
@@ -340,26 +347,31 @@ class Proposal:
     force: bool
 
 
-def owed_proposal(kind: str, current: StateType | None) -> Proposal | None:
+def owed_proposal(kind: str, current: StateType | None, taken: bool = False) -> Proposal | None:
     """The state to propose for an owed report (``ledger.Report.kind``), given the run's
-    current state type (None: deleted, or not read). None: nothing to write.
+    current state type (None: deleted) and whether another worker has
+    ``taken`` it since (its ``prefect.worker.name`` label). None: nothing to write.
 
     ===================  =====================  ======================================
     kind                 run is now             propose
     ===================  =====================  ======================================
+    any                  taken by another       nothing: a peer's decision stands
+    any                  deleted                nothing
     any                  CANCELLING             CANCELLED (force): nothing else can end it
     ``cancelled``        not CANCELLED          CANCELLED (force)
-    ``reschedule``       anything               SCHEDULED (force)
+    ``reschedule``       anything else          SCHEDULED (force)
+    ``crash*``           SCHEDULED              nothing: back in the queue, it will run
+                                                (a peer's reclaim, or a retry)
     ``crash*``           not final              CRASHED
-    ``crash*``           final, or deleted      nothing
+    ``crash*``           final                  nothing
     ===================  =====================  ======================================
     """
-    if kind == "reschedule":
-        return Proposal(StateType.SCHEDULED, "Scheduled", True)
-    if current is None:
+    if taken or kind == "none" or current is None:
         return None
     if current is StateType.CANCELLING or kind == "cancelled":
         return None if current is StateType.CANCELLED else Proposal(StateType.CANCELLED, "Cancelled", True)
-    if not current.is_final:
+    if kind == "reschedule":
+        return Proposal(StateType.SCHEDULED, "Scheduled", True)
+    if not current.is_final and current is not StateType.SCHEDULED:
         return Proposal(StateType.CRASHED, "Crashed", False)
     return None

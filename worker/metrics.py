@@ -27,6 +27,10 @@ class Metrics:
     runs_claimed: int = 0
     runs_finished: Counter[str] = attrs.Factory(Counter)
     api_errors: Counter[str] = attrs.Factory(Counter)
+    runs_reclaimed: Counter[str] = attrs.Factory(Counter)
+    """Lost peers' runs this worker resolved, by action (reschedule, crash, cancel)."""
+    runs_lost: int = 0
+    """Runs of this worker that a peer resolved during a heartbeat gap (the fence)."""
     polls: int = 0
     poll_seconds_sum: float = 0.0
     last_poll_seconds: float = 0.0
@@ -57,6 +61,18 @@ class Metrics:
             "counter",
             "Flow runs ended, by the final state seen or written.",
             [({"state": s}, self.runs_finished[s]) for s in sorted(set(states) | set(self.runs_finished))],
+        )
+        metric(
+            "runs_reclaimed_total",
+            "counter",
+            "Runs of lost workers this worker resolved, by action.",
+            [({"action": a}, self.runs_reclaimed[a]) for a in ("cancel", "crash", "reschedule")],
+        )
+        metric(
+            "runs_lost_total",
+            "counter",
+            "Runs of this worker resolved by a peer while it could not heartbeat (then stopped).",
+            [({}, self.runs_lost)],
         )
         metric("active_runs", "gauge", "Flow runs being submitted, running or adopted.", [({}, active_runs)])
         kinds = ("unavailable", "refused", "protocol")

@@ -69,6 +69,8 @@ class FlowRun:
     work_queue_name: str | None = None
     next_scheduled_start_time: str | None = None
     tags: list[str] = attrs.Factory(list)
+    labels: dict[str, Any] = attrs.Factory(dict)
+    """Since Prefect 3.1; ``prefect.worker.name`` says which worker claimed it."""
     unknown_state: str | None = None
     """The state type the server sent when it is not one this worker knows."""
 
@@ -103,6 +105,15 @@ class WorkPool:
     is_paused: bool = False
     status: str | None = None
     concurrency_limit: int | None = None
+
+
+@attrs.frozen
+class WorkerRecord:
+    """A worker of a pool as the server recorded its heartbeats."""
+
+    name: str
+    last_heartbeat_time: str | None = None
+    heartbeat_interval_seconds: float | None = None
 
 
 class SetStateStatus(enum.StrEnum):

@@ -75,6 +75,10 @@ class Supervised:
     stop_requested: bool = False
     stop_reason: str = ""
     intent: str = ""
+    claim: str | None = None
+    """The transition id of the claim that made the run ours (the fence compares it)."""
+    lost: str = ""
+    """Why a peer took the run (the fence): it is stopped and nothing is reported."""
     output_dir: Path | None = None
     _stop_event: trio.Event = attrs.Factory(trio.Event)
     _stderr_tail: collections.deque[str] = attrs.Factory(lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
@@ -101,6 +105,12 @@ class Supervised:
 
     def cancel(self, reason: str) -> None:
         self.stop(reason, "cancel")
+
+    def lose(self, reason: str) -> None:
+        """A peer resolved the run: stop it without the engine writing a state."""
+        if not self.lost:
+            self.lost = reason
+            self.stop(f"a peer took the run: {reason}", "relinquish")
 
     def may_signal(self) -> bool:
         return self.pid is not None

@@ -127,6 +127,7 @@ class Reconciler:
             adopted_pgid=entry.pgid,
             start_time=entry.start_time,
             output_dir=self.ledger.directory / "output",
+            claim=entry.transition_id,
         )
         self.in_hand.live[entry.flow_run_id] = handle
         run_log.info("run.adopted", started_at=entry.started_at)
@@ -143,6 +144,7 @@ class Reconciler:
                 self.settings.on_stop,
                 adopted=True,
                 stderr_tail=handle.stderr_tail(),
+                lost=handle.lost,
             )
             await self.reporter.finish(entry, run_log, kind, message)
         finally:

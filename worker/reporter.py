@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import structlog
 
-from worker import decisions
+from worker import decisions, fleet
 from worker.api import PrefectClient
 from worker.ledger import Entry, Ledger, Report
 from worker.metrics import Metrics
@@ -66,6 +66,11 @@ class Reporter:
         process gone and checks the run the same way; this saves two fsyncs per run,
         which were the largest cost of a burst in the profile.
         """
+        if kind == "none":  # a peer took the run (the fence): nothing is owed to anyone
+            self.ledger.remove(entry.flow_run_id)
+            self.owed.pop(entry.flow_run_id, None)
+            run_log.warning("run.not_reported", reason=message)
+            return
         if kind == "crash_if_running":
             report = Report(kind=kind, message=message, transition_id=str(uuid.uuid4()))
             quick = attrs.evolve(entry, phase="finished", finished_at=time.time(), report=report)
@@ -86,12 +91,18 @@ class Reporter:
         assert entry.report is not None
         report = entry.report
         run_log = run_log or run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
-        current = None
-        if report.kind in ("crash_if_running", "cancelled", "crash"):
-            current = await self.client.read_flow_run(entry.flow_run_id)
+        current = await self.client.read_flow_run(entry.flow_run_id)
         current_type = current.state_type if current is not None else None
-        proposal = decisions.owed_proposal(report.kind, current_type)
-        outcome = "run deleted" if current is None and report.kind != "reschedule" else "not needed"
+        owner = fleet.owner(current) if current is not None else None
+        taken = owner is not None and owner != entry.worker_name
+        proposal = decisions.owed_proposal(report.kind, current_type, taken)
+        outcome = (
+            f"taken by worker {owner!r}"
+            if taken
+            else "run deleted"
+            if current is None and report.kind != "reschedule"
+            else "not needed"
+        )
         if proposal is not None:
             details: dict[str, Any] = {}
             message = report.message

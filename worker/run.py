@@ -44,6 +44,7 @@ from worker.metrics import Metrics
 from worker.models import Deployment, Flow, FlowRun, StateType, WorkPool
 from worker.outage import API_ERRORS, Outage
 from worker.process import RunHandle, StartError, Supervised
+from worker.reclaim import Fencer
 from worker.reporter import Reporter, run_logger
 from worker.settings import Settings
 
@@ -98,6 +99,8 @@ class Runner:
     in_hand: InHand
     lost_claims: dict[str, Entry]
     """Where a claim whose answer was lost goes (``Reconciler.pending``)."""
+    fencer: Fencer
+    """Whether peers may have taken our claims during a heartbeat gap (``reclaim.py``)."""
     pool: WorkPool | None = None
     """The pool as last synced (its base job template); set by the supervisor."""
     cache: ReadCache = attrs.Factory(ReadCache)
@@ -119,13 +122,16 @@ class Runner:
     async def run(self, flow_run: FlowRun) -> None:
         """The task of one polled run (already in ``in_hand.live``): its whole life."""
         run_log = run_logger(flow_run.id, flow_run.name, self.pool_name)
+        claimed_at = trio.current_time()
         try:
             async with self.claims:  # a burst claims concurrently, but boundedly
                 claimed = await self.claim(flow_run, run_log)
             if claimed is None:
                 return
             deployment, entry, run_log = claimed
-            # From here the run is ours: every path ends in a started child or a state owed.
+            await self._label(flow_run, run_log)  # at once: peers and the UI see the owner
+            # From here the run is ours: every path ends in a started child, a state owed,
+            # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
                 config, flow = await self.configure(flow_run, deployment)
             except (ConfigurationError, *API_ERRORS) as exc:
@@ -134,6 +140,8 @@ class Runner:
                 return
             if self.in_hand.stopping:
                 await self.reporter.finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
+                return
+            if not await self._still_ours(entry, claimed_at, run_log):
                 return
             related = ui.run_related(flow_run, deployment, flow, self.pool)
             await self.execute(flow_run, entry, config, run_log, related)
@@ -197,6 +205,23 @@ class Runner:
         self.metrics.runs_claimed += 1
         return deployment, entry, run_log
 
+    async def _still_ours(self, entry: Entry, claimed_at: float, run_log: Any) -> bool:
+        """After a heartbeat gap since the claim, a peer may have taken the run: check
+        first (``Fencer.still_ours``). Unknowable now: the claim is resolved later, as
+        one whose answer was lost (back to SCHEDULED if still ours)."""
+        try:
+            lost = await self.fencer.still_ours(entry.flow_run_id, entry.transition_id, claimed_at)
+        except API_ERRORS as exc:
+            self.outage.failed(exc, "submit")
+            run_log.warning("run.not_started", reason=f"could not check the claim after a gap: {exc}")
+            self.lost_claims[entry.flow_run_id] = entry
+            return False
+        if lost:
+            self.metrics.runs_lost += 1
+            run_log.warning("run.lost_to_peer", reason=lost)
+            self.ledger.remove(entry.flow_run_id)
+        return not lost
+
     async def _undo_if_raced(self, flow_run: FlowRun, transition_id: str, run_log: Any) -> bool:
         """True if the claim stands; False if another worker had finished the run after
         our poll, in which case its final state is put back (PROTOCOL §7.6)."""
@@ -205,15 +230,7 @@ class Runner:
         )
         if displaced is None:
             return True
-        await self.client.set_flow_run_state(
-            flow_run.id,
-            displaced.type,
-            displaced.name or displaced.type.value.title(),
-            displaced.message,
-            force=True,
-            state_details=displaced.state_details,
-            data=displaced.data,
-        )
+        await self.client.restore_state(flow_run.id, displaced)
         self.ledger.remove(flow_run.id)
         run_log.warning("run.claim_raced", restored_state=displaced.type.value)
         return False
@@ -265,6 +282,7 @@ class Runner:
             send_intent=self.control.send_intent,
             config=config,
             output_dir=self.ledger.directory / "output",
+            claim=entry.transition_id,
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -292,7 +310,6 @@ class Runner:
             await self.client.set_infrastructure_pid(flow_run.id, pid)
         except API_ERRORS as exc:
             run_log.warning("run.pid_not_reported", error=str(exc))
-        await self._label(flow_run, run_log)
         try:
             returncode = await handle.wait()
         except trio.Cancelled:
@@ -317,6 +334,7 @@ class Runner:
             returncode,
             self.settings.on_stop,
             stderr_tail=tail,
+            lost=handle.lost,
         )
         await self.reporter.finish(entry, run_log, kind, message)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -59,6 +60,16 @@ def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
         raise ValueError("must be 'crash' or 'reschedule'")
 
 
+def _on_lost(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("crash", "reschedule"):
+        raise ValueError("must be 'crash' or 'reschedule'")
+
+
+def _not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError("must be 0 (off) or more")
+
+
 def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
     return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
 
@@ -94,7 +105,9 @@ class Settings:
     pool: str | None = _setting(None, doc="the work pool to serve (required)")
     work_queues: tuple[str, ...] = _setting((), doc="queue names; empty means every queue of the pool")
     name: str | None = _setting(
-        None, validator=_worker_name, doc="worker name; default 'ProcessWorker <uuid>'"
+        None,
+        validator=_worker_name,
+        doc="worker name; default '<hostname> <pool>' under systemd, else 'ProcessWorker <uuid>'",
     )
     limit: int | None = _setting(
         None, validator=_positive, doc="most flow runs at once; unset means no limit, as Prefect"
@@ -131,6 +144,16 @@ class Settings:
     on_stop: str = _setting(
         "crash", validator=_on_stop, doc="runs still going when the drain ends: 'crash' or 'reschedule'"
     )
+    reclaim_after: float = _setting(
+        300.0,
+        validator=_not_negative,
+        doc="seconds a worker of the pool may be silent before its runs are reclaimed; 0: never",
+    )
+    on_lost: str = _setting(
+        "crash",
+        validator=_on_lost,
+        doc="a lost worker's RUNNING runs: 'crash' them, or 'reschedule' them (idempotent flows)",
+    )
     python: str | None = _setting(
         None,
         doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
@@ -144,10 +167,19 @@ class Settings:
         None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
     )
 
+    service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
+    """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
+
     @property
     def worker_name(self) -> str:
-        """The name given, else the Prefect default, fixed for this Settings object."""
-        return self.name or _DEFAULT_NAME
+        """The name given; else, under systemd, ``<hostname> <pool>`` (stable across
+        restarts, unique per host and pool, so peers recognise its runs after a restart);
+        else Prefect's default, fixed for this Settings object."""
+        if self.name:
+            return self.name
+        if self.service_host and self.pool:  # --once (the drain timer) beside the daemon: its own name
+            return f"{self.service_host} {self.pool}" + (" once" if self.once else "")
+        return _DEFAULT_NAME
 
     def child_prefect_env(self) -> dict[str, str]:
         """Prefect settings that were set explicitly, as env vars for flow-run processes."""
@@ -171,7 +203,8 @@ class Settings:
 
 attrs.resolve_types(Settings)
 _DEFAULT_NAME: Final = f"ProcessWorker {uuid.uuid4()}"
-FIELDS: Final = {f.name: f for f in attrs.fields(Settings)}
+FIELDS: Final = {f.name: f for f in attrs.fields(Settings) if not f.metadata.get("internal")}
+"""The settings a user can set (``service_host`` is read off the environment, not set)."""
 
 # ---------------------------------------------------------------- strict conversion
 
@@ -318,7 +351,10 @@ def load(
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {key!r}")
         raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
-    return Settings(**{key: _convert(key, sourced) for key, sourced in raw.items()})
+    values = {key: _convert(key, sourced) for key, sourced in raw.items()}
+    if environ.get("INVOCATION_ID"):  # systemd sets it for every service it starts
+        values["service_host"] = socket.gethostname()
+    return Settings(**values)
 
 
 def validated(settings: Settings) -> Settings:

@@ -10,6 +10,7 @@ Shape (nested nurseries are the shutdown structure)::
                       ├── reporter loop    delivers states owed to the API (reporter.py)
                       ├── reaper loop      reaps re-parented orphans (the worker is a subreaper)
                       ├── probe loop       while the API is unreachable: GET /health (outage.py)
+                      ├── reclaim loop     a lost peer's runs → SCHEDULED / CRASHED (reclaim.py)
                       ├── control channel  the engines' cancel/reschedule/relinquish intents
                       ├── signals          1st SIGTERM/SIGINT: drain; 2nd (or timeout): stop runs
                       ├── health server    (with --with-healthcheck)
@@ -55,6 +56,7 @@ from worker.metrics import Metrics
 from worker.models import StateType
 from worker.outage import API_ERRORS, Outage
 from worker.pool import ensure_pool
+from worker.reclaim import Fencer, Reclaimer
 from worker.reconcile import Reconciler
 from worker.reporter import Reporter
 from worker.retry import jittered
@@ -82,6 +84,10 @@ class Supervisor:
     in_hand: InHand = attrs.Factory(InHand)
     reporter: Reporter = attrs.field(init=False)
     reconciler: Reconciler = attrs.field(init=False)
+    fencer: Fencer = attrs.field(init=False)
+    reclaimer: Reclaimer = attrs.field(init=False)
+    fence_check_owed: bool = False
+    """A heartbeat gap ended and the runs in hand are not checked yet (``Fencer``)."""
     runner: Runner = attrs.field(init=False)
     stopper: Stopper = attrs.field(init=False)
     status: Status = attrs.field(init=False)
@@ -97,6 +103,8 @@ class Supervisor:
         self.reconciler = Reconciler(
             self.settings, self.client, self.ledger, self.reporter, self.outage, self.in_hand
         )
+        self.fencer = Fencer(self.settings, self.client, self.metrics)
+        self.reclaimer = Reclaimer(self.settings, self.client, self.outage, self.metrics, self.known)
         self.runner = Runner(
             self.settings,
             self.client,
@@ -107,6 +115,7 @@ class Supervisor:
             self.control,
             self.in_hand,
             self.reconciler.pending,
+            self.fencer,
         )
         self.status = Status(
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
@@ -138,6 +147,7 @@ class Supervisor:
             for loop in (self.heartbeat_loop, self.cancel_loop, self.reporter_loop, reaper.reap_loop):
                 loops.start_soon(loop)
             loops.start_soon(self.outage.probe_loop, self.client)
+            loops.start_soon(self.reclaimer.loop, self.status.synced)
             loops.start_soon(self.runner.interpreter.run)
             loops.start_soon(self.runner.uplink.loop)
             await loops.start(self.control.serve)
@@ -205,6 +215,13 @@ class Supervisor:
                 await self.outage.pause(min(self.settings.heartbeat_seconds, self.outage.delay()))
                 continue
             self.outage.succeeded()
+            self.fence_check_owed |= self.fencer.beat()
+            if self.fence_check_owed:  # peers may have taken runs while we were silent
+                try:
+                    await self.fencer.check_live(self.in_hand.live)
+                    self.fence_check_owed = False
+                except API_ERRORS as exc:
+                    self.outage.failed(exc, "fence")
             await trio.sleep(jittered(self.settings.heartbeat_seconds, self.rng))
 
     # ---------------------------------------------------------------- polling
@@ -240,8 +257,9 @@ class Supervisor:
         for run_id, problem in problems:
             self._not_taken(run_id, f"unreadable payload: {problem}", "warning")
 
-        known = self.in_hand.live.keys() | self.reporter.owed.keys() | self.reconciler.pending.keys()
-        found = decisions.triage(flow_runs, known, due_before, self.settings.limit, len(self.in_hand.live))
+        found = decisions.triage(
+            flow_runs, self.known(), due_before, self.settings.limit, len(self.in_hand.live)
+        )
         for flow_run, reason, level in found.not_taken:
             self._not_taken(flow_run.id, reason, level, flow_run_name=flow_run.name)
         self.due_at = trio.current_time() + found.due_in
@@ -249,6 +267,10 @@ class Supervisor:
             self.in_hand.live[flow_run.id] = None
             runs.start_soon(self.runner.run, flow_run)
         return len(found.take)
+
+    def known(self) -> set[str]:
+        """Runs this worker holds, owes a report for, or has not resolved yet."""
+        return self.in_hand.live.keys() | self.reporter.owed.keys() | self.reconciler.pending.keys()
 
     def _not_taken(self, run_id: str | None, reason: str, level: str, **fields: Any) -> None:
         """A polled run that is not taken is said once per run and reason."""

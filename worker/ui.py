@@ -67,6 +67,8 @@ LINES: Final[dict[str, tuple[int, str]]] = {
     "run.start_failed": (ERROR, "Flow run could not start: {error}"),
     "run.bad_configuration": (ERROR, "Failed to submit flow run to infrastructure: {error}"),
     "run.reported": (INFO, "Reported {outcome}: {message}"),
+    "run.reclaimed": (WARNING, "Reclaimed by worker '{worker}' ({action}): {message}"),
+    "run.lost_to_peer": (WARNING, "Worker '{worker}' lost this run to a peer: {reason}"),
     "run.claim_raced": (
         WARNING,
         "Another worker finished this run first; its {restored_state} state restored",
