@@ -199,10 +199,14 @@ class Api:
 
 
 @contextlib.contextmanager
-def running_server(prefix: str = "flow-worker-prefect-", bin_dir: Path = BIN) -> Iterator[PrefectServer]:
-    """A Prefect server (of the version in ``bin_dir``) on SQLite in a temporary home."""
+def running_server(
+    prefix: str = "flow-worker-prefect-", bin_dir: Path = BIN, database_url: str | None = None
+) -> Iterator[PrefectServer]:
+    """A Prefect server (of the version in ``bin_dir``) in a temporary home, on SQLite
+    there unless ``database_url`` names another database (e.g. PostgreSQL)."""
     home = Path(tempfile.mkdtemp(prefix=prefix))
-    server = PrefectServer(home, bin_dir=bin_dir)
+    server_env = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else None
+    server = PrefectServer(home, server_env, bin_dir=bin_dir)
     server.start()
     try:
         yield server

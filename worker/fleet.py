@@ -68,6 +68,8 @@ class ReclaimVerdict:
     action: Reclaim
     reason: str
     """LEAVE: why; otherwise the message of the state written."""
+    silent: float | None = None
+    """How long the lost owner had been silent, on the server's clock (None: never seen)."""
 
 
 def silence(record: WorkerRecord | None, now: datetime.datetime) -> float | None:
@@ -98,10 +100,11 @@ def reclaim_verdict(
     in this worker's hands, or owned by    LEAVE        its own runs are the ledger's business
     this worker's name
     not PENDING, RUNNING or CANCELLING     LEAVE        nothing is stuck
+    state changed within reclaim_after     LEAVE        someone acted on it lately (e.g. a
+                                                        claim whose label is on its way)
     no owner label                         UNOWNED      nobody to ask about: left alone
     owner heard from within reclaim_after  LEAVE        alive, however long the run takes
     (or 3 of its heartbeat intervals)
-    state changed within reclaim_after     LEAVE        someone acted on it lately
     PENDING                                RESCHEDULE   claimed, never started
     RUNNING, on_lost = "crash"             CRASH        its process died with its host
     RUNNING, on_lost = "reschedule"        RESCHEDULE   the user's flows are idempotent
@@ -116,6 +119,10 @@ def reclaim_verdict(
         return ReclaimVerdict(Reclaim.LEAVE, "this worker's own run")
     if state is None or state.type not in WATCHED:
         return ReclaimVerdict(Reclaim.LEAVE, "not PENDING, RUNNING or CANCELLING")
+    changed = parse_time(state.timestamp)
+    unchanged = (now - changed).total_seconds() if changed is not None else None
+    if unchanged is None or unchanged < reclaim_after:
+        return ReclaimVerdict(Reclaim.LEAVE, "its state changed less than reclaim_after ago")
     if name is None:
         return ReclaimVerdict(Reclaim.UNOWNED, "no prefect.worker.name label: its worker is unknown")
     silent = silence(owner_record, now)
@@ -123,10 +130,6 @@ def reclaim_verdict(
     limit = max(reclaim_after, ONLINE_HEARTBEATS * interval)
     if silent is not None and silent <= limit:
         return ReclaimVerdict(Reclaim.LEAVE, f"its worker {name!r} was heard from {silent:.0f} s ago")
-    changed = parse_time(state.timestamp)
-    unchanged = (now - changed).total_seconds() if changed is not None else None
-    if unchanged is None or unchanged < reclaim_after:
-        return ReclaimVerdict(Reclaim.LEAVE, "its state changed less than reclaim_after ago")
     seen = (
         f"last seen {owner_record.last_heartbeat_time} ({silent:.0f} s before this check)"
         if owner_record is not None and silent is not None
@@ -134,16 +137,17 @@ def reclaim_verdict(
     )
     lost = f"Worker {name!r} was lost: {seen}, longer than reclaim_after ({reclaim_after:g} s)."
     if state.type is StateType.PENDING:
-        return ReclaimVerdict(
-            Reclaim.RESCHEDULE, f"{lost} It had claimed this run but never started it; {_by(me)}"
-        )
+        never = f"{lost} It had claimed this run but never started it; {_by(me)}"
+        return ReclaimVerdict(Reclaim.RESCHEDULE, never, silent)
     if state.type is StateType.CANCELLING:
-        return ReclaimVerdict(Reclaim.CANCEL, f"{lost} Nothing is left to cancel; {_by(me)}")
+        return ReclaimVerdict(Reclaim.CANCEL, f"{lost} Nothing is left to cancel; {_by(me)}", silent)
     if on_lost == "reschedule":
         return ReclaimVerdict(
-            Reclaim.RESCHEDULE, f"{lost} The run's process went with it; rescheduled (on_lost) {_by(me)}"
+            Reclaim.RESCHEDULE,
+            f"{lost} The run's process went with it; rescheduled (on_lost) {_by(me)}",
+            silent,
         )
-    return ReclaimVerdict(Reclaim.CRASH, f"{lost} The run's process went with it; {_by(me)}")
+    return ReclaimVerdict(Reclaim.CRASH, f"{lost} The run's process went with it; {_by(me)}", silent)
 
 
 def _by(me: str) -> str:

@@ -156,6 +156,7 @@ class Reclaimer:
             action=verdict.action.value,
             lost_worker=lost,
             was=read.type.value,
+            silent_seconds=None if verdict.silent is None else round(verdict.silent, 1),
             message=verdict.reason,
         )
         return 1
@@ -169,7 +170,9 @@ class Fencer:
     client: PrefectClient
     metrics: Metrics
     last_beat: float = attrs.Factory(trio.current_time)
-    """trio time of the last heartbeat that got through (start-up counts as one)."""
+    """trio time at which the last heartbeat that got through was *sent* (start-up counts
+    as one): the server recorded it no earlier, so no peer has seen us silent for longer
+    than the time since then."""
     gap_ended: float = -math.inf
     """trio time at which the last gap ended (its heartbeat got through)."""
     heard: trio.Event = attrs.Factory(trio.Event)
@@ -184,11 +187,12 @@ class Fencer:
         """No heartbeat has got through for longer than the threshold, now."""
         return trio.current_time() - self.last_beat > self.threshold
 
-    def beat(self) -> bool:
-        """A heartbeat got through. True if it ends a gap: the runs must be checked."""
+    def beat(self, sent_at: float) -> bool:
+        """A heartbeat sent at trio time ``sent_at`` got through. True if it ends a gap
+        (from the previous one's sending to this one's answer): the runs must be checked."""
         now = trio.current_time()
         gap = now - self.last_beat > self.threshold
-        self.last_beat = now
+        self.last_beat = max(self.last_beat, sent_at)
         if gap:
             self.gap_ended = now
             log.warning("fence.gap_ended", threshold_seconds=self.threshold)

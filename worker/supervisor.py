@@ -208,6 +208,7 @@ class Supervisor:
 
     async def heartbeat_loop(self) -> None:
         while True:
+            sent_at = trio.current_time()
             try:
                 await self.sync()
             except API_ERRORS as exc:
@@ -215,7 +216,7 @@ class Supervisor:
                 await self.outage.pause(min(self.settings.heartbeat_seconds, self.outage.delay()))
                 continue
             self.outage.succeeded()
-            self.fence_check_owed |= self.fencer.beat()
+            self.fence_check_owed |= self.fencer.beat(sent_at)
             if self.fence_check_owed:  # peers may have taken runs while we were silent
                 try:
                     await self.fencer.check_live(self.in_hand.live)

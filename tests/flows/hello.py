@@ -39,3 +39,15 @@ def _write_hook_marker(flow, flow_run, state) -> None:
 def cancellable(marker: str = "", sleep: float = 120.0) -> None:
     print("cancellable flow started", flush=True)
     time.sleep(sleep)
+
+
+@flow
+def fleet(marks: str, sleep: float = 0.0, first_sleep: float = 0.0) -> None:
+    """Leaves one marker file per execution in ``marks`` (named by run id, pid and time);
+    sleeps ``first_sleep`` on its first execution and ``sleep`` on any later one."""
+    run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    earlier = [n for n in os.listdir(marks) if n.startswith(f"{run_id}.")]
+    path = os.path.join(marks, f"{run_id}.{os.getpid()}.{time.time_ns()}")
+    with open(path, "w") as f:
+        f.write(json.dumps({"pid": os.getpid(), "start": time.time()}))
+    time.sleep(sleep if earlier else max(sleep, first_sleep))
