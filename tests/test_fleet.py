@@ -177,3 +177,51 @@ def test_the_check_interval() -> None:
     assert check_seconds(settings.Settings(pool="p")) == 30.0  # defaults: 300 / 10
     assert check_seconds(settings.Settings(pool="p", query_seconds=1, reclaim_after=12)) == 1.2
     assert check_seconds(settings.Settings(pool="p", query_seconds=60, reclaim_after=20)) == 20
+
+
+def test_a_fresh_unowned_claim_is_not_even_mentioned() -> None:
+    # a claim whose owner label is still on its way: not "unowned", just recent
+    assert verdict(run(StateType.PENDING, owner=None, changed=1), None).action is Reclaim.LEAVE
+
+
+class FakeClient:
+    def __init__(self, current: FlowRun | None) -> None:
+        self.current = current
+        self.reads = 0
+
+    async def read_flow_run(self, run_id: str) -> FlowRun | None:
+        self.reads += 1
+        return self.current
+
+
+async def test_the_fence_waits_for_a_heartbeat_then_checks_the_claim(autojump_clock: Any) -> None:
+    import trio
+
+    from worker.metrics import Metrics
+    from worker.reclaim import Fencer
+
+    ours = run(StateType.PENDING, owner=ME, transition="claim-a")
+    client = FakeClient(ours)
+    fencer = Fencer(settings.Settings(pool="p", name=ME, reclaim_after=10), client, Metrics())  # type: ignore[arg-type]
+    claimed = trio.current_time()
+    assert await fencer.still_ours("run-1", "claim-a", claimed) == ""
+    assert client.reads == 0  # no gap since the claim: nothing to ask
+
+    await trio.sleep(6)  # half of reclaim_after without a heartbeat
+    assert fencer.fenced()
+    answers: list[str] = []
+
+    async def check() -> None:
+        answers.append(await fencer.still_ours("run-1", "claim-a", claimed))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        await trio.sleep(30)
+        assert answers == [] and client.reads == 0  # waits while fenced
+        assert fencer.beat(trio.current_time()) is True  # the gap ends
+    assert answers == [""] and client.reads == 1  # still ours: checked once
+
+    # a later check for the same claim reads again (a gap happened since) and finds it taken
+    client.current = run(StateType.PENDING, owner="host-c pool", transition="claim-c")
+    assert "host-c pool" in await fencer.still_ours("run-1", "claim-a", claimed)
+    assert fencer.beat(trio.current_time()) is False  # no new gap

@@ -161,6 +161,13 @@ def test_service_under_real_systemd(container: Container, prefect_server: Prefec
     )
     assert api.wait_final(inflight, 60)["state_type"] == "COMPLETED"
 
+    # ---- the default name under systemd is "<hostname> <pool>", the same after the restart,
+    # so peers see the restarted worker as the one that owns these runs
+    name = f"{box.sh('cat /proc/sys/kernel/hostname').strip()} {POOL}"
+    assert api.flow_run(good)["labels"]["prefect.worker.name"] == name
+    assert api.flow_run(inflight)["labels"]["prefect.worker.name"] == name
+    assert [w["name"] for w in api.call("POST", f"work_pools/{POOL}/workers/filter", {})] == [name]
+
     # ---- stop while a ~10 s flow runs: it finishes, the unit stops cleanly
     last = api.run(deployment(api, sleep=10))
     wait_for(lambda: api.state_type(last) == "RUNNING", 60, what="the last run to be RUNNING")

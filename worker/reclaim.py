@@ -32,7 +32,7 @@ from worker.api import PrefectClient
 from worker.fleet import Reclaim
 from worker.logs import Once
 from worker.metrics import Metrics
-from worker.models import FlowRun, StateType
+from worker.models import FlowRun, StateType, WorkerRecord
 from worker.outage import API_ERRORS, Outage
 from worker.process import Supervised
 from worker.reporter import run_logger
@@ -89,23 +89,18 @@ class Reclaimer:
                 self.outage.failed(exc, "reclaim")
 
     async def check(self) -> int:
-        """One look at the pool; returns how many runs this worker resolved."""
+        """One look at the pool; returns how many runs this worker resolved.
+
+        The pool's runs are read in one page-by-page sweep, which may be seconds old by
+        the time a lost run's turn comes (a server under load): so a run found lost is
+        judged again on a fresh read of the pool's workers and of the run itself, right
+        before anything is written.
+        """
         workers, now = await self.client.read_workers(self.pool)
-        records = {w.name: w for w in workers}
         runs = await self.client.pool_flow_runs(self.pool, fleet.WATCHED)
-        ours = self.ours()
-        resolved = 0
+        lost = []
         for flow_run in runs:
-            name = fleet.owner(flow_run)
-            verdict = fleet.reclaim_verdict(
-                flow_run,
-                records.get(name) if name else None,
-                now,
-                self.settings.worker_name,
-                flow_run.id in ours,
-                self.settings.reclaim_after,
-                self.settings.on_lost,
-            )
+            verdict = self._judge(flow_run, workers, now)
             if verdict.action is Reclaim.UNOWNED:
                 self.once.say(
                     ("unowned", flow_run.id),
@@ -117,8 +112,36 @@ class Reclaimer:
                     reason=verdict.reason,
                 )
             elif verdict.action is not Reclaim.LEAVE:
-                resolved += await self.resolve(flow_run, verdict, name)
+                lost.append(flow_run)
+        if not lost:
+            return 0
+        resolved = 0
+        workers, now = await self.client.read_workers(self.pool)
+        for stale in lost:
+            fresh = await self.client.read_flow_run(stale.id)
+            if fresh is None or fresh.state is None or stale.state is None:
+                continue
+            if fresh.state.id != stale.state.id:
+                continue  # it moved on since the sweep
+            verdict = self._judge(fresh, workers, now)
+            if verdict.action in _PROPOSALS:
+                resolved += await self.resolve(fresh, verdict, fleet.owner(fresh))
         return resolved
+
+    def _judge(
+        self, flow_run: FlowRun, workers: list[WorkerRecord], now: datetime.datetime
+    ) -> fleet.ReclaimVerdict:
+        name = fleet.owner(flow_run)
+        record = next((w for w in workers if w.name == name), None) if name else None
+        return fleet.reclaim_verdict(
+            flow_run,
+            record,
+            now,
+            self.settings.worker_name,
+            flow_run.id in self.ours(),
+            self.settings.reclaim_after,
+            self.settings.on_lost,
+        )
 
     async def resolve(self, flow_run: FlowRun, verdict: fleet.ReclaimVerdict, lost: str | None) -> int:
         """Write the verdict's state, once across all peers; 1 if this worker did it."""
