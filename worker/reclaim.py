@@ -68,6 +68,8 @@ class Reclaimer:
     metrics: Metrics
     ours: Callable[[], Container[str]]
     """The runs this worker holds, owes or has in its ledger: never reclaimed by it."""
+    unlabelled: Callable[[], bool] = lambda: False
+    """True once the server is known to have no run labels (before Prefect 3.1)."""
     rng: random.Random = attrs.Factory(random.Random)
     once: Once = attrs.Factory(Once)
 
@@ -83,6 +85,9 @@ class Reclaimer:
         interval = check_seconds(self.settings)
         while True:
             await trio.sleep(jittered(interval, self.rng, spread=0.2))
+            if self.unlabelled():  # no owner can be known: every run would be "unowned"
+                log.info("reclaim.off", reason="the server has no run labels (Prefect before 3.1)")
+                return
             try:
                 await self.check()
             except API_ERRORS as exc:

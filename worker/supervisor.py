@@ -121,6 +121,7 @@ class Supervisor:
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
         )
         self.status.interpreter = self.runner.interpreter
+        self.reclaimer.unlabelled = lambda: self.runner.labels_unsupported
         self.stopper = Stopper(self.settings, self.in_hand, self.notifier, self.poll_scope, self.status.line)
 
     @property
