@@ -210,5 +210,8 @@ class Once:
             self._said.pop(next(iter(self._said)))
         getattr(logger, level)(event, **fields)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._said
+
     def clear(self, key: Hashable) -> None:
         self._said.pop(key, None)

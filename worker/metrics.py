@@ -8,6 +8,7 @@ for a run handed back on stop).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Final
 
 import attrs
 
@@ -22,6 +23,41 @@ def _labels(pairs: dict[str, str]) -> str:
     return "{" + inner + "}"
 
 
+MEMORY_BUCKETS: Final = tuple(m * 1024 * 1024 for m in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
+CPU_BUCKETS: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
+
+
+@attrs.define
+class Histogram:
+    """Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = attrs.field()
+    total: float = 0.0
+    count: int = 0
+
+    @counts.default
+    def _counts(self) -> list[int]:
+        return [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, doc: str) -> list[str]:
+        out = [f"# HELP flow_worker_{name} {doc}", f"# TYPE flow_worker_{name} histogram"]
+        for bound, n in zip(self.bounds, self.counts, strict=True):
+            le = str(int(bound)) if float(bound).is_integer() else repr(bound)
+            out.append(f'flow_worker_{name}_bucket{{le="{le}"}} {n}')
+        out.append(f'flow_worker_{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"flow_worker_{name}_sum {self.total:g}")
+        out.append(f"flow_worker_{name}_count {self.count}")
+        return out
+
+
 @attrs.define
 class Metrics:
     runs_claimed: int = 0
@@ -31,6 +67,12 @@ class Metrics:
     """Lost peers' runs this worker resolved, by action (reschedule, crash, cancel)."""
     runs_lost: int = 0
     """Runs of this worker that a peer resolved during a heartbeat gap (the fence)."""
+    run_peak_memory: Histogram = attrs.Factory(lambda: Histogram(MEMORY_BUCKETS))
+    run_cpu: Histogram = attrs.Factory(lambda: Histogram(CPU_BUCKETS))
+    memory_available: float = float("nan")
+    memory_reserve: float = float("nan")
+    runs_held: int = 0
+    """Due runs the last poll left SCHEDULED for want of memory."""
     polls: int = 0
     poll_seconds_sum: float = 0.0
     last_poll_seconds: float = 0.0
@@ -39,6 +81,10 @@ class Metrics:
         self.polls += 1
         self.poll_seconds_sum += seconds
         self.last_poll_seconds = seconds
+
+    def observe_run(self, peak_bytes: int, cpu_seconds: float) -> None:
+        self.run_peak_memory.observe(peak_bytes)
+        self.run_cpu.observe(cpu_seconds)
 
     def render(self, active_runs: int, seconds_since_poll: float | None) -> str:
         lines: list[str] = []
@@ -84,6 +130,25 @@ class Metrics:
         )
         since = seconds_since_poll if seconds_since_poll is not None else float("nan")
         metric("seconds_since_last_poll", "gauge", "Seconds since the last successful poll.", [({}, since)])
+        metric(
+            "memory_available_bytes",
+            "gauge",
+            "Memory available to runs at the last poll (host, or the worker's cgroup).",
+            [({}, self.memory_available)],
+        )
+        metric("memory_reserve_bytes", "gauge", "Memory admission keeps free.", [({}, self.memory_reserve)])
+        metric(
+            "runs_held",
+            "gauge",
+            "Due runs left SCHEDULED at the last poll: no memory.",
+            [({}, self.runs_held)],
+        )
+        lines.extend(
+            self.run_peak_memory.lines(
+                "run_peak_memory_bytes", "Peak resident memory of a run's process tree."
+            )
+        )
+        lines.extend(self.run_cpu.lines("run_cpu_seconds", "CPU seconds of a run's process tree."))
         lines.append("# HELP flow_worker_poll_duration_seconds Duration of get_scheduled_flow_runs polls.")
         lines.append("# TYPE flow_worker_poll_duration_seconds summary")
         lines.append(f"flow_worker_poll_duration_seconds_sum {self.poll_seconds_sum:g}")

@@ -42,6 +42,7 @@ import trio
 
 from worker import reaper
 from worker.job import ProcessJobConfiguration
+from worker.usage import Meter, Usage
 
 OUTPUT_POLL: Final = 0.2
 """How often a run's output files are checked for new lines while it runs."""
@@ -75,6 +76,10 @@ class Supervised:
     stop_requested: bool = False
     stop_reason: str = ""
     intent: str = ""
+    usage: Usage | None = None
+    """Its tree's memory and CPU, sampled by ``usage.Meter`` while it runs."""
+    meter: Meter | None = None
+    """The meter to tell when the child exits (its CPU times are final then)."""
     claim: str | None = None
     """The transition id of the claim that made the run ours (the fence compares it)."""
     lost: str = ""
@@ -300,6 +305,8 @@ class RunHandle(Supervised):
             return
         await trio.lowlevel.wait_readable(self._pidfd)
         peeked = _peek_status(proc.pid)
+        if self.meter is not None:
+            self.meter.final(proc.pid)  # a zombie still: its CPU times are complete
         await proc.wait()
         self.status = proc.returncode if isinstance(peeked, _NotYet) else peeked
 

@@ -103,9 +103,10 @@ class Reclaimer:
         """
         workers, now = await self.client.read_workers(self.pool)
         runs = await self.client.pool_flow_runs(self.pool, fleet.WATCHED)
+        ours = self.ours()
         lost = []
         for flow_run in runs:
-            verdict = self._judge(flow_run, workers, now)
+            verdict = self._judge(flow_run, workers, now, ours)
             if verdict.action is Reclaim.UNOWNED:
                 self.once.say(
                     ("unowned", flow_run.id),
@@ -128,13 +129,13 @@ class Reclaimer:
                 continue
             if fresh.state.id != stale.state.id:
                 continue  # it moved on since the sweep
-            verdict = self._judge(fresh, workers, now)
+            verdict = self._judge(fresh, workers, now, self.ours())
             if verdict.action in _PROPOSALS:
                 resolved += await self.resolve(fresh, verdict, fleet.owner(fresh))
         return resolved
 
     def _judge(
-        self, flow_run: FlowRun, workers: list[WorkerRecord], now: datetime.datetime
+        self, flow_run: FlowRun, workers: list[WorkerRecord], now: datetime.datetime, ours: Container[str]
     ) -> fleet.ReclaimVerdict:
         name = fleet.owner(flow_run)
         record = next((w for w in workers if w.name == name), None) if name else None
@@ -143,7 +144,7 @@ class Reclaimer:
             record,
             now,
             self.settings.worker_name,
-            flow_run.id in self.ours(),
+            flow_run.id in ours,
             self.settings.reclaim_after,
             self.settings.on_lost,
         )

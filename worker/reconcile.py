@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from worker import decisions, reaper
+from worker.admission import Book
 from worker.api import PrefectClient
 from worker.ledger import Entry, Ledger, boot_id
 from worker.outage import API_ERRORS, Outage
@@ -25,6 +26,7 @@ from worker.process import AdoptedHandle
 from worker.reporter import Reporter, run_logger
 from worker.run import InHand
 from worker.settings import Settings
+from worker.usage import Meter
 
 log = structlog.get_logger("flow_worker")
 
@@ -37,6 +39,8 @@ class Reconciler:
     reporter: Reporter
     outage: Outage
     in_hand: InHand
+    meter: Meter = attrs.Factory(Meter)
+    book: Book = attrs.Factory(Book)
     pending: dict[str, Entry] = attrs.Factory(dict)
     """Claims whose answer was lost: resolved against the server like a restart's ledger."""
 
@@ -130,12 +134,15 @@ class Reconciler:
             claim=entry.transition_id,
         )
         self.in_hand.live[entry.flow_run_id] = handle
+        handle.usage = self.meter.track(entry.pid or 0)
+        self.book.book(entry.flow_run_id, None)
         run_log.info("run.adopted", started_at=entry.started_at)
         runs.start_soon(self._watch_adopted, entry, handle, run_log)
 
     async def _watch_adopted(self, entry: Entry, handle: AdoptedHandle, run_log: Any) -> None:
         try:
             await handle.wait()
+            self.meter.untrack(entry.pid or 0)
             run_log.info("run.exited", returncode=None, stopped=handle.stop_requested, adopted=True)
             kind, message = decisions.run_outcome(
                 handle.cancel_requested,
@@ -148,4 +155,6 @@ class Reconciler:
             )
             await self.reporter.finish(entry, run_log, kind, message)
         finally:
+            self.meter.untrack(entry.pid or 0)
+            self.book.finished(entry.flow_run_id, None, None)
             self.in_hand.release(entry.flow_run_id)

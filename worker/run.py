@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -34,6 +35,7 @@ import structlog
 import trio
 
 from worker import decisions, reaper, ui
+from worker.admission import MIB, Book
 from worker.api import ApiRefused, PrefectClient
 from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.control import ControlChannel
@@ -47,6 +49,7 @@ from worker.process import RunHandle, StartError, Supervised
 from worker.reclaim import Fencer
 from worker.reporter import Reporter, run_logger
 from worker.settings import Settings
+from worker.usage import Meter
 
 log = structlog.get_logger("flow_worker")
 
@@ -67,6 +70,8 @@ class InHand:
     """Every run is being stopped: a child started now is stopped at once."""
     changed: trio.Event = attrs.Factory(trio.Event)
     """Set (and replaced) whenever a run leaves: ``--once`` re-polls then."""
+    released: Callable[[], None] = lambda: None
+    """Called whenever a run leaves (the supervisor re-polls if runs were held)."""
 
     def watched(self) -> list[str]:
         """Runs whose process this worker watches and has not been asked to stop."""
@@ -83,6 +88,7 @@ class InHand:
         self.live.pop(run_id, None)
         self.changed.set()
         self.changed = trio.Event()
+        self.released()
 
 
 @attrs.define
@@ -104,6 +110,10 @@ class Runner:
     pool: WorkPool | None = None
     """The pool as last synced (its base job template); set by the supervisor."""
     cache: ReadCache = attrs.Factory(ReadCache)
+    meter: Meter = attrs.Factory(Meter)
+    """Samples every run's tree (``usage.py``): its task is started by the supervisor."""
+    book: Book = attrs.Factory(Book)
+    """Expected run sizes and the runs in hand, for admission by memory (``admission.py``)."""
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
     interpreter: InterpreterCheck = attrs.field(init=False)
@@ -149,6 +159,9 @@ class Runner:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
         finally:
+            handle = self.in_hand.live.get(flow_run.id)
+            peak = handle.usage.peak if handle is not None and handle.usage is not None else None
+            self.book.finished(flow_run.id, flow_run.deployment_id, peak)
             self.control.unregister(flow_run.id)
             self.in_hand.release(flow_run.id)
 
@@ -283,6 +296,7 @@ class Runner:
             config=config,
             output_dir=self.ledger.directory / "output",
             claim=entry.transition_id,
+            meter=self.meter,
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -290,6 +304,7 @@ class Runner:
             run_log.error("run.start_failed", error=str(exc))
             await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
+        handle.usage = self.meter.track(pid)
         facts = reaper.process_facts(pid)
         entry = self.ledger.update(
             entry,
@@ -317,6 +332,10 @@ class Runner:
                 rc = handle.status if handle.status is not None else -15
                 self.reporter.owe(entry, "crash", decisions.WORKER_STOPPED.format(decisions.exit_message(rc)))
             raise
+        finally:
+            self.meter.untrack(pid)
+        spent = self.spent(handle)
+        run_log = run_log.bind(**spent)  # run.finished / run.reported carry them too
         tail = handle.stderr_tail() if returncode != 0 else ""
         run_log.info(
             "run.exited",
@@ -337,6 +356,17 @@ class Runner:
             lost=handle.lost,
         )
         await self.reporter.finish(entry, run_log, kind, message)
+
+    def spent(self, handle: Supervised) -> dict[str, Any]:
+        """What the run's tree cost (``usage.py``), as log fields; counted in /metrics."""
+        usage = handle.usage
+        if usage is None or not usage.peak:
+            return {}
+        self.metrics.observe_run(usage.peak, usage.cpu_seconds)
+        return {
+            "peak_memory_mib": round(usage.peak / MIB, 1),
+            "cpu_seconds": round(usage.cpu_seconds, 2),
+        }
 
     async def _label(self, flow_run: FlowRun, run_log: Any) -> None:
         """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.

@@ -70,6 +70,13 @@ def _not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
         raise ValueError("must be 0 (off) or more")
 
 
+def _memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        from worker.admission import parse_reserve
+
+        parse_reserve(value)
+
+
 def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
     return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
 
@@ -153,6 +160,12 @@ class Settings:
         "crash",
         validator=_on_lost,
         doc="a lost worker's RUNNING runs: 'crash' them, or 'reschedule' them (idempotent flows)",
+    )
+    memory_reserve: str | None = _setting(
+        None,
+        validator=_memory_reserve,
+        doc="memory to keep free when admitting runs: a size (512M, 2G) or a share (10%); 0: off; "
+        "default 10% of RAM (or of the cgroup's limit), at least 256M",
     )
     python: str | None = _setting(
         None,

@@ -47,4 +47,6 @@ class Status:
         poll = f"last poll {trio.current_time() - since:.0f}s ago" if since is not None else "no poll yet"
         mode = "draining, " if self.in_hand.stopping else ""
         python = "; PYTHON HAS NO PREFECT (see the log)" if self.interpreter.problem else ""
-        return f"{mode}{len(self.in_hand.live)} active runs, {poll}, {api}; pool {self.pool}{python}"
+        held = self.metrics.runs_held
+        memory = f"; holding {held} due runs: memory short" if held else ""
+        return f"{mode}{len(self.in_hand.live)} active runs, {poll}, {api}; pool {self.pool}{python}{memory}"

@@ -47,13 +47,14 @@ import attrs
 import structlog
 import trio
 
-from worker import decisions, reaper
+from worker import admission, decisions, memory, reaper
+from worker.admission import Book
 from worker.api import ApiNotFound, PrefectClient
 from worker.control import ControlChannel
 from worker.ledger import Ledger
 from worker.logs import Once
 from worker.metrics import Metrics
-from worker.models import StateType
+from worker.models import FlowRun, StateType
 from worker.outage import API_ERRORS, Outage
 from worker.pool import ensure_pool
 from worker.reclaim import Fencer, Reclaimer
@@ -65,6 +66,7 @@ from worker.settings import Settings
 from worker.status import Status
 from worker.stopping import Stopper
 from worker.systemd import Notifier
+from worker.usage import Meter
 
 log = structlog.get_logger("flow_worker")
 REPORT_SECONDS: Final = 5.0
@@ -100,8 +102,9 @@ class Supervisor:
 
     def __attrs_post_init__(self) -> None:
         self.reporter = Reporter(self.client, self.ledger, self.outage, self.metrics, self.pool_name)
+        meter, book = Meter(), Book()
         self.reconciler = Reconciler(
-            self.settings, self.client, self.ledger, self.reporter, self.outage, self.in_hand
+            self.settings, self.client, self.ledger, self.reporter, self.outage, self.in_hand, meter, book
         )
         self.fencer = Fencer(self.settings, self.client, self.metrics)
         self.reclaimer = Reclaimer(self.settings, self.client, self.outage, self.metrics, self.known)
@@ -116,7 +119,10 @@ class Supervisor:
             self.in_hand,
             self.reconciler.pending,
             self.fencer,
+            meter=meter,
+            book=book,
         )
+        self.in_hand.released = self._released
         self.status = Status(
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
         )
@@ -149,6 +155,7 @@ class Supervisor:
                 loops.start_soon(loop)
             loops.start_soon(self.outage.probe_loop, self.client)
             loops.start_soon(self.reclaimer.loop, self.status.synced)
+            loops.start_soon(self.runner.meter.loop)
             loops.start_soon(self.runner.interpreter.run)
             loops.start_soon(self.runner.uplink.loop)
             await loops.start(self.control.serve)
@@ -265,10 +272,52 @@ class Supervisor:
         for flow_run, reason, level in found.not_taken:
             self._not_taken(flow_run.id, reason, level, flow_run_name=flow_run.name)
         self.due_at = trio.current_time() + found.due_in
-        for flow_run in found.take:
+        for flow_run in self._admit(found.take):
             self.in_hand.live[flow_run.id] = None
             runs.start_soon(self.runner.run, flow_run)
         return len(found.take)
+
+    def _admit(self, due: list[FlowRun]) -> list[FlowRun]:
+        """The due runs the host has memory for (``admission.py``); the rest stay
+        SCHEDULED for a worker with room, said once while it lasts."""
+        if (
+            self.settings.memory_reserve is not None
+            and admission.parse_reserve(self.settings.memory_reserve) == 0
+        ):
+            return due
+        book = self.runner.book
+        for run_id, handle in self.in_hand.live.items():
+            if handle is not None and handle.usage is not None:
+                book.using(run_id, handle.usage.rss)
+        mem = memory.read()
+        reserve = admission.reserve_bytes(self.settings.memory_reserve, mem.total)
+        taken, room = book.admit([(r.id, r.deployment_id) for r in due], mem.available, reserve)
+        self.metrics.memory_available, self.metrics.memory_reserve = mem.available, reserve
+        self.metrics.runs_held = room.held
+        if room.held:
+            self.once.say(
+                "memory.short",
+                log,
+                "info",
+                "memory.short",
+                held=room.held,
+                available_mib=room.available // admission.MIB,
+                reserve_mib=room.reserve // admission.MIB,
+                growing_mib=room.growth // admission.MIB,
+                next_run_mib=room.needed // admission.MIB,
+                memory=mem.source,
+                effect="due runs stay SCHEDULED for workers with room; claimed again when memory frees",
+            )
+        elif "memory.short" in self.once:
+            self.once.clear("memory.short")
+            log.info("memory.room", available_mib=room.available // admission.MIB)
+        ids = set(taken)
+        return [r for r in due if r.id in ids]
+
+    def _released(self) -> None:
+        """A run left: if runs were held for want of memory, poll now."""
+        if self.metrics.runs_held:
+            self.wake.set()
 
     def known(self) -> set[str]:
         """Runs this worker holds, owes a report for, or has not resolved yet."""

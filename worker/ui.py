@@ -95,6 +95,8 @@ def line_for(event_dict: MutableMapping[str, Any], worker: str) -> tuple[int, st
             message = f"Process {facts['pid']} exited; its exit status is unknown (adopted after a restart)"
         elif event_dict.get("returncode") != 0:
             level = ERROR
+        if event_dict.get("peak_memory_mib") is not None:
+            message += f" (peak memory {facts['peak_memory_mib']} MiB, CPU {facts['cpu_seconds']} s)"
         if event_dict.get("stderr_tail"):
             message += f"; last lines of stderr:\n{event_dict['stderr_tail']}"
     if event_dict.get("event") == "run.reported" and "CRASHED" in str(event_dict.get("outcome")):

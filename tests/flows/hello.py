@@ -51,3 +51,30 @@ def fleet(marks: str, sleep: float = 0.0, first_sleep: float = 0.0) -> None:
     with open(path, "w") as f:
         f.write(json.dumps({"pid": os.getpid(), "start": time.time()}))
     time.sleep(sleep if earlier else max(sleep, first_sleep))
+
+
+@flow
+def hold(mib: int = 100, seconds: float = 10.0) -> None:
+    """Holds ``mib`` MiB (touched, so resident) for ``seconds``."""
+    block = b"x" * (mib * 1024 * 1024)
+    time.sleep(seconds)
+    del block
+
+
+@flow
+def measured(out: str, mib: int = 200, cpu: float = 2.0, seconds: float = 2.0) -> None:
+    """Allocates ``mib`` MiB, burns ``cpu`` CPU-seconds, holds for ``seconds``, then writes
+    what the kernel says of this process: its peak resident set and its CPU so far."""
+    import resource
+
+    block = b"x" * (mib * 1024 * 1024)
+    began = time.process_time()
+    while time.process_time() - began < cpu:
+        pass
+    time.sleep(seconds)
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    with open(out, "w") as f:
+        f.write(json.dumps({"hwm": hwm, "cpu": cpu_seconds, "held": len(block)}))
