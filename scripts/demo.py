@@ -19,6 +19,16 @@ BIN = Path(sys.executable).parent
 FLOWS = ROOT / "tests" / "flows"
 
 
+def call(api: httpx.Client, method: str, path: str, **kwargs: object) -> dict:
+    """One request; a busy SQLite server answers 503 ("database is locked"): ask again."""
+    for _ in range(50):
+        response = api.request(method, path, **kwargs)
+        if response.status_code != 503:
+            break
+        time.sleep(0.2)
+    return response.raise_for_status().json()
+
+
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="flow-worker-demo-"))
     with socket.socket() as s:
@@ -48,14 +58,14 @@ def main() -> int:
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "demo", "--type", "process"],
                        env=env, check=True, capture_output=True)
         api = httpx.Client(base_url=api_url + "/", timeout=30)
-        flow_id = api.post("flows/", json={"name": "hello"}).raise_for_status().json()["id"]
-        dep = api.post("deployments/", json={
+        flow_id = call(api, "POST", "flows/", json={"name": "hello"})["id"]
+        dep = call(api, "POST", "deployments/", json={
             "name": "demo", "flow_id": flow_id, "work_pool_name": "demo", "entrypoint": "hello.py:hello",
             "path": str(FLOWS),
             "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(FLOWS)}}],
-        }).raise_for_status().json()["id"]
+        })["id"]
         runs = [
-            api.post(f"deployments/{dep}/create_flow_run", json={"parameters": {"name": n}}).raise_for_status().json()
+            call(api, "POST", f"deployments/{dep}/create_flow_run", json={"parameters": {"name": n}})
             for n in ("Ada", "Grace", "Linus")
         ]
         print(f"created {len(runs)} runs of deployment hello/demo; running: flow-worker --pool demo --once", flush=True)
@@ -63,7 +73,7 @@ def main() -> int:
         rc = subprocess.run([str(BIN / "flow-worker"), "--pool", "demo", "--once"], env=worker_env).returncode
         print(f"\nflow-worker exited {rc}. Final states:")
         for run in runs:
-            state = api.get(f"flow_runs/{run['id']}").raise_for_status().json()["state"]
+            state = call(api, "GET", f"flow_runs/{run['id']}")["state"]
             print(f"  {run['name']:<24} {state['type']:<10} {state.get('message') or ''}")
         return rc
     finally:

@@ -174,9 +174,20 @@ def test_reclaim_settings_and_the_stable_name_under_systemd(tmp_path: Any) -> No
 
 
 def test_the_check_interval() -> None:
-    assert check_seconds(settings.Settings(pool="p")) == 30.0  # defaults: 300 / 10
-    assert check_seconds(settings.Settings(pool="p", query_seconds=1, reclaim_after=12)) == 1.2
+    assert check_seconds(settings.Settings(pool="p")) == 5.0  # half the poll interval
+    assert check_seconds(settings.Settings(pool="p", query_seconds=1, reclaim_after=12)) == 0.5
     assert check_seconds(settings.Settings(pool="p", query_seconds=60, reclaim_after=20)) == 20
+
+
+def test_runs_are_swept_when_a_worker_has_just_gone_silent() -> None:
+    workers = [
+        WorkerRecord("alive", ago(5)),
+        WorkerRecord("just-lost", ago(310)),
+        WorkerRecord("long-gone", ago(86400)),
+        WorkerRecord("no-beat", None),
+    ]
+    assert fleet.newly_silent(workers, NOW, 300, 60) == ["just-lost"]
+    assert fleet.newly_silent(workers[:1], NOW, 300, 60) == []
 
 
 def test_a_fresh_unowned_claim_is_not_even_mentioned() -> None:

@@ -352,10 +352,12 @@ class PrefectClient:
         seconds, rounded down), or the newest heartbeat it recorded if that is later."""
         response = await self.request("POST", f"work_pools/{pool}/workers/filter", json={})
         workers = [structure(row, WorkerRecord) for row in response.json()]
-        try:
+        try:  # (a proxy may add a Date of its own: "date1, date2" is not a date)
             now = email.utils.parsedate_to_datetime(response.headers["date"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, IndexError):
             now = datetime.datetime.now(datetime.UTC)
+        if now.tzinfo is None:  # "-0000": UTC, says RFC 2822
+            now = now.replace(tzinfo=datetime.UTC)
         beats = [parse_time(w.last_heartbeat_time) for w in workers]
         return workers, max([now, *(b for b in beats if b is not None)])
 

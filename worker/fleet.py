@@ -78,6 +78,20 @@ def silence(record: WorkerRecord | None, now: datetime.datetime) -> float | None
     return None if last is None else (now - last).total_seconds()
 
 
+def newly_silent(
+    workers: list[WorkerRecord], now: datetime.datetime, reclaim_after: float, window: float
+) -> list[str]:
+    """Names of the pool's workers that went silent for longer than ``reclaim_after``
+    within the last ``window`` seconds: whose runs may have just become reclaimable.
+    (Workers silent for long were dealt with when they crossed the line; a pool keeps
+    the records of every worker that ever heartbeated.)"""
+    return [
+        w.name
+        for w in workers
+        if (s := silence(w, now)) is not None and reclaim_after < s <= reclaim_after + window
+    ]
+
+
 def reclaim_verdict(
     flow_run: FlowRun,
     owner_record: WorkerRecord | None,

@@ -17,6 +17,7 @@ The decisions are the tables in ``fleet.py``; this module does the I/O around th
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import random
 import uuid
@@ -54,10 +55,17 @@ _PROPOSALS: Final = {
 
 
 def check_seconds(settings: Settings) -> float:
-    """How often the pool is checked for lost workers: the poll interval, but at least a
-    tenth of ``reclaim_after`` (two requests per check; at the defaults one check every
-    30 s), and never more than ``reclaim_after``."""
-    return min(max(settings.query_seconds, settings.reclaim_after / 10), settings.reclaim_after)
+    """How often the pool's workers are looked at: every half poll interval (one small
+    request), so a lost peer's runs are resolved within ``reclaim_after`` plus one poll
+    interval, request times included; never less often than ``reclaim_after``."""
+    return min(settings.query_seconds / 2, settings.reclaim_after)
+
+
+SWEEP_EVERY: Final = 10
+"""The pool's runs are read when a worker of the pool has just gone silent for longer
+than ``reclaim_after`` (within the last ``SWEEP_EVERY`` checks), and otherwise every
+``SWEEP_EVERY`` checks: for runs whose state changed after their owner went silent, and
+owners the pool has no record of."""
 
 
 @attrs.define
@@ -83,18 +91,21 @@ class Reclaimer:
             return  # off; and --once drains and exits, it does not keep watch
         await synced.wait()
         interval = check_seconds(self.settings)
-        while True:
+        for count in itertools.count():
             await trio.sleep(jittered(interval, self.rng, spread=0.2))
             if self.unlabelled():  # no owner can be known: every run would be "unowned"
                 log.info("reclaim.off", reason="the server has no run labels (Prefect before 3.1)")
                 return
             try:
-                await self.check()
+                await self.check(sweep=count % SWEEP_EVERY == 0)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "reclaim")
+            except Exception as exc:  # a bug here must never stop the supervision of runs
+                self.once.say(("bug", type(exc)), log, "exception", "reclaim.failed", error=repr(exc))
 
-    async def check(self) -> int:
-        """One look at the pool; returns how many runs this worker resolved.
+    async def check(self, sweep: bool = True) -> int:
+        """One look at the pool; returns how many runs this worker resolved. Its runs
+        are read only if a worker has just gone silent (``fleet.newly_silent``) or ``sweep``.
 
         The pool's runs are read in one page-by-page sweep, which may be seconds old by
         the time a lost run's turn comes (a server under load): so a run found lost is
@@ -102,6 +113,9 @@ class Reclaimer:
         before anything is written.
         """
         workers, now = await self.client.read_workers(self.pool)
+        window = SWEEP_EVERY * check_seconds(self.settings) * 1.2  # (the loop's jitter)
+        if not sweep and not fleet.newly_silent(workers, now, self.settings.reclaim_after, window):
+            return 0
         runs = await self.client.pool_flow_runs(self.pool, fleet.WATCHED)
         ours = self.ours()
         lost = []

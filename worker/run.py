@@ -139,7 +139,6 @@ class Runner:
             if claimed is None:
                 return
             deployment, entry, run_log = claimed
-            await self._label(flow_run, run_log)  # at once: peers and the UI see the owner
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
@@ -325,6 +324,7 @@ class Runner:
             await self.client.set_infrastructure_pid(flow_run.id, pid)
         except API_ERRORS as exc:
             run_log.warning("run.pid_not_reported", error=str(exc))
+        await self._label(flow_run, run_log)  # after the start: not on the pickup path
         try:
             returncode = await handle.wait()
         except trio.Cancelled:

@@ -124,6 +124,8 @@ class Meter:
         self.tracked.pop(pid, None)
 
     def sample_now(self) -> None:
+        if not self.tracked:
+            return
         seen = sample(set(self.tracked))
         for pid, usage in list(self.tracked.items()):
             rss, cpu = seen.get(pid, (0, 0.0))
