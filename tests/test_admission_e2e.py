@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Api, WorkerProcess
+from tests.conftest import Api, WorkerProcess, wait_for
 from worker import memory
 from worker.admission import MIB
 
 FAST = {"FLOW_WORKER_QUERY_SECONDS": "1", "FLOW_WORKER_HEARTBEAT_SECONDS": "5"}
-RUN_MIB = 220
-"""What one `hold(100)` run's tree takes here (measured: 200-225 MiB)."""
+RUN_MIB = 195
+"""What one `hold(100)` run's tree takes here, resident (measured: 193 MiB with 3.9.1)."""
 
 
 def reserve_for(runs: float) -> str:
@@ -70,7 +70,7 @@ def test_a_backlog_is_admitted_as_memory_allows(
 ) -> None:
     dep = api.deployment(pool_name, entrypoint="hello.py:hold", flow_name="hold")
     runs = [api.run(dep, {"mib": 100, "seconds": 10}) for _ in range(30)]
-    worker = start_worker("--pool", pool_name, FLOW_WORKER_MEMORY_RESERVE=reserve_for(4.5), **FAST)
+    worker = start_worker("--pool", pool_name, FLOW_WORKER_MEMORY_RESERVE=reserve_for(4), **FAST)
     most, held = watch_backlog(api, dep, len(runs), 600)
     processes = most_processes_at_once(worker)
     print(f"most runs active at once: {most} (API), {processes} processes (worker log)")
@@ -80,8 +80,12 @@ def test_a_backlog_is_admitted_as_memory_allows(
     assert all(api.state_type(r) == "COMPLETED" for r in runs)
     short = next(e for e in worker.events() if e.get("event") == "memory.short")
     assert short["held"] > 0 and short["available_mib"] > short["reserve_mib"]
-    finished = [e for e in worker.events() if e.get("event") == "run.exited"]
-    assert len(finished) == 30 and all(e["peak_memory_mib"] >= 100 for e in finished)
+    exits = wait_for(
+        lambda: len(e := [e for e in worker.events() if e.get("event") == "run.exited"]) == 30 and e,
+        60,
+        what="the worker to see every process exit",
+    )
+    assert all(e["peak_memory_mib"] >= 100 for e in exits)
 
 
 def test_a_worker_without_room_leaves_the_backlog_to_one_with_room(
@@ -94,10 +98,9 @@ def test_a_worker_without_room_leaves_the_backlog_to_one_with_room(
         "--pool", pool_name, "--name", "roomy", FLOW_WORKER_MEMORY_RESERVE=reserve_for(9), **FAST
     )
     watch_backlog(api, dep, len(runs), 600)
-    owners = collections.Counter(api.flow_run(r)["labels"].get("prefect.worker.name") for r in runs)
-    assert owners == {"roomy": 30}
+    claimed = {e["flow_run_id"] for e in roomy.events() if e.get("event") == "run.claimed"}
+    assert claimed == set(runs)
     assert full.saw("memory.short") and not full.saw("run.claimed")
-    assert roomy.saw("run.claimed")
 
 
 def test_peak_memory_and_cpu_of_a_run_are_reported(
@@ -109,12 +112,20 @@ def test_peak_memory_and_cpu_of_a_run_are_reported(
     worker = start_worker("--pool", pool_name, **FAST)
     assert api.wait_final(run, 120)["state_type"] == "COMPLETED"
     truth: dict[str, Any] = json.loads(out.read_text())
-    exited = next(e for e in worker.events() if e.get("event") == "run.exited" and e["flow_run_id"] == run)
+    exited = wait_for(
+        lambda: next((e for e in worker.events() if e.get("event") == "run.exited"), None),
+        30,
+        what="the worker to see the process exit",
+    )
     peak, cpu = exited["peak_memory_mib"] * MIB, exited["cpu_seconds"]
     hwm, true_cpu = truth["hwm"], truth["cpu"]
     print(f"peak {peak / MIB:.0f} MiB vs VmHWM {hwm / MIB:.0f} MiB; CPU {cpu} s vs {true_cpu:.2f} s")
     assert truth["held"] == 200 * MIB
     assert abs(peak - truth["hwm"]) <= 0.2 * truth["hwm"]
     assert abs(cpu - truth["cpu"]) <= 0.2 * truth["cpu"]
-    lines = api.call("POST", "logs/filter", {"logs": {"flow_run_id": {"any_": [run]}}, "limit": 200})
-    assert any("peak memory" in line["message"] for line in lines)  # in the run's logs in the UI
+    body = {"logs": {"flow_run_id": {"any_": [run]}}, "limit": 200}
+    wait_for(  # in the run's logs in the UI (the worker ships its lines in batches)
+        lambda: any("peak memory" in line["message"] for line in api.call("POST", "logs/filter", body)),
+        30,
+        what="the worker's exit line with the run's cost in the run's logs",
+    )

@@ -116,6 +116,8 @@ class Runner:
     """Expected run sizes and the runs in hand, for admission by memory (``admission.py``)."""
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
+    unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
+    """Live runs whose labels could not be set yet: peers need them to know the owner."""
     interpreter: InterpreterCheck = attrs.field(init=False)
     """The check of the default command's interpreter (``interpreter.py``)."""
     uplink: ui.Uplink = attrs.field(init=False)
@@ -382,13 +384,24 @@ class Runner:
         }
         try:
             await self.client.update_labels(flow_run.id, labels)
+            self.unlabelled.pop(flow_run.id, None)
         except ApiRefused as exc:
             self.labels_unsupported = True
             log.info(
                 "api.labels_unsupported", error=str(exc), effect="runs are not labelled with their worker"
             )
         except API_ERRORS as exc:
-            run_log.warning("run.labels_not_set", error=str(exc))
+            if flow_run.id not in self.unlabelled:
+                run_log.warning("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
+            self.unlabelled[flow_run.id] = flow_run
+
+    async def relabel(self) -> None:
+        """Try again to label the live runs whose labels could not be set."""
+        for run_id, flow_run in list(self.unlabelled.items()):
+            if run_id not in self.in_hand.live:
+                self.unlabelled.pop(run_id, None)
+            else:
+                await self._label(flow_run, log.bind(flow_run_id=run_id))
 
     @property
     def stop_intent(self) -> str:

@@ -419,3 +419,4 @@ class Supervisor:
             await self.outage.pause(REPORT_SECONDS)
             if await self.reconciler.resolve_pending():
                 await self.reporter.deliver_owed()
+                await self.runner.relabel()
