@@ -129,12 +129,12 @@ def test_three_workers_sixty_runs_each_executed_once(fleet: Fleet) -> None:
 
 @pytest.mark.parametrize("on_lost", ["crash", "reschedule"])
 def test_a_dead_hosts_runs_are_resolved_by_its_peers(fleet: Fleet, on_lost: str) -> None:
-    reclaim_after = 20.0
+    reclaim_after, query = 20.0, 5.0  # (half Prefect's poll interval: the bound is in polls)
     a = fleet.start("host-a", reclaim_after)
     long = [fleet.run(first_sleep=600) for _ in range(2)]
     wait_for(lambda: all(fleet.running_on(r, "host-a") for r in long), 90, what="host-a to run both")
     for host in ("host-b", "host-c"):
-        fleet.start(host, reclaim_after, FLOW_WORKER_ON_LOST=on_lost)
+        fleet.start(host, reclaim_after, FLOW_WORKER_ON_LOST=on_lost, PREFECT_WORKER_QUERY_SECONDS=str(query))
 
     # host-a dies: the worker and its flows are SIGKILLed, its state dir is gone
     pids = [int(fleet.api.flow_run(r)["infrastructure_pid"]) for r in long]
@@ -156,7 +156,7 @@ def test_a_dead_hosts_runs_are_resolved_by_its_peers(fleet: Fleet, on_lost: str)
     assert left
     records = fleet.api.call("POST", f"work_pools/{fleet.pool}/workers/filter", {})
     last_seen = next(w for w in records if w["name"] == fleet.name("host-a"))["last_heartbeat_time"]
-    bound = reclaim_after + 2 * QUERY
+    bound = reclaim_after + 2 * query
     reclaimed = {e["flow_run_id"]: e for e in fleet.said("run.reclaimed")}
     assert sorted(reclaimed) == sorted(long) and len(fleet.said("run.reclaimed")) == 2  # one peer each
     for r in long:
