@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Api, WorkerProcess, wait_for
+from tests.conftest import Api, WorkerProcess, flow_worker, wait_for
 from worker import memory
 from worker.admission import MIB
 
@@ -101,6 +101,17 @@ def test_a_worker_without_room_leaves_the_backlog_to_one_with_room(
     claimed = {e["flow_run_id"] for e in roomy.events() if e.get("event") == "run.claimed"}
     assert claimed == set(runs)
     assert full.saw("memory.short") and not full.saw("run.claimed")
+
+
+def test_once_leaves_what_does_not_fit_scheduled(api: Api, pool_name: str, prefect_server: Any) -> None:
+    dep = api.deployment(pool_name, entrypoint="hello.py:hold", flow_name="hold")
+    runs = [api.run(dep, {"mib": 1, "seconds": 0}) for _ in range(2)]
+    began = time.monotonic()
+    done = flow_worker(prefect_server, "--pool", pool_name, "--once", FLOW_WORKER_MEMORY_RESERVE="100%")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert time.monotonic() - began < 60
+    assert "memory.short" in done.stdout + done.stderr
+    assert [api.state_type(r) for r in runs] == ["SCHEDULED", "SCHEDULED"]
 
 
 def test_peak_memory_and_cpu_of_a_run_are_reported(

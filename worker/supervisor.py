@@ -272,10 +272,11 @@ class Supervisor:
         for flow_run, reason, level in found.not_taken:
             self._not_taken(flow_run.id, reason, level, flow_run_name=flow_run.name)
         self.due_at = trio.current_time() + found.due_in
-        for flow_run in self._admit(found.take):
+        admitted = self._admit(found.take)
+        for flow_run in admitted:
             self.in_hand.live[flow_run.id] = None
             runs.start_soon(self.runner.run, flow_run)
-        return len(found.take)
+        return len(admitted)
 
     def _admit(self, due: list[FlowRun]) -> list[FlowRun]:
         """The due runs the host has memory for (``admission.py``); the rest stay
@@ -341,7 +342,8 @@ class Supervisor:
                 self.wake = trio.Event()
 
     async def drain_once(self, runs: trio.Nursery) -> None:
-        """``--once``: take every run due now (re-polling as slots free up), wait for all."""
+        """``--once``: take every run due now (re-polling as slots or memory free up), wait
+        for all. Runs held for want of memory while nothing runs here are left SCHEDULED."""
         while True:
             changed = self.in_hand.changed
             try:
