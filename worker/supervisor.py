@@ -88,8 +88,10 @@ class Supervisor:
     reconciler: Reconciler = attrs.field(init=False)
     fencer: Fencer = attrs.field(init=False)
     reclaimer: Reclaimer = attrs.field(init=False)
-    fence_check_owed: bool = False
-    """A heartbeat gap ended and the runs in hand are not checked yet (``Fencer``)."""
+    fence_check_owed: bool = True
+    """A heartbeat gap ended and the runs in hand are not checked yet (``Fencer``). True
+    at start: the runs adopted from the ledger lived through the worker's own downtime,
+    during which peers may have resolved them."""
     runner: Runner = attrs.field(init=False)
     stopper: Stopper = attrs.field(init=False)
     status: Status = attrs.field(init=False)
