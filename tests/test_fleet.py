@@ -132,6 +132,13 @@ def test_fence_table(started: bool, current: FlowRun | None, expected: Fence) ->
     assert fleet.fence_verdict(started, current, ME, "claim-a").verdict is expected
 
 
+def test_a_run_adopted_under_another_name_is_still_ours() -> None:
+    # a restarted worker without a fixed name adopts runs labelled with its previous name
+    previous = run(StateType.RUNNING, owner="ProcessWorker old")
+    assert fleet.fence_verdict(True, previous, ME, "claim-a", "ProcessWorker old").verdict is Fence.KEEP
+    assert fleet.fence_verdict(True, previous, ME, "claim-a").verdict is Fence.LOST
+
+
 def state(sid: str, ts: str, transition: str | None = None, type_: StateType = StateType.PENDING) -> State:
     return State(type_, id=sid, timestamp=ts, state_details={"transition_id": transition})
 

@@ -183,12 +183,18 @@ class FenceVerdict:
 
 
 def fence_verdict(
-    started: bool, current: FlowRun | None, me: str, claim_transition_id: str | None
+    started: bool,
+    current: FlowRun | None,
+    me: str,
+    claim_transition_id: str | None,
+    claimed_as: str | None = None,
 ) -> FenceVerdict:
     """After a heartbeat gap: is a run this worker holds still its own?
 
     ``started``: its process was started (else it was claimed and not started yet);
-    ``current``: the run as the server has it now (None: deleted).
+    ``current``: the run as the server has it now (None: deleted); ``claimed_as``: the
+    name it was claimed under, when that was not ``me`` (a run adopted after a restart
+    under another name: both names are ours).
 
     ==========  ==============================================  =======  =====================
     started?    the run now                                     verdict  then
@@ -207,7 +213,7 @@ def fence_verdict(
         return FenceVerdict(Fence.LOST, "the run was deleted (or has no state)")
     state = current.state
     name = owner(current)
-    if name is not None and name != me:
+    if name is not None and name not in (me, claimed_as):
         return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
     by_our_claim = state.state_details.get("transition_id") == claim_transition_id
     if not started:

@@ -80,6 +80,8 @@ class Supervised:
     """Its tree's memory and CPU, sampled by ``usage.Meter`` while it runs."""
     meter: Meter | None = None
     """The meter to tell when the child exits (its CPU times are final then)."""
+    owner: str | None = None
+    """The worker name the run was claimed under, if not this worker's (adopted runs)."""
     claim: str | None = None
     """The transition id of the claim that made the run ours (the fence compares it)."""
     lost: str = ""

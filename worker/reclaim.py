@@ -263,7 +263,9 @@ class Fencer:
             return
         current = {r.id: r for r in await self.client.filter_flow_runs(started)}
         for run_id, handle in started.items():
-            verdict = fleet.fence_verdict(True, current.get(run_id), self.settings.worker_name, handle.claim)
+            verdict = fleet.fence_verdict(
+                True, current.get(run_id), self.settings.worker_name, handle.claim, handle.owner
+            )
             if verdict.verdict is fleet.Fence.LOST and not handle.lost:
                 self.metrics.runs_lost += 1
                 handle.log.warning("run.lost_to_peer", pid=handle.pid, reason=verdict.reason)

@@ -21,6 +21,7 @@ from worker import decisions, reaper
 from worker.admission import Book
 from worker.api import PrefectClient
 from worker.ledger import Entry, Ledger, boot_id
+from worker.models import FlowRun
 from worker.outage import API_ERRORS, Outage
 from worker.process import AdoptedHandle
 from worker.reporter import Reporter, run_logger
@@ -41,6 +42,8 @@ class Reconciler:
     in_hand: InHand
     meter: Meter = attrs.Factory(Meter)
     book: Book = attrs.Factory(Book)
+    unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
+    """Runs to label with this worker's name (``Runner.relabel``, shared)."""
     pending: dict[str, Entry] = attrs.Factory(dict)
     """Claims whose answer was lost: resolved against the server like a restart's ledger."""
 
@@ -132,10 +135,14 @@ class Reconciler:
             start_time=entry.start_time,
             output_dir=self.ledger.directory / "output",
             claim=entry.transition_id,
+            owner=entry.worker_name,
         )
         self.in_hand.live[entry.flow_run_id] = handle
         handle.usage = self.meter.track(entry.pid or 0)
         self.book.book(entry.flow_run_id, None)
+        if entry.worker_name != self.settings.worker_name:  # e.g. a fresh default name
+            # peers judge the owner by the label: name this worker, or they see it silent
+            self.unlabelled[entry.flow_run_id] = FlowRun(id=entry.flow_run_id, name=entry.flow_run_name)
         run_log.info("run.adopted", started_at=entry.started_at)
         runs.start_soon(self._watch_adopted, entry, handle, run_log)
 

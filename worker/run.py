@@ -396,7 +396,10 @@ class Runner:
             self.unlabelled[flow_run.id] = flow_run
 
     async def relabel(self) -> None:
-        """Try again to label the live runs whose labels could not be set."""
+        """Try again to label the live runs whose labels could not be set (or, adopted,
+        carry a previous worker's name)."""
+        if self.pool is None:
+            return  # not synced yet: the pool's id is part of the labels
         for run_id, flow_run in list(self.unlabelled.items()):
             if run_id not in self.in_hand.live:
                 self.unlabelled.pop(run_id, None)

@@ -123,6 +123,7 @@ class Supervisor:
             self.fencer,
             meter=meter,
             book=book,
+            unlabelled=self.reconciler.unlabelled,
         )
         self.in_hand.released = self._released
         self.status = Status(
