@@ -158,9 +158,12 @@ class FakeClient:
             self.fail -= 1
             raise ApiUnavailable("GET", "/x", None, "ConnectError: refused")
 
+    owner: str | None = None
+
     async def read_flow_run(self, run_id: str) -> FlowRun | None:
         self._maybe_fail()
-        return None if self.state is None else FlowRun(run_id, state=State(self.state))
+        labels = {"prefect.worker.name": self.owner} if self.owner else {}
+        return None if self.state is None else FlowRun(run_id, state=State(self.state), labels=labels)
 
     async def set_flow_run_state(self, run_id: str, state_type: StateType, *args: Any, **kw: Any) -> Any:
         self._maybe_fail()
@@ -209,6 +212,19 @@ async def test_exit_0_without_a_final_state_counts_as_failed(tmp_path: Path) -> 
     reporter = make_reporter(tmp_path, client)
     await reporter.finish(entry(), LOG, "crash_if_running", "exit 0")
     assert client.written == [(StateType.CRASHED, "exit 0")] and reporter.failed_runs == 1
+
+
+async def test_nothing_is_written_over_a_run_another_worker_has_taken(tmp_path: Path) -> None:
+    client = FakeClient(StateType.RUNNING)
+    client.owner = "someone else"
+    reporter = make_reporter(tmp_path, client)
+    await reporter.finish(entry(), LOG, "crash", "boom")
+    assert client.written == [] and reporter.owed == {}
+    # a run adopted from a previous name ("w") and relabelled with this worker's is still ours
+    client.owner = "new name"
+    reporter.worker_name = "new name"
+    await reporter.finish(entry(), LOG, "crash", "boom")
+    assert client.written == [(StateType.CRASHED, "boom")]
 
 
 # ---------------------------------------------------------------- reconcile against a ledger on disk

@@ -43,6 +43,9 @@ class Reporter:
     outage: Outage
     metrics: Metrics
     pool: str
+    worker_name: str = ""
+    """This worker's name: with the entry's, a name under which a run is still ours
+    (a run adopted after a restart is relabelled with the new name)."""
     owed: dict[str, Entry] = attrs.Factory(dict)
     """Finished runs whose report is not delivered yet (also on disk)."""
     failed_runs: int = 0
@@ -94,7 +97,7 @@ class Reporter:
         current = await self.client.read_flow_run(entry.flow_run_id)
         current_type = current.state_type if current is not None else None
         owner = fleet.owner(current) if current is not None else None
-        taken = owner is not None and owner != entry.worker_name
+        taken = owner is not None and owner not in (entry.worker_name, self.worker_name)
         proposal = decisions.owed_proposal(report.kind, current_type, taken)
         outcome = (
             f"taken by worker {owner!r}"

@@ -103,7 +103,9 @@ class Supervisor:
     once: Once = attrs.Factory(Once)
 
     def __attrs_post_init__(self) -> None:
-        self.reporter = Reporter(self.client, self.ledger, self.outage, self.metrics, self.pool_name)
+        self.reporter = Reporter(
+            self.client, self.ledger, self.outage, self.metrics, self.pool_name, self.settings.worker_name
+        )
         meter, book = Meter(), Book()
         self.reconciler = Reconciler(
             self.settings, self.client, self.ledger, self.reporter, self.outage, self.in_hand, meter, book
