@@ -182,7 +182,7 @@ def test_reclaim_settings_and_the_stable_name_under_systemd(tmp_path: Any) -> No
 
 def test_the_check_interval() -> None:
     assert check_seconds(settings.Settings(pool="p")) == 5.0  # half the poll interval
-    assert check_seconds(settings.Settings(pool="p", query_seconds=1, reclaim_after=12)) == 0.5
+    assert check_seconds(settings.Settings(pool="p", query_seconds=1, reclaim_after=12)) == 2.0  # floor
     assert check_seconds(settings.Settings(pool="p", query_seconds=60, reclaim_after=20)) == 20
 
 

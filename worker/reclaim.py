@@ -54,11 +54,17 @@ _PROPOSALS: Final = {
 }
 
 
+MIN_CHECK_SECONDS: Final = 2.0
+"""A worker with a very short poll interval still does not ask about its peers more than
+every 2 s: that traffic would compete with claims on a busy (SQLite) server."""
+
+
 def check_seconds(settings: Settings) -> float:
     """How often the pool's workers are looked at: every half poll interval (one small
-    request), so a lost peer's runs are resolved within ``reclaim_after`` plus one poll
-    interval, request times included; never less often than ``reclaim_after``."""
-    return min(settings.query_seconds / 2, settings.reclaim_after)
+    request; at least ``MIN_CHECK_SECONDS``), so a lost peer's runs are resolved within
+    ``reclaim_after`` plus one poll interval, request times included; never less often
+    than ``reclaim_after``."""
+    return min(max(settings.query_seconds / 2, MIN_CHECK_SECONDS), settings.reclaim_after)
 
 
 SWEEP_EVERY: Final = 10
