@@ -163,11 +163,17 @@ def displaced_state(history: list[State], transition_id: str) -> State | None:
     it: under SQLite lock contention our PENDING may carry an older timestamp than the
     states it was committed after. So ours is excluded instead of used as an anchor.
     """
+    newest = newest_other(history, transition_id)
+    return None if newest is None or newest.type is StateType.SCHEDULED else newest
+
+
+def newest_other(history: list[State], transition_id: str) -> State | None:
+    """The newest state (by timestamp) not written by our transition ``transition_id``;
+    None if ours is not in the history, or nothing else is: nothing to judge."""
     others = [s for s in history if s.state_details.get("transition_id") != transition_id]
     if len(others) == len(history) or not others:
-        return None  # our claim is not in the history (or nothing else is): nothing to judge
-    newest = max(others, key=lambda s: s.timestamp or "")
-    return None if newest.type is StateType.SCHEDULED else newest
+        return None
+    return max(others, key=lambda s: s.timestamp or "")
 
 
 _EXPLANATIONS: Final[dict[int, str]] = {

@@ -36,7 +36,7 @@ from typing import Final
 
 import attrs
 
-from worker.decisions import parse_time
+from worker.decisions import newest_other, parse_time
 from worker.models import FlowRun, State, StateType, WorkerRecord
 
 OWNER_LABEL: Final = "prefect.worker.name"
@@ -241,8 +241,5 @@ def reclaim_raced(history: list[State], transition_id: str, read_state_id: str |
     The server has no compare-and-set, so it is emulated: the newest state that is not
     ours must be the one we read; if it is not, that newer state is put back.
     """
-    others = [s for s in history if s.state_details.get("transition_id") != transition_id]
-    if len(others) == len(history) or not others:
-        return None  # ours is not in the history (or nothing else is): nothing to judge
-    newest = max(others, key=lambda s: s.timestamp or "")
-    return None if newest.id == read_state_id else newest
+    newest = newest_other(history, transition_id)
+    return None if newest is None or newest.id == read_state_id else newest
