@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import pytest
@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "tests" / "flows"
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 120.0
+
+
+ENGINE_START: Final = os.environ.get("FLOW_WORKER_TEST_ENGINE_START", "cold")
+"""How the workers of this test session start engine runs: ``cold`` (spawned) or ``warm``
+(``warm_start = true``); ``scripts/test`` runs the end-to-end suite both ways."""
 
 
 def free_port() -> int:
@@ -72,6 +77,8 @@ class PrefectServer:
             PREFECT_LOGGING_LEVEL="WARNING",
             XDG_STATE_HOME=str(self.home / "state"),
         )
+        if ENGINE_START == "warm":
+            env["FLOW_WORKER_WARM_START"] = "true"
         return env
 
     def start(self) -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Api, PrefectServer
+from tests.conftest import ENGINE_START, ROOT, Api, PrefectServer
 
 IN_PROCESS = """
 import sys
@@ -42,6 +42,8 @@ def test_once_runs_a_real_flow_with_merged_env(
     assert record["run_id"] == run_id
     assert "hello e2e from flow-worker test" in proc.stdout + proc.stderr
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    started = next(e for e in events if e["event"] == "run.started")
+    assert started["start"] == ENGINE_START, "the run started the way this session's workers start runs"
     assert {"event": "run.finished", "state": "COMPLETED"}.items() <= next(
         e for e in events if e["event"] == "run.finished"
     ).items()

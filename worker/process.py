@@ -43,6 +43,7 @@ import trio
 from worker import reaper
 from worker.job import ProcessJobConfiguration
 from worker.usage import Meter, Usage
+from worker.warm import EngineServer, Unavailable, WarmStarts
 
 OUTPUT_POLL: Final = 0.2
 """How often a run's output files are checked for new lines while it runs."""
@@ -229,12 +230,49 @@ class Supervised:
 
 
 @attrs.define(eq=False)
+class ForkedChild:
+    """A run's process forked by an engine server (``warm.py``) and re-parented to this
+    worker: what ``RunHandle`` needs of a ``trio.Process`` (pid, wait, returncode)."""
+
+    pid: int
+    returncode: int | None = None
+    gone: bool = False
+    """Reaped (``returncode`` set), or found reaped by someone else (status unknown)."""
+
+    async def wait(self) -> int | None:
+        if self.gone:
+            return self.returncode
+        fd = _pidfd_open(self.pid)
+        try:
+            if fd is not None:
+                await trio.lowlevel.wait_readable(fd)
+            while not self.gone:
+                try:
+                    pid, status = os.waitpid(self.pid, 0 if fd is not None else os.WNOHANG)
+                except ChildProcessError:
+                    self.gone = True
+                    break
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    self.gone = True
+                else:
+                    await trio.sleep(ADOPTED_POLL / 4)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return self.returncode
+
+
+@attrs.define(eq=False)
 class RunHandle(Supervised):
     config: ProcessJobConfiguration = attrs.Factory(ProcessJobConfiguration)
-    process: trio.Process | None = None
+    process: trio.Process | ForkedChild | None = None
     tmpdir: Path | None = None
     status: int | None = None
     """The exit status once the child is reaped (None: not yet, or unknowable)."""
+    warm: WarmStarts | None = None
+    """Where a run of the engine command may be forked from (``warm_start``); else spawned."""
+    started_warm: bool = False
     _pidfd: int | None = None
 
     @property
@@ -265,17 +303,23 @@ class RunHandle(Supervised):
         err: int = files[1] if files else subprocess.DEVNULL
         env = {k: v for k, v in self.config.env.items() if v is not None}
         env.update(extra_env or {})
+        server: EngineServer | str | None = None
+        if self.warm is not None and self.warm.enabled:
+            server = await self.warm.server_for(argv, env, str(cwd))
         try:
             with reaper.CHILDREN.spawning():
-                self.process = await trio.lowlevel.open_process(
-                    argv,
-                    cwd=str(cwd),
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                )
+                if isinstance(server, EngineServer):
+                    self.process = await self._fork(server, argv, str(cwd), env)
+                if self.process is None:
+                    self.process = await trio.lowlevel.open_process(
+                        argv,
+                        cwd=str(cwd),
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,
+                    )
                 reaper.CHILDREN.spawned.add(self.process.pid)
                 self._pidfd = _pidfd_open(self.process.pid)
         except FileNotFoundError:
@@ -293,6 +337,27 @@ class RunHandle(Supervised):
             if self.process is None:
                 self.remove_output()
         return self.process.pid
+
+    async def _fork(
+        self, server: EngineServer, argv: list[str], cwd: str, env: dict[str, str]
+    ) -> ForkedChild | None:
+        """The run's process forked from ``server``; None if it must be spawned instead."""
+        paths = [str(path) for path, _ in self.output_paths()]
+        request = {
+            "argv": argv,
+            "cwd": cwd,
+            "env": env,
+            "stdout": paths[0] if paths else None,
+            "stderr": paths[1] if paths else None,
+        }
+        try:
+            pid = await server.fork(request)
+        except Unavailable as exc:
+            assert self.warm is not None
+            self.warm.said_cold(server, str(exc))
+            return None
+        self.started_warm = True
+        return ForkedChild(pid)
 
     async def _exited(self) -> None:
         """Wait for the child's exit, read its status without reaping it (``waitid`` with
@@ -322,12 +387,12 @@ class RunHandle(Supervised):
             await self._watch(self._exited, from_end=False)
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None:
+                if proc.returncode is None and not getattr(proc, "gone", False):
                     # the waiting task was cancelled (hard stop): terminate, then reap
                     self.signal_group(signal.SIGTERM)
                     with trio.move_on_after(self.grace):
                         await proc.wait()
-                    if proc.returncode is None:
+                    if proc.returncode is None and not getattr(proc, "gone", False):
                         self.signal_group(signal.SIGKILL)
                         await proc.wait()
                     self.status = proc.returncode

@@ -50,6 +50,7 @@ from worker.reclaim import Fencer
 from worker.reporter import Reporter, run_logger
 from worker.settings import Settings
 from worker.usage import Meter
+from worker.warm import WarmStarts
 
 log = structlog.get_logger("flow_worker")
 
@@ -118,6 +119,8 @@ class Runner:
     labels_unsupported: bool = False
     unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
     """Live runs whose labels could not be set yet: peers need them to know the owner."""
+    warm: WarmStarts = attrs.field(init=False)
+    """The engine servers runs are forked from with ``warm_start`` (``warm.py``)."""
     interpreter: InterpreterCheck = attrs.field(init=False)
     """The check of the default command's interpreter (``interpreter.py``)."""
     uplink: ui.Uplink = attrs.field(init=False)
@@ -126,6 +129,7 @@ class Runner:
     def __attrs_post_init__(self) -> None:
         self.uplink = ui.Uplink(self.client, self.settings.worker_name, self.settings.log_to_api)
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
+        self.warm = WarmStarts(enabled=self.settings.warm_start)
 
     @property
     def pool_name(self) -> str:
@@ -298,6 +302,7 @@ class Runner:
             output_dir=self.ledger.directory / "output",
             claim=entry.transition_id,
             meter=self.meter,
+            warm=self.warm,
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -319,7 +324,12 @@ class Runner:
         self.in_hand.live[flow_run.id] = handle
         submitted = self.uplink.add_event("prefect.worker.submitted-flow-run", related)
         run_log = run_log.bind(pid=pid)
-        run_log.info("run.started", command=config.command, cwd=str(config.working_dir or handle.tmpdir))
+        run_log.info(
+            "run.started",
+            command=config.command,
+            cwd=str(config.working_dir or handle.tmpdir),
+            start="warm" if handle.started_warm else "cold",
+        )
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)
         try:

@@ -171,6 +171,11 @@ class Settings:
         None,
         doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
     )
+    warm_start: bool = _setting(
+        False,
+        doc="fork engine-command runs from a preloaded Prefect (faster starts, shared memory); "
+        "anything it cannot do exactly as a cold start starts cold",
+    )
     log_to_api: bool = _setting(
         True,
         env=["PREFECT_LOGGING_TO_API_ENABLED"],

@@ -145,6 +145,13 @@ class Supervisor:
     async def run(self, handle_signals: bool = True) -> int:
         """Serve until stopped (or, with ``once``, until the work due now is done)."""
         subreaper = reaper.become_subreaper()
+        if self.runner.warm.enabled and not subreaper:
+            self.runner.warm.enabled = False
+            log.warning(
+                "warm_start.off",
+                reason="the worker could not become a child subreaper: forked runs would not be its children",
+                effect="every run starts cold",
+            )
         log.info(
             "worker.starting",
             worker_name=self.settings.worker_name,
@@ -154,6 +161,7 @@ class Supervisor:
             once=self.settings.once,
             state_dir=str(self.ledger.directory),
             subreaper=subreaper,
+            warm_start=self.runner.warm.enabled,
         )
         async with trio.open_nursery() as loops:
             for loop in (self.heartbeat_loop, self.cancel_loop, self.reporter_loop, reaper.reap_loop):
@@ -162,6 +170,7 @@ class Supervisor:
             loops.start_soon(self.reclaimer.loop, self.status.synced)
             loops.start_soon(self.runner.meter.loop)
             loops.start_soon(self.runner.interpreter.run)
+            loops.start_soon(self.runner.warm.serve)
             loops.start_soon(self.runner.uplink.loop)
             await loops.start(self.control.serve)
             if self.settings.with_healthcheck:

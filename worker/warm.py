@@ -1,0 +1,294 @@
+"""Warm engine starts (``warm_start``): which runs may fork from a preloaded engine, and
+the engine servers they fork from.
+
+A cold run pays for ``import prefect`` (about a CPU-second and 80 MiB) before the engine
+does anything. With ``warm_start`` on, a run whose command is the engine's own
+(``<python> -m prefect.engine``, the default) is forked from an engine server
+(``engine_server.py``) that imported Prefect once; its process then shares those pages.
+
+Policy, stated once:
+
+* **Never wrong, only slower.** Anything the warm path cannot do exactly as a cold start
+  would starts the run cold, said once per reason (``warm_start.cold``): a custom
+  command, an interpreter whose Prefect cannot refresh its settings for a run (before
+  3.6), a failed preload, a server that died or whose ``sys.path`` changed (a ``pip
+  install``) since it started, an answer that did not come in time.
+* **One server per start key** (:func:`start_key`): the interpreter the command names,
+  resolved as the cold start would resolve it, and the environment variables read when
+  an interpreter starts (:func:`read_at_start`). Most pools need one.
+* **Started lazily**, by the first run that needs it, which waits for the preload (at most
+  ``PRELOAD_TIMEOUT``, then cold); later runs fork in milliseconds. A server lives as
+  long as the worker (its stdin is the worker's pipe: EOF ends it), in its own session.
+* **Supervised like a spawned child.** The server forks each run through an
+  intermediate child, so the run's process is re-parented to the worker (a child
+  subreaper, ``reaper.become_subreaper``) and the worker reads its true exit status; a
+  server that dies loses none of its runs. The fork is requested inside
+  ``reaper.CHILDREN.spawning()`` and the process only starts the engine after the worker
+  registered its pid and said go (``engine_server.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import structlog
+import trio
+
+from worker import reaper
+from worker.logs import Once
+
+log = structlog.get_logger("flow_worker")
+
+SERVER: Final = Path(__file__).with_name("engine_server.py")
+LOADER: Final = "import sys;exec(compile(open(sys.argv[1],'rb').read(),sys.argv[1],'exec'))"
+"""``-c`` code that runs the server file: ``sys.path[0]`` is then ``''`` (the server runs in
+``/``), not the worker package's directory, whose modules could shadow a flow's imports."""
+PRELOAD_TIMEOUT: Final = 120.0
+"""How long runs wait for a server's preload before starting cold: ``import prefect``
+takes seconds on a loaded small host; a server that hangs must not hold runs for ever."""
+ANSWER_TIMEOUT: Final = 10.0
+"""How long a fork may take to be answered (milliseconds normally). On a timeout the
+server is killed, so the process it may have forked never starts the engine."""
+ENGINE_ARGS: Final = ("-m", "prefect.engine")
+START_PREFIXES: Final = ("PYTHON", "LC_", "LD_")
+START_NAMES: Final = frozenset({"LANG", "LANGUAGE", "HOME", "TZ"})
+
+
+class Unavailable(Exception):
+    """The server cannot fork this run; the message is the reason the run starts cold."""
+
+
+def read_at_start(name: str) -> bool:
+    """Whether an interpreter reads ``name`` when it starts, so a forked run cannot take a
+    new value of it (``PYTHONPATH`` can: the run's ``sys.path`` is rebuilt)."""
+    return name != "PYTHONPATH" and (name.startswith(START_PREFIXES) or name in START_NAMES)
+
+
+@attrs.frozen
+class Key:
+    """Which engine server a run forks from."""
+
+    python: str
+    start_env: tuple[tuple[str, str], ...]
+
+    def server_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The server's environment: ``environ`` with this key's start-time variables."""
+        env = {k: v for k, v in environ.items() if not read_at_start(k) and k != "PYTHONPATH"}
+        env.update(self.start_env)
+        return env
+
+
+def start_key(argv: list[str], env: Mapping[str, str], cwd: str) -> Key | str:
+    """The server a run with this command, environment and directory may fork from, or
+    why it must start cold (pure, but for resolving a bare interpreter name on PATH)."""
+    if len(argv) != 3 or tuple(argv[1:]) != ENGINE_ARGS:
+        return "the run's command is not `<python> -m prefect.engine`"
+    python = argv[0]
+    if "/" in python:
+        resolved = os.path.join(cwd, python)
+    else:
+        found = shutil.which(python, path=env.get("PATH", os.defpath))
+        if found is None:
+            return f"{python!r} is not on the run's PATH"
+        resolved = os.path.abspath(found)
+    start_env = tuple(sorted((k, v) for k, v in env.items() if read_at_start(k)))
+    return Key(resolved, start_env)
+
+
+@attrs.define(eq=False)
+class EngineServer:
+    """One engine server process and the conversation with it (one fork at a time)."""
+
+    key: Key
+    process: trio.Process | None = None
+    ready: trio.Event = attrs.Factory(trio.Event)
+    """Set once the preload is done or failed (then ``problem`` says why)."""
+    problem: str | None = None
+    """Why it cannot fork (failed preload, dead, stale, unanswered); None while it can."""
+    preload_failed: bool = False
+    prefect_version: str = ""
+    _lock: trio.Lock = attrs.Factory(trio.Lock)
+    _buffer: bytes = b""
+    _next_id: int = 0
+
+    async def run(self, environ: Mapping[str, str]) -> None:
+        """Start the server, wait for its preload, then wait for its exit (reaping it)."""
+        try:
+            with reaper.CHILDREN.spawning():
+                self.process = await trio.lowlevel.open_process(
+                    [self.key.python, "-c", LOADER, str(SERVER)],
+                    cwd="/",
+                    env=self.key.server_env(environ),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                reaper.CHILDREN.spawned.add(self.process.pid)
+        except OSError as exc:
+            self._fail(f"the engine server could not start: {exc}", preload=True)
+            return
+        proc = self.process
+        try:
+            with trio.move_on_after(PRELOAD_TIMEOUT) as scope:
+                line = await self._line()
+            if scope.cancelled_caught:
+                self._fail(f"the preload took longer than {PRELOAD_TIMEOUT:g} s", preload=True)
+                self.kill()
+            elif line is None:
+                self._fail("the engine server exited during its preload", preload=True)
+            else:
+                ready = json.loads(line)
+                if ready.get("ready"):
+                    self.prefect_version = str(ready.get("prefect", "?"))
+                    log.info(
+                        "warm_start.ready", python=self.key.python, prefect=self.prefect_version, pid=proc.pid
+                    )
+                else:
+                    self._fail(str(ready.get("error", "the preload failed")), preload=True)
+            self.ready.set()
+            await proc.wait()
+            self._fail(f"the engine server exited (status {proc.returncode})")
+        finally:
+            with trio.CancelScope(shield=True):
+                self.ready.set()
+                if proc.returncode is None:
+                    await self.stop()
+                reaper.CHILDREN.spawned.discard(proc.pid)
+
+    def _fail(self, problem: str, preload: bool = False) -> None:
+        if self.problem is None:
+            self.problem = problem
+            self.preload_failed = preload
+
+    async def _line(self) -> bytes | None:
+        assert self.process is not None and self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        await self.process.stdin.send_all((json.dumps(message) + "\n").encode())
+
+    async def fork(self, request: dict[str, Any]) -> int:
+        """Fork a run's process; its pid is registered in ``reaper.CHILDREN`` before it is
+        told to go. Call inside ``reaper.CHILDREN.spawning()``. Raises
+        :class:`Unavailable` if it cannot (then nothing of the run was started)."""
+        async with self._lock:
+            if self.problem is not None:
+                raise Unavailable(self.problem)
+            self._next_id += 1
+            ident = self._next_id
+            try:
+                with trio.fail_after(ANSWER_TIMEOUT):
+                    await self._send({**request, "id": ident})
+                    line = await self._line()
+            except trio.TooSlowError:
+                self._fail(f"the engine server did not answer within {ANSWER_TIMEOUT:g} s")
+                self.kill()  # what it may have forked then never goes (its go pipe closes)
+                raise Unavailable(self.problem or "") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(f"the engine server is gone ({exc})")
+                raise Unavailable(self.problem or "") from None
+            if line is None:
+                self._fail("the engine server is gone")
+                raise Unavailable(self.problem or "")
+            answer = json.loads(line)
+            if "pid" not in answer:
+                error = str(answer.get("error", "no pid in the answer"))
+                if error.startswith("stale"):
+                    self._fail(error)
+                raise Unavailable(error)
+            pid = int(answer["pid"])
+            reaper.CHILDREN.spawned.add(pid)
+            try:
+                await self._send({"go": ident})
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                # the process exits without running anything: a cold start is safe
+                self._fail(f"the engine server is gone ({exc})")
+                raise Unavailable(self.problem or "") from None
+            return pid
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+    async def stop(self) -> None:
+        """Close its stdin (it exits at EOF); kill it if it has not after 5 s."""
+        if self.process is None:
+            return
+        if self.process.stdin is not None:
+            try:
+                await self.process.stdin.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with trio.move_on_after(5):
+            await self.process.wait()
+        self.kill()
+        await self.process.wait()
+
+
+@attrs.define
+class WarmStarts:
+    """The worker's engine servers, by start key; started lazily, stopped with the worker."""
+
+    enabled: bool = False
+    environ: Mapping[str, str] = attrs.Factory(lambda: dict(os.environ))
+    """What a server's environment starts from (its start-time variables are the key's)."""
+    servers: dict[Key, EngineServer] = attrs.Factory(dict)
+    once: Once = attrs.Factory(Once)
+    _nursery: trio.Nursery | None = None
+    _ready: trio.Event = attrs.Factory(trio.Event)
+
+    async def serve(self) -> None:
+        """The task that owns the servers (in the supervisor's loops nursery)."""
+        if not self.enabled:
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._ready.set()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def server_for(self, argv: list[str], env: Mapping[str, str], cwd: str) -> EngineServer | str:
+        """The ready server this run may fork from, or why it starts cold (said once)."""
+        key = start_key(argv, env, cwd)
+        if isinstance(key, str):
+            return self._cold(key, key)
+        server = self.servers.get(key)
+        if server is not None and server.problem is not None and not server.preload_failed:
+            del self.servers[key]  # died or went stale: the next run gets a fresh one
+            self._cold((key, server.problem), server.problem, python=key.python)
+            server = None
+        if server is None:
+            await self._ready.wait()
+            if self._nursery is None:
+                return "the worker is stopping"
+            server = self.servers[key] = EngineServer(key)
+            self._nursery.start_soon(server.run, self.environ)
+        await server.ready.wait()
+        if server.problem is not None:
+            return self._cold((key, server.problem), server.problem, python=key.python)
+        return server
+
+    def said_cold(self, server: EngineServer, reason: str) -> None:
+        """A fork that could not be made: this run starts cold (said once per reason)."""
+        self._cold((server.key, reason), reason, python=server.key.python)
+
+    def _cold(self, said: Any, reason: str, **fields: Any) -> str:
+        self.once.say(said, log, "info", "warm_start.cold", reason=reason, effect="started cold", **fields)
+        return reason
