@@ -205,7 +205,12 @@ class EngineServer:
             if line is None:
                 self._fail("the engine server is gone")
                 raise Unavailable(self.problem or "")
-            answer = json.loads(line)
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                self._fail(f"the engine server answered {line[:200]!r}")
+                self.kill()
+                raise Unavailable(self.problem or "") from None
             if "pid" not in answer:
                 error = str(answer.get("error", "no pid in the answer"))
                 if error.startswith("stale"):
@@ -216,7 +221,9 @@ class EngineServer:
             try:
                 await self._send({"go": ident})
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                # the process exits without running anything: a cold start is safe
+                # the process exits without running anything (the orphan reaper takes it):
+                # a cold start is safe
+                reaper.CHILDREN.spawned.discard(pid)
                 self._fail(f"the engine server is gone ({exc})")
                 raise Unavailable(self.problem or "") from None
             return pid
@@ -271,22 +278,38 @@ class WarmStarts:
             return self._cold(key, key)
         server = self.servers.get(key)
         if server is not None and server.problem is not None and not server.preload_failed:
-            del self.servers[key]  # died or went stale: the next run gets a fresh one
-            self._cold((key, server.problem), server.problem, python=key.python)
-            server = None
+            reason = server.problem  # died or went stale: this run cold, later ones a fresh server
+            self.retire(server)
+            return self._cold((key, reason), reason, python=key.python)
         if server is None:
             await self._ready.wait()
-            if self._nursery is None:
+            server = self._launch(key)
+            if server is None:
                 return "the worker is stopping"
-            server = self.servers[key] = EngineServer(key)
-            self._nursery.start_soon(server.run, self.environ)
         await server.ready.wait()
         if server.problem is not None:
             return self._cold((key, server.problem), server.problem, python=key.python)
         return server
 
+    def _launch(self, key: Key) -> EngineServer | None:
+        if self._nursery is None:
+            return None
+        server = self.servers[key] = EngineServer(key)
+        self._nursery.start_soon(server.run, self.environ)
+        return server
+
+    def retire(self, server: EngineServer) -> None:
+        """Replace a server that can no longer fork (it died, went stale or hung): the
+        next run of its key waits for a fresh one."""
+        if self.servers.get(server.key) is server:
+            del self.servers[server.key]
+            server.kill()
+            self._launch(server.key)
+
     def said_cold(self, server: EngineServer, reason: str) -> None:
         """A fork that could not be made: this run starts cold (said once per reason)."""
+        if server.problem is not None:
+            self.retire(server)
         self._cold((server.key, reason), reason, python=server.key.python)
 
     def _cold(self, said: Any, reason: str, **fields: Any) -> str:

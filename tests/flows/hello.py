@@ -78,3 +78,38 @@ def measured(out: str, mib: int = 200, cpu: float = 2.0, seconds: float = 2.0) -
     cpu_seconds = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     with open(out, "w") as f:
         f.write(json.dumps({"hwm": hwm, "cpu": cpu_seconds, "held": len(block)}))
+
+
+@flow
+def introspect(out: str) -> None:
+    """Writes what a run's process looks like from inside (warm and cold must agree)."""
+    import logging
+    import sys
+
+    from prefect import get_run_logger
+    from prefect.settings import get_current_settings
+
+    logger = get_run_logger()
+    logger.debug("a debug line from the introspect flow")
+    try:
+        import warm_probe_module  # only on the deployment's PYTHONPATH
+
+        probe = warm_probe_module.VALUE
+    except ImportError:
+        probe = None
+    record = {
+        "sys_path": sys.path,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "env": {k: os.environ.get(k) for k in ("PREFECT_LOGGING_LEVEL", "PYTHONPATH", "FOO")},
+        "settings_logging_level": str(get_current_settings().logging.level),
+        "prefect_logger_level": logging.getLogger("prefect").level,
+        "run_logger_effective_level": logger.getEffectiveLevel(),
+        "probe": probe,
+        "session_leader": os.getsid(0) == os.getpid(),
+        "group_leader": os.getpgid(0) == os.getpid(),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "main": sys.modules["__main__"].__dict__.get("__file__"),
+    }
+    with open(out, "w") as f:
+        f.write(json.dumps(record))

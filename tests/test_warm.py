@@ -1,0 +1,86 @@
+"""Warm starts, the pure parts: which runs may fork, from which server, with which sys.path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.engine_server import run_path
+from worker.warm import Key, read_at_start, start_key
+
+ENGINE = [sys.executable, "-m", "prefect.engine"]
+
+
+def test_only_the_engine_command_forks() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    assert isinstance(start_key(ENGINE, env, "/tmp"), Key)
+    for argv in (
+        [sys.executable, "-u", "-m", "prefect.engine"],
+        [sys.executable, "-m", "prefect.engine", "extra"],
+        [sys.executable, "-m", "prefect.engine.other"],
+        ["prefect", "flow-run", "execute"],
+        ["sh", "-c", "python -m prefect.engine"],
+    ):
+        assert start_key(argv, env, "/tmp") == "the run's command is not `<python> -m prefect.engine`"
+
+
+def test_the_interpreter_is_resolved_as_a_cold_start_would(tmp_path: Path) -> None:
+    bare = start_key(["python3", "-m", "prefect.engine"], {"PATH": str(Path(sys.executable).parent)}, "/")
+    assert isinstance(bare, Key) and bare.python == str(Path(sys.executable).parent / "python3")
+    assert start_key(["python3", "-m", "prefect.engine"], {"PATH": str(tmp_path)}, "/") == (
+        "'python3' is not on the run's PATH"
+    )
+    relative = start_key(["venv/bin/python", "-m", "prefect.engine"], {}, "/srv/flows")
+    assert isinstance(relative, Key) and relative.python == "/srv/flows/venv/bin/python"
+
+
+def test_variables_read_at_start_pick_the_server() -> None:
+    for name in ("PYTHONUNBUFFERED", "PYTHONHASHSEED", "LC_ALL", "LANG", "LD_PRELOAD", "HOME", "TZ"):
+        assert read_at_start(name), name
+    for name in ("PYTHONPATH", "PREFECT_LOGGING_LEVEL", "PATH", "FOO"):
+        assert not read_at_start(name), name
+    base = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "PREFECT_API_URL": "a"}
+    one = start_key(ENGINE, base, "/")
+    same = start_key(ENGINE, {**base, "PREFECT_API_URL": "b", "PYTHONPATH": "/x"}, "/")
+    other = start_key(ENGINE, {**base, "PYTHONUNBUFFERED": "1"}, "/")
+    assert one == same, "settings and PYTHONPATH are applied in the forked run"
+    assert one != other, "an interpreter-start variable needs a server of its own"
+    assert isinstance(other, Key)
+    assert other.server_env({"PYTHONPATH": "/y", "PYTHONUNBUFFERED": "0", "KEEP": "1"}) == {
+        "KEEP": "1",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.mark.parametrize(
+    "pythonpath",
+    ["", "sub", "sub::/nonexistent", "/abs:sub:/abs", "lib:{base}"],
+)
+def test_run_path_is_what_python_dash_m_builds(tmp_path: Path, pythonpath: str) -> None:
+    """Compared with a real ``python -m`` started in the same directory and environment."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "show_path.py").write_text("import json, sys; print(json.dumps(sys.path))")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
+            env=clean,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    value = pythonpath.format(base=base[-1])
+    env = {**clean, "PYTHONPATH": value} if value else clean
+    argv = [sys.executable, "-m", "show_path"]
+    cold = json.loads(
+        subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    )
+    assert run_path(str(tmp_path), env, base) == cold
