@@ -40,6 +40,9 @@ BIN = Path(sys.executable).parent
 # its flow runs use this venv's python, which has prefect
 FW_BIN = Path(os.environ.get("FLOW_WORKER_BIN", str(BIN / "flow-worker")))
 KINDS = ("flow-worker", "prefect")
+WARM = "flow-worker warm"
+"""flow-worker with ``warm_start = true``: run beside the other two in the real-flow scenarios."""
+ALL_KINDS = (*KINDS, WARM)
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
@@ -135,6 +138,42 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def proc_cpu_all(pid: int) -> float:
+    """utime + stime + cutime + cstime: the process and its children already reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / TICK
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process tree: every live process and every child it reaped (a
+    live process's CPU is in no one's cutime yet, a reaped one's only in its reaper's)."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += proc_cpu_all(p)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def proc_pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process tree: shared pages counted once in all."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += proc_pss(p)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def tree_rss(pid: int) -> int:
     total = 0
     for p in tree(pid):
@@ -162,9 +201,10 @@ class Worker:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             **extra_env,
         )
-        if kind == "flow-worker":
+        if kind in ("flow-worker", WARM):
             cmd = [str(FW_BIN), "--pool", pool]
             env["FLOW_WORKER_PYTHON"] = sys.executable
+            env["FLOW_WORKER_WARM_START"] = "true" if kind == WARM else "false"
         else:
             cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
         self.log = (home / f"{kind}-{pool}.log").open("wb")
@@ -200,8 +240,8 @@ class Bench:
     def __init__(self, server: PrefectServer, proxy: CountingProxy, home: Path, quick: bool) -> None:
         self.server, self.proxy, self.home, self.quick = server, proxy, home, quick
         self.api = Api(server)
-        self.results: dict[str, dict[str, float]] = {k: {} for k in KINDS}
-        self.pickups: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+        self.results: dict[str, dict[str, float]] = {k: {} for k in ALL_KINDS}
+        self.pickups: dict[str, dict[str, list[float]]] = {k: {} for k in ALL_KINDS}
 
     def pool(self, kind: str, scenario: str) -> str:
         return f"bench-{scenario}-{kind}-{uuid.uuid4().hex[:4]}"
@@ -221,8 +261,8 @@ class Bench:
         )
         return w
 
-    def each(self, index: int) -> tuple[str, ...]:
-        return KINDS if index % 2 == 0 else KINDS[::-1]
+    def each(self, index: int, kinds: tuple[str, ...] = KINDS) -> tuple[str, ...]:
+        return kinds if index % 2 == 0 else kinds[::-1]
 
     def startup_and_idle(self, kind: str) -> None:
         pool = self.pool(kind, "idle")
@@ -336,18 +376,51 @@ class Bench:
         self.results[kind]["CANCELLING → CANCELLED (s)"] = statistics.median(to_cancelled)
 
     def real_flow(self, kind: str, n: int) -> None:
+        """Real flows one at a time: latency, and the worker tree's CPU per flow. The first
+        run is left out of both (it pays a warm worker's one-time preload; said apart)."""
         pool = self.pool(kind, "real")
         dep = self.api.deployment(pool)
         w = self.start(kind, pool)
-        times = []
+        times, cpu_marks = [], []
         for i in range(n):
             run = self.api.run(dep, {"name": f"bench{i}"})
             wait_for(lambda r=run: self.api.state_type(r) == "COMPLETED", 180, 0.2, "COMPLETED")
             completed = state_time(self.api, run, "COMPLETED")
             assert completed is not None
             times.append(completed - ts(self.api.flow_run(run)["created"]))
+            self.settle(w)
+            cpu_marks.append(tree_cpu(w.proc.pid))
         w.stop()
-        self.results[kind]["real flow: created → COMPLETED (s)"] = statistics.median(times)
+        self.results[kind]["real flow: created → COMPLETED, first run (s)"] = times[0]
+        self.results[kind]["real flow: created → COMPLETED (s)"] = statistics.median(times[1:])
+        self.results[kind]["worker host CPU per real flow (s)"] = (cpu_marks[-1] - cpu_marks[0]) / (n - 1)
+
+    def settle(self, w: Worker) -> None:
+        """Wait until the worker's tree holds no flow process (the engine exits a moment
+        after it reports COMPLETED): only the worker and an engine server are left."""
+
+        def flows_left() -> bool:
+            return len(tree(w.proc.pid)) <= (2 if w.kind == WARM else 1)
+
+        wait_for(flows_left, 60, 0.05, "flow processes to exit")
+
+    def sleeping(self, kind: str, n: int) -> None:
+        """``n`` real flows sleeping at once: the proportional set size of the worker's tree."""
+        pool = self.pool(kind, "sleeping")
+        dep = self.api.deployment(pool)
+        w = self.start(kind, pool)
+        runs = [self.api.run(dep, {"name": f"sleeper{i}", "sleep": 45.0}) for i in range(n)]
+        wait_for(lambda: all(self.api.state_type(r) == "RUNNING" for r in runs), 300, 0.5, "all RUNNING")
+        time.sleep(3)  # the engines are in the flow's sleep now
+        samples = [tree_pss(w.proc.pid)]
+        for _ in range(4):
+            time.sleep(1)
+            samples.append(tree_pss(w.proc.pid))
+        self.results[kind][f"{n} sleeping real flows: PSS of the worker's tree (MiB)"] = (
+            statistics.median(samples) / 2**20
+        )
+        wait_for(lambda: all(self.api.state_type(r) == "COMPLETED" for r in runs), 300, 0.5, "all done")
+        w.stop()
 
 
 GOALS: dict[str, tuple[str, float]] = {
@@ -358,23 +431,46 @@ GOALS: dict[str, tuple[str, float]] = {
     "burst of 50: runs started per second": (">=", 3.0),
     "CANCELLING → CANCELLED (s)": ("<=", 0.5),
 }
+WARM_GOALS: dict[str, float] = {
+    # warm / cold, both flow-worker (issue 13)
+    "real flow: created → COMPLETED (s)": 0.6,
+    "worker host CPU per real flow (s)": 0.5,
+    "10 sleeping real flows: PSS of the worker's tree (MiB)": 0.6,
+}
 ABSOLUTE = {"pickup p50, default settings (s)": 0.15, "pickup p95, default settings (s)": 0.5}
 
 
 def table(bench: Bench, meta: str) -> str:
-    rows = ["| metric | flow-worker | prefect | ratio fw/prefect | goal | met |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| metric | flow-worker | flow-worker warm | prefect | ratio fw/prefect | ratio warm/cold "
+        "| goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
     for metric in bench.results["flow-worker"]:
-        fw, pf = bench.results["flow-worker"][metric], bench.results["prefect"].get(metric, float("nan"))
-        ratio = fw / pf if pf else float("nan")
-        goal, met = "", ""
+        fw, pf = bench.results["flow-worker"][metric], bench.results["prefect"].get(metric, nan)
+        warm = bench.results[WARM].get(metric, nan)
+        ratio = fw / pf if pf else nan
+        warm_ratio = warm / fw if fw else nan
+        goals, mets = [], []
         if metric in GOALS:
             op, bound = GOALS[metric]
-            goal = f"ratio {op} {bound}"
-            met = "yes" if (ratio <= bound if op == "<=" else ratio >= bound) else "NO"
+            goals.append(f"ratio {op} {bound}")
+            mets.append("yes" if (ratio <= bound if op == "<=" else ratio >= bound) else "NO")
+        if metric in WARM_GOALS:
+            goals.append(f"warm/cold <= {WARM_GOALS[metric]}")
+            mets.append("yes" if warm_ratio <= WARM_GOALS[metric] else "NO")
         if metric in ABSOLUTE:
-            goal = f"flow-worker <= {ABSOLUTE[metric]} s"
-            met = "yes" if fw <= ABSOLUTE[metric] else "NO"
-        rows.append(f"| {metric} | {fw:.3g} | {pf:.3g} | {ratio:.3g} | {goal} | {met} |")
+            goals.append(f"flow-worker <= {ABSOLUTE[metric]} s")
+            mets.append("yes" if fw <= ABSOLUTE[metric] else "NO")
+
+        def cell(v: float) -> str:
+            return "" if v != v else f"{v:.3g}"  # NaN: not measured
+
+        rows.append(
+            f"| {metric} | {cell(fw)} | {cell(warm)} | {cell(pf)} | {cell(ratio)} | {cell(warm_ratio)} "
+            f"| {'; '.join(goals)} | {'; '.join(mets)} |"
+        )
     return meta + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -404,6 +500,9 @@ def plot(bench: Bench, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only the scenarios whose name contains this"
+    )
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="flow-worker-bench-"))
     server = PrefectServer(home)
@@ -412,20 +511,23 @@ def main() -> int:
     proxy = CountingProxy(server.port)
     bench = Bench(server, proxy, home, args.quick)
     n_pick = 8 if args.quick else 20
-    steps: list[tuple[str, Callable[[str], None]]] = [
-        ("start-up and idle", bench.startup_and_idle),
-        ("burst of 50 cheap runs", lambda k: bench.burst(k, 20 if args.quick else 50)),
-        ("pickup, default settings", lambda k: bench.pickup(k, "default settings", n_pick, 3.0)),
+    steps: list[tuple[str, Callable[[str], None], tuple[str, ...]]] = [
+        ("start-up and idle", bench.startup_and_idle, KINDS),
+        ("burst of 50 cheap runs", lambda k: bench.burst(k, 20 if args.quick else 50), KINDS),
+        ("pickup, default settings", lambda k: bench.pickup(k, "default settings", n_pick, 3.0), KINDS),
         (
             "pickup, query interval 1 s",
             lambda k: bench.pickup(k, "query interval 1 s", n_pick, 2.0, PREFECT_WORKER_QUERY_SECONDS="1"),
+            KINDS,
         ),
-        ("cancel latency", lambda k: bench.cancel(k, 2 if args.quick else 3)),
-        ("real flow", lambda k: bench.real_flow(k, 2 if args.quick else 3)),
+        ("cancel latency", lambda k: bench.cancel(k, 2 if args.quick else 3), KINDS),
+        ("real flow", lambda k: bench.real_flow(k, 4 if args.quick else 6), ALL_KINDS),
+        ("sleeping real flows", lambda k: bench.sleeping(k, 10), ALL_KINDS),
     ]
+    steps = [s for s in steps if not args.only or any(o in s[0] for o in args.only)]
     try:
-        for index, (name, step) in enumerate(steps):
-            for kind in bench.each(index):
+        for index, (name, step, kinds) in enumerate(steps):
+            for kind in bench.each(index, kinds):
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {kind}", flush=True)
                 step(kind)
     finally:
@@ -449,12 +551,16 @@ def main() -> int:
     )
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
+    if args.only:
+        meta += f" Only the scenarios matching {args.only}."
     text = table(bench, meta)
-    (out / "latest.md").write_text(text)
-    (out / "latest.json").write_text(
+    stem = "latest" if not args.only else "latest-partial"  # a partial run keeps the full table
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "results": bench.results, "pickups": bench.pickups}, indent=1)
     )
-    plot(bench, out / "pickup.png")
+    if bench.pickups["flow-worker"]:
+        plot(bench, out / "pickup.png")
     print("\n" + text)
     shutil.rmtree(home, ignore_errors=True)
     return 0
