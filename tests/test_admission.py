@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
 from worker import admission, memory, settings, usage
 from worker.admission import MIB, Book
 from worker.metrics import Metrics
@@ -116,7 +117,22 @@ def test_meminfo_and_cgroups(tmp_path: Path) -> None:
 def test_proc_stat_parsing() -> None:
     stat = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 150 50 7 3 20 0 1 0 100 1000 2560"
     parsed = usage.parse_stat(stat + " 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0")
-    assert parsed == usage.Stat(pid=4242, session=4242, cpu_ticks=210, rss_pages=2560)
+    assert parsed == usage.Stat(pid=4242, ppid=1, session=4242, cpu_ticks=210, rss_pages=2560)
+
+
+def test_tree_pss_counts_the_descendants() -> None:
+    def own() -> int:
+        text = Path("/proc/self/smaps_rollup").read_text()
+        return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("Pss:"))
+
+    alone = usage.tree_pss(os.getpid())
+    assert alone >= own() * 0.9
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * 20_000_000; time.sleep(30)"])
+    try:
+        wait_for(lambda: usage.tree_pss(os.getpid()) > alone + 15_000_000, 30, what="the child's pages")
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_process_tree_is_measured(tmp_path: Path) -> None:

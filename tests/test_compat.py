@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Api, PrefectServer, WorkerProcess, flow_worker, running_server, wait_for
+from tests.conftest import (
+    ENGINE_START,
+    Api,
+    PrefectServer,
+    WorkerProcess,
+    flow_worker,
+    running_server,
+    wait_for,
+)
 from tests.prefect_versions import VERSIONS, venv_for
 
 # with both polls a minute apart, only the events stream can be this fast
@@ -29,7 +37,22 @@ SLOW_POLLS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(VERSIONS), ids=lambda v: f"prefect-{v}")
+WARM_VERSIONS = ("3.4.25", "3.8.8", "3.9.1")
+"""With warm starts (the session run with ``FLOW_WORKER_TEST_ENGINE_START=warm``): an older
+release that forks warm, the newest, and one before 3.6 that must fall back to cold."""
+
+
+def warm_capable(version: str) -> bool:
+    """Prefect 3.6 added ``refresh_global_settings_context``, which a forked run needs."""
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return (major, minor) >= (3, 6)
+
+
+@pytest.fixture(
+    scope="module",
+    params=list(VERSIONS) if ENGINE_START == "cold" else list(WARM_VERSIONS),
+    ids=lambda v: f"prefect-{v}",
+)
 def versioned_server(request: pytest.FixtureRequest) -> Iterator[PrefectServer]:
     with running_server(f"flow-worker-prefect-{request.param}-", venv_for(request.param)) as server:
         yield server
@@ -72,6 +95,16 @@ def test_real_flow_completes_with_merged_env(
     assert vapi.state_type(run_id) == "COMPLETED", proc.stderr[-3000:]
     record = json.loads(out.read_text().splitlines()[0])
     assert (record["FOO"], record["BAR"], record["run_id"]) == ("from-deployment", "from-run", run_id)
+    events = events_of(proc)
+    started = next(e for e in events if e["event"] == "run.started")
+    version = versioned_server.bin_dir.parent.name
+    if ENGINE_START == "warm" and warm_capable(version):
+        assert started["start"] == "warm"
+    else:
+        assert started["start"] == "cold"
+    if ENGINE_START == "warm" and not warm_capable(version):
+        cold = next(e for e in events if e["event"] == "warm_start.cold")
+        assert "refresh_global_settings_context" in cold["reason"], cold
 
 
 def test_crash_is_reported_with_its_status_and_once_exits_1(

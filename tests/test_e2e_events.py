@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.conftest import Api, WorkerProcess, wait_for
 
 SLOW_POLLS = {
@@ -19,6 +21,7 @@ SLOW_POLLS = {
 }
 
 
+@pytest.mark.no_engine_run
 def test_pickup_and_cancel_by_event(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -38,6 +41,7 @@ def test_pickup_and_cancel_by_event(
     assert worker.saw("run.cancelling", flow_run_id=run_id, via="event")
 
 
+@pytest.mark.no_engine_run
 def test_events_off_still_works(api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]) -> None:
     dep = api.deployment(pool_name, job_variables={"command": "true"})
     worker = start_worker("--pool", pool_name, FLOW_WORKER_EVENTS="false", FLOW_WORKER_QUERY_SECONDS="1")
@@ -46,6 +50,7 @@ def test_events_off_still_works(api: Api, pool_name: str, start_worker: Callable
     assert not worker.saw("events.connected")
 
 
+@pytest.mark.no_engine_run
 def test_resumed_queue_starts_its_runs_at_once(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:

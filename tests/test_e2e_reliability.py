@@ -175,6 +175,7 @@ def test_adopted_runs_count_against_the_limit(
     assert records["third"]["start"] >= first_end, "the third run started while two adopted runs ran"
 
 
+@pytest.mark.no_engine_run
 def test_cancel_kills_setsid_escapees(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -214,6 +215,7 @@ def test_cancellation_runs_the_flows_on_cancellation_hook(
     assert worker.saw("run.terminating", flow_run_id=run_id, intent="cancel", intent_acknowledged=True)
 
 
+@pytest.mark.no_engine_run
 def test_exit_0_without_a_final_state_is_reported(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -347,6 +349,7 @@ def test_flaky_api_30_percent_503_429(
     assert sorted(executed) == sorted(runs), "each run executed exactly once"
 
 
+@pytest.mark.no_engine_run
 def test_orphans_are_reparented_to_the_worker_and_reaped(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:

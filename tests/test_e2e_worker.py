@@ -28,6 +28,7 @@ def crashed_states(api: Api, run_id: str) -> list[dict[str, Any]]:
     return [s for s in api.states(run_id) if s["type"] == "CRASHED"]
 
 
+@pytest.mark.no_engine_run
 def test_missing_pool_is_created_with_prefects_template(
     prefect_server: PrefectServer, api: Api, pool_name: str
 ) -> None:
@@ -99,6 +100,7 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+@pytest.mark.no_engine_run
 @pytest.mark.parametrize("events", ["true", "false"], ids=["events-on", "events-off"])
 def test_cancelling_kills_the_whole_process_group(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], events: str
@@ -120,6 +122,7 @@ def test_cancelling_kills_the_whole_process_group(
     wait_for(lambda: not _group_members(pid), 10, what=f"process group {pid} to be empty")
 
 
+@pytest.mark.no_engine_run
 @pytest.mark.parametrize("events", ["true", "false"], ids=["events-on", "events-off"])
 def test_two_daemons_run_each_of_30_runs_exactly_once(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path, events: str
@@ -167,6 +170,7 @@ def test_limit_two_never_runs_more_than_two(
     assert peak == 2, f"peak concurrency {peak}"
 
 
+@pytest.mark.no_engine_run
 def test_worker_is_online_while_it_runs(
     api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -184,6 +188,7 @@ def test_worker_is_online_while_it_runs(
     assert worker.stop() == 0
 
 
+@pytest.mark.no_engine_run
 def test_health_endpoint(api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]) -> None:
     port = free_port()
     worker = start_worker(
@@ -204,6 +209,7 @@ def test_health_endpoint(api: Api, pool_name: str, start_worker: Callable[..., W
     assert worker.stop() == 0
 
 
+@pytest.mark.no_engine_run
 def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
     env = {k: v for k, v in prefect_server.env.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run(
@@ -220,6 +226,7 @@ def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
     ]
 
 
+@pytest.mark.no_engine_run
 def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_path: Path) -> None:
     cfg = tmp_path / "p.toml"
     cfg.write_text('pool = "p"\nlimit = -1\n')
@@ -235,6 +242,7 @@ def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_p
     assert os.path.exists(cfg)
 
 
+@pytest.mark.no_engine_run
 def test_blocks_and_variables_resolve_through_the_api(
     prefect_server: PrefectServer,
     api: Api,
@@ -268,6 +276,7 @@ def test_blocks_and_variables_resolve_through_the_api(
     assert out.read_text().strip() == "s3cr3t x-42-y"
 
 
+@pytest.mark.no_engine_run
 @pytest.mark.parametrize("attempt", range(2))
 def test_every_exit_status_is_true_under_a_burst(
     prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path, attempt: int
@@ -299,6 +308,7 @@ def test_every_exit_status_is_true_under_a_burst(
         assert "exited with status 0 without reporting a final state" in by_id[r]["state"]["message"]
 
 
+@pytest.mark.no_engine_run
 def test_crash_message_shows_the_error(
     prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
 ) -> None:

@@ -73,6 +73,8 @@ class Metrics:
     memory_reserve: float = float("nan")
     runs_held: int = 0
     """Due runs the last poll left SCHEDULED for want of memory."""
+    runs_started: Counter[str] = attrs.Factory(Counter)
+    """Runs whose process started, by how: ``cold`` (spawned) or ``warm`` (forked)."""
     polls: int = 0
     poll_seconds_sum: float = 0.0
     last_poll_seconds: float = 0.0
@@ -86,7 +88,9 @@ class Metrics:
         self.run_peak_memory.observe(peak_bytes)
         self.run_cpu.observe(cpu_seconds)
 
-    def render(self, active_runs: int, seconds_since_poll: float | None) -> str:
+    def render(
+        self, active_runs: int, seconds_since_poll: float | None, tree_pss: float = float("nan")
+    ) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, doc: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -120,6 +124,12 @@ class Metrics:
             "Runs of this worker resolved by a peer while it could not heartbeat (then stopped).",
             [({}, self.runs_lost)],
         )
+        metric(
+            "runs_started_total",
+            "counter",
+            "Runs whose process started: spawned (cold) or forked from an engine server (warm).",
+            [({"start": k}, self.runs_started[k]) for k in ("cold", "warm")],
+        )
         metric("active_runs", "gauge", "Flow runs being submitted, running or adopted.", [({}, active_runs)])
         kinds = ("unavailable", "refused", "protocol")
         metric(
@@ -142,6 +152,12 @@ class Metrics:
             "gauge",
             "Due runs left SCHEDULED at the last poll: no memory.",
             [({}, self.runs_held)],
+        )
+        metric(
+            "tree_pss_bytes",
+            "gauge",
+            "Proportional set size of the worker's process tree (itself, engine servers, runs).",
+            [({}, tree_pss)],
         )
         lines.extend(
             self.run_peak_memory.lines(

@@ -311,6 +311,7 @@ class Runner:
             await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
         handle.usage = self.meter.track(pid)
+        self.metrics.runs_started["warm" if handle.started_warm else "cold"] += 1
         facts = reaper.process_facts(pid)
         entry = self.ledger.update(
             entry,

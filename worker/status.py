@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import trio
 
+from worker import usage
 from worker.health import is_healthy
 from worker.interpreter import InterpreterCheck
 from worker.metrics import Metrics
@@ -38,7 +41,7 @@ class Status:
 
     def render_metrics(self) -> str:
         since = trio.current_time() - self.last_poll if self.last_poll is not None else None
-        return self.metrics.render(len(self.in_hand.live), since)
+        return self.metrics.render(len(self.in_hand.live), since, usage.tree_pss(os.getpid()))
 
     def line(self) -> str:
         """The one-line status shown by ``systemctl status`` (``STATUS=``)."""
