@@ -84,3 +84,50 @@ def test_run_path_is_what_python_dash_m_builds(tmp_path: Path, pythonpath: str) 
         subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     )
     assert run_path(str(tmp_path), env, base) == cold
+
+
+FAKE_SERVER = """
+import json, os, sys
+os.write(1, b'{"ready": true, "prefect": "fake"}\\n')
+mode = os.environ["FAKE_MODE"]
+for line in sys.stdin.buffer:
+    request = json.loads(line)
+    if mode == "out-of-turn":
+        os.write(1, b'{"id": 999, "pid": 1}\\n')
+    elif mode == "garbage":
+        os.write(1, b'not json\\n')
+    elif mode == "failed-fork":
+        os.write(1, json.dumps({"id": request["id"], "error": "fork failed: no memory"}).encode() + b"\\n")
+    # "silent": never answers
+"""
+
+
+@pytest.mark.parametrize("mode", ["silent", "out-of-turn", "garbage", "failed-fork"])
+async def test_a_conversation_gone_wrong_retires_the_server(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the server answers wrongly, the caller gets ``Unavailable`` (the run starts
+    cold) and, unless the server said it could not fork, the server is retired (killed)."""
+    import trio
+
+    from worker import reaper, warm
+
+    monkeypatch.setattr(warm, "ANSWER_TIMEOUT", 0.5)
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    server = warm.EngineServer(Key(sys.executable, ()), script=script)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run, {"FAKE_MODE": mode, "PATH": os.environ["PATH"]})
+        await server.ready.wait()
+        assert server.problem is None and server.process is not None
+        with reaper.CHILDREN.spawning(), pytest.raises(warm.Unavailable) as raised:
+            await server.fork({"argv": ENGINE, "cwd": "/", "env": {}, "stdout": None, "stderr": None})
+        if mode == "failed-fork":
+            assert server.problem is None, "a failed fork does not retire a working server"
+            assert "no memory" in str(raised.value)
+            await server.stop()
+        else:
+            assert server.problem == str(raised.value)
+            with trio.fail_after(10):
+                await server.process.wait()  # killed
+    assert 1 not in reaper.CHILDREN.spawned and 999 not in reaper.CHILDREN.spawned

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -107,6 +108,7 @@ class EngineServer:
     """One engine server process and the conversation with it (one fork at a time)."""
 
     key: Key
+    script: Path = SERVER
     process: trio.Process | None = None
     ready: trio.Event = attrs.Factory(trio.Event)
     """Set once the preload is done or failed (then ``problem`` says why)."""
@@ -123,7 +125,7 @@ class EngineServer:
         try:
             with reaper.CHILDREN.spawning():
                 self.process = await trio.lowlevel.open_process(
-                    [self.key.python, "-c", LOADER, str(SERVER)],
+                    [self.key.python, "-c", LOADER, str(self.script)],
                     cwd="/",
                     env=self.key.server_env(environ),
                     stdin=subprocess.PIPE,
@@ -185,48 +187,51 @@ class EngineServer:
     async def fork(self, request: dict[str, Any]) -> int:
         """Fork a run's process; its pid is registered in ``reaper.CHILDREN`` before it is
         told to go. Call inside ``reaper.CHILDREN.spawning()``. Raises
-        :class:`Unavailable` if it cannot (then nothing of the run was started)."""
+        :class:`Unavailable` if it cannot (then nothing of the run was started).
+
+        A conversation that does not end as the protocol says (a timeout, a broken pipe,
+        a garbled answer, or the caller cancelled half-way) retires the server: it is
+        killed, so a process it forked and never heard go for exits having run nothing,
+        and it is no longer asked."""
         async with self._lock:
             if self.problem is not None:
                 raise Unavailable(self.problem)
             self._next_id += 1
             ident = self._next_id
+            pid: int | None = None
+            finished = False
             try:
                 with trio.fail_after(ANSWER_TIMEOUT):
                     await self._send({**request, "id": ident})
                     line = await self._line()
-            except trio.TooSlowError:
-                self._fail(f"the engine server did not answer within {ANSWER_TIMEOUT:g} s")
-                self.kill()  # what it may have forked then never goes (its go pipe closes)
-                raise Unavailable(self.problem or "") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(f"the engine server is gone ({exc})")
-                raise Unavailable(self.problem or "") from None
-            if line is None:
-                self._fail("the engine server is gone")
-                raise Unavailable(self.problem or "")
-            try:
+                if line is None:
+                    raise Unavailable("the engine server is gone")
                 answer = json.loads(line)
-            except ValueError:
-                self._fail(f"the engine server answered {line[:200]!r}")
-                self.kill()
-                raise Unavailable(self.problem or "") from None
-            if "pid" not in answer:
-                error = str(answer.get("error", "no pid in the answer"))
-                if error.startswith("stale"):
-                    self._fail(error)
-                raise Unavailable(error)
-            pid = int(answer["pid"])
-            reaper.CHILDREN.spawned.add(pid)
-            try:
+                if answer.get("id") != ident:
+                    raise Unavailable(f"the engine server answered out of turn: {line[:200]!r}")
+                if "pid" not in answer:
+                    error = str(answer.get("error", "no pid in the answer"))
+                    if not error.startswith("stale"):
+                        finished = True  # e.g. a failed fork: the server itself is fine
+                    raise Unavailable(error)
+                pid = int(answer["pid"])
+                reaper.CHILDREN.spawned.add(pid)
                 await self._send({"go": ident})
+                finished = True
+                return pid
+            except trio.TooSlowError:
+                raise Unavailable(f"the engine server did not answer within {ANSWER_TIMEOUT:g} s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                # the process exits without running anything (the orphan reaper takes it):
-                # a cold start is safe
-                reaper.CHILDREN.spawned.discard(pid)
-                self._fail(f"the engine server is gone ({exc})")
-                raise Unavailable(self.problem or "") from None
-            return pid
+                raise Unavailable(f"the engine server is gone ({exc})") from None
+            except ValueError as exc:
+                raise Unavailable(f"the engine server's answer is not JSON ({exc})") from None
+            finally:
+                if not finished:
+                    if pid is not None:  # never told go: it exits, and the orphan reaper takes it
+                        reaper.CHILDREN.spawned.discard(pid)
+                    exc_now = sys.exc_info()[1]
+                    self._fail(str(exc_now) if isinstance(exc_now, Unavailable) else "a fork was interrupted")
+                    self.kill()
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
