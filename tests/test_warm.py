@@ -88,6 +88,7 @@ def test_run_path_is_what_python_dash_m_builds(tmp_path: Path, pythonpath: str) 
 
 FAKE_SERVER = """
 import json, os, sys
+os.write(1, b'printed at start by a sitecustomize: not the protocol\\n')
 os.write(1, b'{"ready": true, "prefect": "fake"}\\n')
 mode = os.environ["FAKE_MODE"]
 for line in sys.stdin.buffer:
@@ -107,7 +108,8 @@ async def test_a_conversation_gone_wrong_retires_the_server(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever the server answers wrongly, the caller gets ``Unavailable`` (the run starts
-    cold) and, unless the server said it could not fork, the server is retired (killed)."""
+    cold) and, unless the server said it could not fork, the server is retired (killed).
+    (Noise before the ready message is skipped.)"""
     import trio
 
     from worker import reaper, warm

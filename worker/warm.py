@@ -139,22 +139,24 @@ class EngineServer:
             return
         proc = self.process
         try:
-            with trio.move_on_after(PRELOAD_TIMEOUT) as scope:
-                line = await self._line()
-            if scope.cancelled_caught:
-                self._fail(f"the preload took longer than {PRELOAD_TIMEOUT:g} s", preload=True)
-                self.kill()
-            elif line is None:
-                self._fail("the engine server exited during its preload", preload=True)
-            else:
-                ready = json.loads(line)
-                if ready.get("ready"):
+            try:
+                with trio.move_on_after(PRELOAD_TIMEOUT) as scope:
+                    ready = await self._ready_message()
+                if scope.cancelled_caught:
+                    self._fail(f"the preload took longer than {PRELOAD_TIMEOUT:g} s", preload=True)
+                    self.kill()
+                elif ready is None:
+                    self._fail("the engine server exited during its preload", preload=True)
+                elif ready.get("ready"):
                     self.prefect_version = str(ready.get("prefect", "?"))
                     log.info(
                         "warm_start.ready", python=self.key.python, prefect=self.prefect_version, pid=proc.pid
                     )
                 else:
                     self._fail(str(ready.get("error", "the preload failed")), preload=True)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(f"the engine server's pipe failed during its preload: {exc}", preload=True)
+                self.kill()
             self.ready.set()
             await proc.wait()
             self._fail(f"the engine server exited (status {proc.returncode})")
@@ -164,6 +166,18 @@ class EngineServer:
                 if proc.returncode is None:
                     await self.stop()
                 reaper.CHILDREN.spawned.discard(proc.pid)
+
+    async def _ready_message(self) -> dict[str, Any] | None:
+        """The server's first JSON object; lines before it that are not one (something the
+        interpreter printed at start, e.g. a ``sitecustomize``) are skipped."""
+        while (line := await self._line()) is not None:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and "ready" in message:
+                return message
+        return None
 
     def _fail(self, problem: str, preload: bool = False) -> None:
         if self.problem is None:
