@@ -304,9 +304,9 @@ class RunHandle(Supervised):
         env = {k: v for k, v in self.config.env.items() if v is not None}
         env.update(extra_env or {})
         server: EngineServer | str | None = None
-        if self.warm is not None and self.warm.enabled:
-            server = await self.warm.server_for(argv, env, str(cwd))
         try:
+            if self.warm is not None and self.warm.enabled:  # may wait for a first preload
+                server = await self.warm.server_for(argv, env, str(cwd))
             with reaper.CHILDREN.spawning():
                 if isinstance(server, EngineServer):
                     self.process = await self._fork(server, argv, str(cwd), env)
@@ -334,8 +334,9 @@ class RunHandle(Supervised):
         finally:
             for fd in files:
                 os.close(fd)
-            if self.process is None:
+            if self.process is None:  # not started (an error, or cancelled waiting for a preload)
                 self.remove_output()
+                self._cleanup_tmpdir()
         return self.process.pid
 
     async def _fork(
