@@ -10,10 +10,11 @@ the worker package's directory, whose modules must not shadow anything the flow 
 
 Theory of operation
 -------------------
-1. **Preload.** Import ``prefect.engine`` and ``prefect.flow_engine`` (the ~1 s of CPU
-   and ~80 MiB every cold ``python -m prefect.engine`` pays), check that the process
+1. **Preload.** Import ``prefect.engine``, ``prefect.flow_engine`` and ``ALSO_PRELOADED``
+   (the ~1 s of CPU and ~80 MiB every cold ``python -m prefect.engine`` pays), check that the process
    holds no threads and no sockets (a fork copies neither correctly), ``gc.freeze()``
-   (the collector then never writes to the shared pages), note the mtime of every
+   (the collector, off during the imports, then never writes to the shared pages; it is
+   on again in each run), note the mtime of every
    ``sys.path`` directory, and say ``{"ready": true, ...}`` on stdout. Any failure is
    said as ``{"ready": false, "error": ...}`` and the server exits: the worker starts
    those runs cold.
@@ -58,6 +59,18 @@ import sys
 from typing import Any
 
 PROTOCOL = 1
+ALSO_PRELOADED = (
+    "prefect.runner",
+    "prefect.deployments.steps",
+    "anyio._backends._asyncio",
+    "pydantic.v1",
+    "encodings.idna",
+    "rich._emoji_codes",
+)
+"""Modules every run of the engine imports after it starts (loading the flow run, the pull
+steps, the API client, parameter validation, the console). Imported by the server, they
+are shared by every run instead of copied into each. None reads the environment when it is
+imported. Best effort: one that does not import here is imported by the run, as cold."""
 NOT_STARTED = 75
 """The exit status of a forked process the worker never told to go (EX_TEMPFAIL)."""
 
@@ -139,11 +152,18 @@ def _preload() -> dict[str, Any]:
         logging_configuration, "PROCESS_LOGGING_CONFIG"
     ):
         return {"ready": False, "error": f"Prefect {version}'s logging cannot be set up again for a run"}
+    for name in ALSO_PRELOADED:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            continue  # not preloaded: the run imports it itself, as a cold one does
     sys.modules.pop("prefect.engine", None)  # -m runs it afresh as __main__, as cold
     held = _held_resources()
     if held:
         return {"ready": False, "error": "the preloaded process holds " + " and ".join(held)}
-    gc.collect()
+    # Python's advice for fork without exec: the collector was off during the imports (no
+    # freed holes in pages that runs then fill, copying them), and what was imported is
+    # frozen out of every later collection (no run writes to it to collect it).
     gc.freeze()
     return {"ready": True, "prefect": version, "pid": os.getpid(), "protocol": PROTOCOL}
 
@@ -267,6 +287,7 @@ def _become_run(request: dict[str, Any], base: list[str]) -> None:
     os.environ.update(request["env"])
     sys.path[:] = run_path(os.getcwd(), request["env"], base)
     importlib.invalidate_caches()
+    gc.enable()
     argv = request["argv"]
     sys.argv[:] = ["-m", *argv[3:]]
     if hasattr(sys, "orig_argv"):
@@ -280,6 +301,7 @@ def _become_run(request: dict[str, Any], base: list[str]) -> None:
 
 
 def main() -> None:
+    gc.disable()  # until the run's process starts (see _preload)
     base = sys.path[1:]  # without -c's '' (the server's own directory, '/')
     ready = _preload()
     _send(ready)

@@ -110,6 +110,7 @@ def introspect(out: str) -> None:
         "group_leader": os.getpgid(0) == os.getpid(),
         "stdin": os.readlink("/proc/self/fd/0"),
         "main": sys.modules["__main__"].__dict__.get("__file__"),
+        "modules": sorted(sys.modules),
     }
     with open(out, "w") as f:
         f.write(json.dumps(record))
