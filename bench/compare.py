@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import FLOWS, Api, PrefectServer, wait_for  # noqa: E402
+from worker.usage import tree_pss  # noqa: E402  (the worker's own /metrics measure)
 
 BIN = Path(sys.executable).parent
 # flow-worker as it is deployed: its own venv, without prefect (bench/compare builds it);
@@ -144,44 +145,26 @@ def proc_cpu_all(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / TICK
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process tree: every live process and every child it reaped (a
-    live process's CPU is in no one's cutime yet, a reaped one's only in its reaper's)."""
+def tree_sum(pid: int, of: Callable[[int], float]) -> float:
+    """``of(p)`` summed over the live processes of ``pid``'s tree (those that vanish
+    meanwhile count 0)."""
     total = 0.0
     for p in tree(pid):
         try:
-            total += proc_cpu_all(p)
+            total += of(p)
         except (OSError, ValueError):
             pass
     return total
 
 
-def proc_pss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def tree_pss(pid: int) -> int:
-    """Proportional set size of a process tree: shared pages counted once in all."""
-    total = 0
-    for p in tree(pid):
-        try:
-            total += proc_pss(p)
-        except (OSError, ValueError):
-            pass
-    return total
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process tree: every live process and every child it reaped (a
+    live process's CPU is in no one's cutime yet, a reaped one's only in its reaper's)."""
+    return tree_sum(pid, proc_cpu_all)
 
 
 def tree_rss(pid: int) -> int:
-    total = 0
-    for p in tree(pid):
-        try:
-            total += proc_rss(p)
-        except OSError:
-            pass
-    return total
+    return int(tree_sum(pid, proc_rss))
 
 
 # ---------------------------------------------------------------- workers

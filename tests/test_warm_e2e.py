@@ -140,32 +140,25 @@ def test_runs_outlive_their_engine_server_and_fallbacks_start_cold(
         assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
         assert seen("run.exited", run_id)["returncode"] == 0, "the true exit status, read by the worker"
 
-    # the next run starts cold (the reason said once), the one after from a fresh server
-    after_death = api.run(dep, {"name": "after-death"})
-    assert started(after_death)["start"] == "cold"
-    assert api.wait_final(after_death, 120)["state_type"] == "COMPLETED"
-    wait_for(
-        lambda: len([e for e in worker.events() if e.get("event") == "warm_start.ready"]) == 2,
-        120,
-        what="a fresh engine server",
-    )
-    fresh = api.run(dep, {"name": "fresh"})
-    assert started(fresh)["start"] == "warm"
-    assert api.wait_final(fresh, 120)["state_type"] == "COMPLETED"
+    def cold_then_warm_again(name: str, servers: int) -> None:
+        """A run now starts cold; once the ``servers``-th server is ready, runs are warm."""
+        cold = api.run(dep, {"name": name})
+        assert started(cold)["start"] == "cold"
+        assert api.wait_final(cold, 120)["state_type"] == "COMPLETED"
+        wait_for(
+            lambda: len([e for e in worker.events() if e.get("event") == "warm_start.ready"]) == servers,
+            120,
+            what=f"engine server number {servers}",
+        )
+        warm = api.run(dep, {"name": f"{name}-then-warm"})
+        assert started(warm)["start"] == "warm"
+        assert api.wait_final(warm, 120)["state_type"] == "COMPLETED"
 
+    # the server is dead: the next run starts cold (the reason said once), later ones warm
+    cold_then_warm_again("after-death", 2)
     # site-packages changed (an install): that run cold, then warm again from a fresh server
     os.utime(site)
-    stale = api.run(dep, {"name": "stale"})
-    assert started(stale)["start"] == "cold"
-    assert api.wait_final(stale, 120)["state_type"] == "COMPLETED"
-    wait_for(
-        lambda: len([e for e in worker.events() if e.get("event") == "warm_start.ready"]) == 3,
-        120,
-        what="an engine server with the new packages",
-    )
-    again = api.run(dep, {"name": "again"})
-    assert started(again)["start"] == "warm"
-    assert api.wait_final(again, 120)["state_type"] == "COMPLETED"
+    cold_then_warm_again("stale", 3)
 
     # a custom command always starts cold, said once however many runs
     customs = [api.run(custom) for _ in range(2)]
