@@ -184,13 +184,17 @@ def _fork_run() -> tuple[int, int] | None:
         except BaseException:
             os._exit(1)
         # the run's process: its own session first, so the pid the worker gets is a group
-        os.close(go_w)
-        os.setsid()
-        os.write(w, str(os.getpid()).encode())
-        os.close(w)
-        if os.read(go_r, 1) != b"g":
+        try:
+            os.close(go_w)
+            os.setsid()
+            os.write(w, str(os.getpid()).encode())
+            os.close(w)
+            go = os.read(go_r, 1)
+            os.close(go_r)
+        except BaseException:  # never a second server: this process only ever runs a flow
+            os._exit(NOT_STARTED)
+        if go != b"g":
             os._exit(NOT_STARTED)  # the worker never took the run: nothing was run
-        os.close(go_r)
         return None
     os.close(w)
     os.close(go_r)
