@@ -242,7 +242,6 @@ def test_bad_config_file_names_key_and_file(prefect_server: PrefectServer, tmp_p
     assert os.path.exists(cfg)
 
 
-@pytest.mark.no_engine_run
 def test_blocks_and_variables_resolve_through_the_api(
     prefect_server: PrefectServer,
     api: Api,
@@ -263,17 +262,16 @@ def test_blocks_and_variables_resolve_through_the_api(
         timeout=120,
     )
     api.call("POST", "variables/", {"name": f"v_{name[2:]}", "value": 42})
-    out = tmp_path / "env.txt"
+    out = tmp_path / "env.jsonl"
     env = {
-        "SECRET": f"{{{{ prefect.blocks.secret.{name} }}}}",
-        "NUM": f"x-{{{{ prefect.variables.v_{name[2:]} }}}}-y",
+        "FOO": f"{{{{ prefect.blocks.secret.{name} }}}}",
+        "BAR": f"x-{{{{ prefect.variables.v_{name[2:]} }}}}-y",
     }
-    dep = api.deployment(
-        pool_name, job_variables={"env": env, "command": f"sh -c 'echo \"$SECRET $NUM\" > {out}'"}
-    )
+    dep = api.deployment(pool_name, job_variables={"env": env})
     start_worker("--pool", pool_name, **FAST)
-    api.wait_final(api.run(dep), 60)
-    assert out.read_text().strip() == "s3cr3t x-42-y"
+    assert api.wait_final(api.run(dep, {"name": "blocks", "out": str(out)}), 120)["state_type"] == "COMPLETED"
+    record = json.loads(out.read_text().splitlines()[0])
+    assert (record["FOO"], record["BAR"]) == ("s3cr3t", "x-42-y"), "the real flow sees the resolved values"
 
 
 @pytest.mark.no_engine_run
