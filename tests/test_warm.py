@@ -133,3 +133,39 @@ async def test_a_conversation_gone_wrong_retires_the_server(
             with trio.fail_after(10):
                 await server.process.wait()  # killed
     assert 1 not in reaper.CHILDREN.spawned and 999 not in reaper.CHILDREN.spawned
+
+
+async def test_runs_arriving_at_once_share_one_server(tmp_path: Path) -> None:
+    """However many first runs of a key ask at once, one server is started for them."""
+    import trio
+
+    from worker import warm
+
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    starts = warm.WarmStarts(enabled=True, environ={"FAKE_MODE": "silent", "PATH": os.environ["PATH"]})
+    launched: list[warm.EngineServer] = []
+    original = warm.WarmStarts._launch
+
+    def launch(self: warm.WarmStarts, key: Key) -> warm.EngineServer | None:
+        server = original(self, key)
+        if server is not None:
+            server.script = script  # the fake: ready at once
+            launched.append(server)
+        return server
+
+    answers: list[object] = []
+
+    async def ask() -> None:
+        answers.append(await starts.server_for(ENGINE, {"PATH": os.environ["PATH"]}, "/"))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(warm.WarmStarts, "_launch", launch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(starts.serve)
+            async with trio.open_nursery() as askers:
+                for _ in range(10):
+                    askers.start_soon(ask)
+            nursery.cancel_scope.cancel()
+    assert len(launched) == 1
+    assert len(answers) == 10 and all(a is launched[0] for a in answers)

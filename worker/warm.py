@@ -302,7 +302,9 @@ class WarmStarts:
             return self._cold((key, reason), reason, python=key.python)
         if server is None:
             await self._ready.wait()
-            server = self._launch(key)
+            # look again, with no checkpoint before the launch: a run that asked meanwhile
+            # may have launched it (one server per key, however many runs arrive at once)
+            server = self.servers.get(key) or self._launch(key)
             if server is None:
                 return "the worker is stopping"
         await server.ready.wait()
