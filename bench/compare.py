@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import FLOWS, Api, PrefectServer, wait_for  # noqa: E402
-from worker.usage import tree_pss  # noqa: E402  (the worker's own /metrics measure)
+from worker.usage import tree, tree_pss  # noqa: E402  (the worker's own /metrics measures)
 
 BIN = Path(sys.executable).parent
 # flow-worker as it is deployed: its own venv, without prefect (bench/compare builds it);
@@ -120,23 +120,6 @@ def proc_cpu(pid: int) -> float:
 
 def proc_rss(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-
-
-def tree(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
 
 
 def proc_cpu_all(pid: int) -> float:

@@ -272,7 +272,8 @@ class RunHandle(Supervised):
     """The exit status once the child is reaped (None: not yet, or unknowable)."""
     warm: WarmStarts | None = None
     """Where a run of the engine command may be forked from (``warm_start``); else spawned."""
-    started_warm: bool = False
+    started_as: str = "cold"
+    """How the process started: ``cold`` (spawned) or ``warm`` (forked by an engine server)."""
     _pidfd: int | None = None
 
     @property
@@ -357,7 +358,7 @@ class RunHandle(Supervised):
             assert self.warm is not None
             self.warm.said_cold(server, str(exc))
             return None
-        self.started_warm = True
+        self.started_as = "warm"
         return ForkedChild(pid)
 
     async def _exited(self) -> None:

@@ -311,7 +311,7 @@ class Runner:
             await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
         handle.usage = self.meter.track(pid)
-        self.metrics.runs_started["warm" if handle.started_warm else "cold"] += 1
+        self.metrics.runs_started[handle.started_as] += 1
         facts = reaper.process_facts(pid)
         entry = self.ledger.update(
             entry,
@@ -329,7 +329,7 @@ class Runner:
             "run.started",
             command=config.command,
             cwd=str(config.working_dir or handle.tmpdir),
-            start="warm" if handle.started_warm else "cold",
+            start=handle.started_as,
         )
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)

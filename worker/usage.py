@@ -100,11 +100,8 @@ def sample(sessions: set[int]) -> dict[int, tuple[int, float]]:
     return out
 
 
-def tree_pss(root: int) -> int:
-    """Proportional set size of ``root`` and its descendants (``smaps_rollup``): a page
-    shared by N processes counts 1/N in each, so the sum shows what forking from a
-    preloaded engine saves, which resident sizes hide. Read on demand (``/metrics``): it
-    walks page tables, too dear for the 0.5 s sampler."""
+def tree(root: int) -> list[int]:
+    """``root`` and its descendants now (one pass over ``/proc``)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir(PROC):
         if not entry.name.isdigit():
@@ -116,10 +113,21 @@ def tree_pss(root: int) -> int:
             stat = None
         if stat is not None:
             children.setdefault(stat.ppid, []).append(stat.pid)
-    total, todo = 0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
+        out.append(pid)
         todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_pss(root: int) -> int:
+    """Proportional set size of ``root`` and its descendants (``smaps_rollup``): a page
+    shared by N processes counts 1/N in each, so the sum shows what forking from a
+    preloaded engine saves, which resident sizes hide. Read on demand (``/metrics``): it
+    walks page tables, too dear for the 0.5 s sampler."""
+    total = 0
+    for pid in tree(root):
         for line in (_read(PROC / str(pid) / "smaps_rollup") or "").splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024
