@@ -108,7 +108,11 @@ class PrefectServer:
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, SERVER_START_TIMEOUT, 0.1, "the prefect server to answer /api/health")
+        try:
+            wait_for(up, SERVER_START_TIMEOUT, 0.1, "the prefect server to answer /api/health")
+        except AssertionError as exc:  # say why: the server's own words, not only that it was slow
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{exc} (port {self.port}); its log ends:\n{tail}") from None
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

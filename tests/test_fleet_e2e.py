@@ -86,7 +86,29 @@ class Fleet:
         return r["state_type"] == "RUNNING" and r["labels"].get(OWNER) == self.name(host)
 
     def said(self, event: str) -> list[dict[str, Any]]:
-        return [e for w in self.workers for e in w.events() if e.get("event") == event]
+        """Every worker's ``event`` lines, each with ``said_by``: the worker's log file."""
+        return [
+            {**e, "said_by": w.log_path.name}
+            for w in self.workers
+            for e in w.events()
+            if e.get("event") == event
+        ]
+
+    def story(self, run_id: str) -> list[tuple[str, str, str, str]]:
+        """What each worker said of one run, in time order: (timestamp, worker's log,
+        event, state or action): the evidence a failed assertion needs."""
+        lines = [
+            (
+                e.get("timestamp", ""),
+                w.log_path.name,
+                e["event"],
+                str(e.get("state") or e.get("action") or ""),
+            )
+            for w in self.workers
+            for e in w.events()
+            if e.get("flow_run_id") == run_id and e.get("event") != "run.output"
+        ]
+        return sorted(lines)
 
     def stop_all(self) -> None:
         for w in self.workers:
@@ -157,8 +179,17 @@ def test_a_dead_hosts_runs_are_resolved_by_its_peers(fleet: Fleet, on_lost: str)
     records = fleet.api.call("POST", f"work_pools/{fleet.pool}/workers/filter", {})
     last_seen = next(w for w in records if w["name"] == fleet.name("host-a"))["last_heartbeat_time"]
     bound = reclaim_after + 2 * query
-    reclaimed = {e["flow_run_id"]: e for e in fleet.said("run.reclaimed")}
-    assert sorted(reclaimed) == sorted(long) and len(fleet.said("run.reclaimed")) == 2  # one peer each
+    said = fleet.said("run.reclaimed")
+    reclaimed = {e["flow_run_id"]: e for e in said}
+    history = {
+        r: [
+            (s["type"], s["timestamp"], s["state_details"].get("transition_id"), s.get("message"))
+            for s in fleet.api.states(r)
+        ]
+        for r in long
+    }
+    stories = {r: fleet.story(r) for r in long}
+    assert sorted(reclaimed) == sorted(long) and len(said) == 2, (said, history, stories)  # one peer each
     for r in long:
         reclaim = lost_states(fleet.api, r)
         assert len(reclaim) == 1, reclaim
