@@ -12,6 +12,7 @@ import collections
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -240,6 +241,38 @@ def test_a_claim_left_by_a_vanished_worker_runs_once(fleet: Fleet) -> None:
     assert b.saw("run.reclaimed", action="reschedule", lost_worker=ghost)
     types = [s["type"] for s in api.states(run)]
     assert types[-5:] == ["PENDING", "SCHEDULED", "PENDING", "RUNNING", "COMPLETED"], types
+
+
+def test_a_claim_names_its_worker_before_the_start_waits(fleet: Fleet, tmp_path: Path) -> None:
+    """A run a lost worker left (a rescheduled one) names that worker until its next claimer
+    labels it. Here the claimer's start waits (its interpreter check takes 25 s; on a loaded
+    host, any slow step): its peer must not take the claim for the lost worker's and
+    reschedule it. (CI, 2026-11-30: a rescheduled run was reclaimed a second time this way,
+    when labels went on only after the start.)"""
+    ghost = fleet.name("ghost")
+    api = fleet.api
+    api.call(
+        "POST", f"work_pools/{fleet.pool}/workers/heartbeat", {"name": ghost, "heartbeat_interval_seconds": 2}
+    )
+    run = fleet.run()
+    api.call("PATCH", f"flow_runs/{run}/labels", {OWNER: ghost, "prefect.worker.type": "process"})
+    slow = tmp_path / "slow-python"
+    slow.write_text(
+        f'#!/bin/sh\n[ "$1" = -c ] && sleep 25  # the interpreter check only\nexec {sys.executable} "$@"\n'
+    )
+    slow.chmod(0o755)
+
+    d = fleet.start("host-d", reclaim_after=6, FLOW_WORKER_PYTHON=str(slow))
+    wait_for(lambda: d.saw("run.claimed", flow_run_id=run), 30, what="host-d to claim the run")
+    e = fleet.start("host-e", reclaim_after=6)  # sees a PENDING run; the ghost is silent
+    named = wait_for(
+        lambda: api.flow_run(run)["labels"].get(OWNER) == fleet.name("host-d"), 10, what="labels"
+    )
+    assert named and not d.saw("run.started", flow_run_id=run), "labelled only once started"
+    wait_for(lambda: d.saw("run.started", flow_run_id=run), 60, what="host-d to start it")
+    assert api.wait_final(run, 120)["state_type"] == "COMPLETED"
+    assert fleet.executions()[run] == 1
+    assert not e.saw("run.reclaimed") and not lost_states(api, run)
 
 
 def test_a_cut_off_worker_stops_the_run_its_peer_crashed(fleet: Fleet) -> None:

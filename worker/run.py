@@ -145,6 +145,11 @@ class Runner:
             if claimed is None:
                 return
             deployment, entry, run_log = claimed
+            # Peers judge a PENDING run by the worker its labels name: until ours are on it, a
+            # rescheduled run still names its lost previous owner, and a start that waits
+            # (interpreter check, block reads, a slow server) would look to them like a claim
+            # that owner never started. So the labels go on before anything else.
+            await self._label(flow_run, run_log)
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
@@ -337,7 +342,6 @@ class Runner:
             await self.client.set_infrastructure_pid(flow_run.id, pid)
         except API_ERRORS as exc:
             run_log.warning("run.pid_not_reported", error=str(exc))
-        await self._label(flow_run, run_log)  # after the start: not on the pickup path
         try:
             returncode = await handle.wait()
         except trio.Cancelled:
