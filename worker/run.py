@@ -135,8 +135,9 @@ class Runner:
     def pool_name(self) -> str:
         return self.reporter.pool
 
-    async def run(self, flow_run: FlowRun) -> None:
-        """The task of one polled run (already in ``in_hand.live``): its whole life."""
+    async def run(self, flow_run: FlowRun, tasks: trio.Nursery) -> None:
+        """The task of one polled run (already in ``in_hand.live``): its whole life.
+        ``tasks`` (the runs nursery) takes what goes on beside it: its labelling."""
         run_log = run_logger(flow_run.id, flow_run.name, self.pool_name)
         claimed_at = trio.current_time()
         try:
@@ -148,8 +149,9 @@ class Runner:
             # Peers judge a PENDING run by the worker its labels name: until ours are on it, a
             # rescheduled run still names its lost previous owner, and a start that waits
             # (interpreter check, block reads, a slow server) would look to them like a claim
-            # that owner never started. So the labels go on before anything else.
-            await self._label(flow_run, run_log)
+            # that owner never started. So the labels go on now, beside the start rather than
+            # before it: a write on a busy server must not delay every pickup.
+            tasks.start_soon(self._label, flow_run, run_log)
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
