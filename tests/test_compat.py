@@ -132,8 +132,11 @@ def test_event_pickup_and_cancellation(
         wait_for(lambda: worker.saw("events.connected"), 60, what="the events stream to connect")
         created = time.monotonic()
         run_id = vapi.run(dep, {"sleep": 120})
-        wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 15, what="pickup by event")
+        # the claim is the pickup (the poll is a minute away); the start may then wait for a
+        # warm engine server's first preload, as long as a cold import on a loaded host
+        wait_for(lambda: worker.saw("run.claimed", flow_run_id=run_id), 15, what="pickup by event")
         assert time.monotonic() - created < 15
+        wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 120, what="the run's start")
         wait_for(lambda: vapi.state_type(run_id) == "RUNNING", 60, what="the engine to start the flow")
         vapi.call(
             "POST",
