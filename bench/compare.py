@@ -46,6 +46,7 @@ WARM = "flow-worker warm"
 """flow-worker with ``warm_start = true``: run beside the other two in the real-flow scenarios."""
 ALL_KINDS = (*KINDS, WARM)
 LATE_START = "worker started 15 s before the API: API back → registered (s)"
+RESUME = "queue resumed with 5 runs waiting: resume → last claimed (s)"
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
@@ -383,6 +384,32 @@ class Bench:
             late.stop()
         self.results[kind][LATE_START] = registered - back
 
+    def resume(self, kind: str, n: int, rounds: int) -> None:
+        """Default intervals (poll every 10 s). The pool's queue is paused, ``n`` runs are
+        created in it, and 3 s later (the worker has seen them, or polled, and taken
+        nothing) it is resumed: resume → the last of them PENDING, median of ``rounds``."""
+        pool = self.pool(kind, "resume")
+        dep = self.fake_deployment(pool)
+        queue = self.api.call("GET", f"work_pools/{pool}/queues/default")
+        w = self.start(kind, pool)
+        spans = []
+        for _ in range(rounds):
+            self.api.call("PATCH", f"work_queues/{queue['id']}", {"is_paused": True})
+            runs = [self.api.run(dep) for _ in range(n)]
+            time.sleep(3)
+            resumed = time.time()
+            self.api.call("PATCH", f"work_queues/{queue['id']}", {"is_paused": False})
+            wait_for(
+                lambda rs=runs: all(self.api.state_type(r) == "COMPLETED" for r in rs),
+                120,
+                0.2,
+                f"{kind}: resumed",
+            )
+            claimed = [state_time(self.api, r, "PENDING") for r in runs]
+            spans.append(max(t for t in claimed if t is not None) - resumed)
+        w.stop()
+        self.results[kind][RESUME] = statistics.median(spans)
+
     def cancel(self, kind: str, n: int) -> None:
         pool = self.pool(kind, "cancel")
         dep = self.api.deployment(pool, entrypoint="hello.py:cancellable", flow_name="cancellable")
@@ -485,6 +512,8 @@ ABSOLUTE = {
     # issue 8: within 2 s of the API answering again
     "pickup after a 30 s API outage (s)": 2.0,
     LATE_START: 2.0,
+    # issue 10: a resumed queue's runs start within 1 s
+    RESUME: 1.0,
 }
 
 
@@ -570,6 +599,7 @@ def main() -> int:
         ),
         ("cancel latency", lambda k: bench.cancel(k, 2 if args.quick else 3), KINDS),
         ("API outage", lambda k: bench.outage(k, 30.0, 1 if args.quick else 3), KINDS),
+        ("queue resume", lambda k: bench.resume(k, 5, 1 if args.quick else 3), KINDS),
         ("real flow", lambda k: bench.real_flow(k, 4 if args.quick else 6), ALL_KINDS),
         ("sleeping real flows", lambda k: bench.sleeping(k, 10), ALL_KINDS),
     ]
