@@ -268,24 +268,38 @@ def first(worker: WorkerProcess, event: str, **fields: Any) -> dict[str, Any] | 
 
 
 RETURN_BOUND = 5.0
-"""Half the default poll interval (10 s), and under the backoff's step after 15 s of
-failures (8 s and more): a return this fast can only be the probe's (every 0.25 s)."""
+"""How soon after the server answers the worker's ``/health`` probe (every 0.25 s while
+the API is unreachable) must have found it back (``api.answering``, a DEBUG line): without
+the probe, the loops would wait out their backoff (steps of 8 s and more after 15 s of
+failures). What follows (the poll, the claim) is the restarted server's speed as much as
+the worker's: printed here, measured by ``bench/compare`` (its "API outage" rows, beside
+Prefect's worker; issue 8's goal: back within 2 s)."""
+DEBUG = {"FLOW_WORKER_LOG_LEVEL": "DEBUG"}
+
+
+def found_back(worker: WorkerProcess, starting: float, answering: float) -> float:
+    """Seconds from the server answering to the worker's probe finding it back (its first
+    ``api.answering`` since the server was started at ``starting``)."""
+
+    def noticed() -> float | None:
+        times = [logged_at(e) for e in worker.events() if e.get("event") == "api.answering"]
+        return next((t for t in times if t >= starting), None)
+
+    return float(wait_for(noticed, 60, 0.1, "the probe to find the API back")) - answering
 
 
 def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
-    """Default intervals (poll every 10 s): what brings the worker back when the server
-    answers again is the /health probe, not the poll interval nor a backoff.
-
-    Asserted here: the run starts within ``RETURN_BOUND`` of the server answering, which a
-    worker waiting for its next poll or backoff step could not do. How fast the return is
-    (issue 8's goal: within 2 s, also with a server restarting and on 2 cores shared with
-    the rest of CI) is a speed figure, measured by ``bench/compare`` (its "API outage" rows,
-    beside Prefect's worker), and printed here."""
+    """Default intervals (poll every 10 s): the worker rides out a 30 s outage with a run
+    in flight, and what brings it back when the server answers again is the /health probe
+    (within ``RETURN_BOUND``), not the poll interval nor a backoff."""
     own_server.start()
     api = Api(own_server)
     dep = api.deployment(pool_name)
     worker = WorkerProcess(
-        own_server, ["--pool", pool_name], {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
+        own_server,
+        ["--pool", pool_name],
+        {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s"), **DEBUG},
+        tmp_path / "w.log",
     )
     try:
         wait_for(lambda: worker.saw("events.connected"), 60, what="the events stream")
@@ -294,13 +308,15 @@ def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_pa
         own_server.stop()
         time.sleep(30)  # the outage itself: what is tested is that nothing gives up meanwhile
         assert worker.proc.poll() is None, "the worker never exits because the API is down"
+        starting = time.time()
         own_server.start()
         answering = time.time()
         after = api.run(dep, {"name": "after-outage"})
-        started = wait_for(lambda: first(worker, "run.started", flow_run_id=after), 30, 0.1, "pickup")
-        print(f"outage: run started {logged_at(started) - answering:.2f}s after the server answered")
+        started = wait_for(lambda: first(worker, "run.started", flow_run_id=after), 60, 0.1, "pickup")
+        back = found_back(worker, starting, answering)
         late = logged_at(started) - answering
-        assert late < RETURN_BOUND, f"picked up {late:.1f}s after the server answered: not by the probe"
+        print(f"outage: found back {back:.2f}s, run started {late:.2f}s after the server answered")
+        assert back < RETURN_BOUND, f"found the API back {back:.1f}s after it answered: not by the probe"
         assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
         assert api.wait_final(after, 120)["state_type"] == "COMPLETED"
         warnings = [e for e in worker.events() if e.get("event") == "api.unavailable"]
@@ -314,17 +330,22 @@ def test_server_outage_mid_run(own_server: PrefectServer, pool_name: str, tmp_pa
 
 def test_worker_started_before_the_server(own_server: PrefectServer, pool_name: str, tmp_path: Path) -> None:
     worker = WorkerProcess(
-        own_server, ["--pool", pool_name], {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s")}, tmp_path / "w.log"
+        own_server,
+        ["--pool", pool_name],
+        {"FLOW_WORKER_STATE_DIR": str(tmp_path / "s"), **DEBUG},
+        tmp_path / "w.log",
     )
     try:
         time.sleep(15)  # the worker must keep trying for this long without exiting
         assert worker.proc.poll() is None
+        starting = time.time()
         own_server.start()
         answering = time.time()
-        synced = wait_for(lambda: first(worker, "worker.synced"), 30, 0.1, "the first sync")
-        print(f"late server: registered {logged_at(synced) - answering:.2f}s after the server answered")
+        synced = wait_for(lambda: first(worker, "worker.synced"), 60, 0.1, "the first sync")
+        back = found_back(worker, starting, answering)
         late = logged_at(synced) - answering
-        assert late < RETURN_BOUND, f"registered {late:.1f}s after the server answered: not by the probe"
+        print(f"late server: found back {back:.2f}s, registered {late:.2f}s after the server answered")
+        assert back < RETURN_BOUND, f"found the API back {back:.1f}s after it answered: not by the probe"
         api = Api(own_server)
         workers = api.call("POST", f"work_pools/{pool_name}/workers/filter", {})
         assert [w["status"] for w in workers] == ["ONLINE"]
