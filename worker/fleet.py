@@ -200,9 +200,9 @@ def fence_verdict(
     started?    the run now                                     verdict  then
     ==========  ==============================================  =======  =====================
     any         deleted                                         LOST     stop it, report nothing
-    any         labelled with another worker's name             LOST     another worker has it
     no          PENDING by our claim (our transition id)        KEEP     start it
     no          anything else                                   LOST     never started: drop it
+    yes         labelled with another worker's name             LOST     another worker has it
     yes         SCHEDULED                                       LOST     a peer returned it
     yes         CRASHED or CANCELLED                            LOST     a peer ended it
     yes         PENDING by another claim                        LOST     someone else claimed it
@@ -213,13 +213,18 @@ def fence_verdict(
         return FenceVerdict(Fence.LOST, "the run was deleted (or has no state)")
     state = current.state
     name = owner(current)
-    if name is not None and name not in (me, claimed_as):
-        return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
+    by_someone_else = name is not None and name not in (me, claimed_as)
     by_our_claim = state.state_details.get("transition_id") == claim_transition_id
     if not started:
+        # nobody takes a claim without replacing its state; the labels may still be the
+        # previous owner's (ours go on beside the start), so they decide nothing here
         if state.type is StateType.PENDING and by_our_claim:
             return FenceVerdict(Fence.KEEP)
+        if by_someone_else:
+            return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
         return FenceVerdict(Fence.LOST, f"it is {state.type.value} now, no longer our claim")
+    if by_someone_else:
+        return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
     if state.type is StateType.SCHEDULED:
         return FenceVerdict(Fence.LOST, "a peer returned it to the queue")
     if state.type in (StateType.CRASHED, StateType.CANCELLED):
