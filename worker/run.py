@@ -119,8 +119,6 @@ class Runner:
     labels_unsupported: bool = False
     unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
     """Live runs whose labels could not be set yet: peers need them to know the owner."""
-    labelling: dict[str, trio.Event] = attrs.Factory(dict)
-    """Claimed runs whose labelling (beside their start) has not ended yet, by run id."""
     warm: WarmStarts = attrs.field(init=False)
     """The engine servers runs are forked from with ``warm_start`` (``warm.py``)."""
     interpreter: InterpreterCheck = attrs.field(init=False)
@@ -137,9 +135,8 @@ class Runner:
     def pool_name(self) -> str:
         return self.reporter.pool
 
-    async def run(self, flow_run: FlowRun, tasks: trio.Nursery) -> None:
-        """The task of one polled run (already in ``in_hand.live``): its whole life.
-        ``tasks`` (the runs nursery) takes what goes on beside it: its labelling."""
+    async def run(self, flow_run: FlowRun) -> None:
+        """The task of one polled run (already in ``in_hand.live``): its whole life."""
         run_log = run_logger(flow_run.id, flow_run.name, self.pool_name)
         claimed_at = trio.current_time()
         try:
@@ -151,21 +148,18 @@ class Runner:
             # Peers judge a PENDING run by the worker its labels name: until ours are on it, a
             # rescheduled run still names its lost previous owner, and a start that waits
             # (interpreter check, block reads, a slow server) would look to them like a claim
-            # that owner never started. So the labels go on now, beside the start rather than
-            # before it: a write on a busy server must not delay every pickup. A report waits
-            # for it (``_finish``): the reporter reads the run's owner from its labels.
-            labelled = self.labelling[flow_run.id] = trio.Event()
-            tasks.start_soon(self._label_beside, flow_run, run_log, labelled)
+            # that owner never started. So the labels go on before anything else.
+            await self._label(flow_run, run_log)
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
                 config, flow = await self.configure(flow_run, deployment)
             except (ConfigurationError, *API_ERRORS) as exc:
                 run_log.error("run.bad_configuration", error=str(exc))
-                await self._finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
+                await self.reporter.finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
                 return
             if self.in_hand.stopping:
-                await self._finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
+                await self.reporter.finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
                 return
             if not await self._still_ours(entry, claimed_at, run_log):
                 return
@@ -180,7 +174,6 @@ class Runner:
             self.book.finished(flow_run.id, flow_run.deployment_id, peak)
             self.control.unregister(flow_run.id)
             self.in_hand.release(flow_run.id)
-            self.labelling.pop(flow_run.id, None)
 
     async def claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
         """Read the deployment, propose PENDING, verify the claim. None: not ours."""
@@ -303,7 +296,7 @@ class Runner:
             if self.interpreter.problem is not None:
                 run_log.error("run.start_failed", error=self.interpreter.problem)
                 why = decisions.START_FAILED.format(self.interpreter.problem)
-                await self._finish(entry, run_log, "crash", why)
+                await self.reporter.finish(entry, run_log, "crash", why)
                 return
         handle = RunHandle(
             flow_run.id,
@@ -320,7 +313,7 @@ class Runner:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
         except (StartError, ConfigurationError) as exc:
             run_log.error("run.start_failed", error=str(exc))
-            await self._finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
+            await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
         handle.usage = self.meter.track(pid)
         self.metrics.runs_started[handle.started_as] += 1
@@ -379,7 +372,7 @@ class Runner:
             stderr_tail=tail,
             lost=handle.lost,
         )
-        await self._finish(entry, run_log, kind, message)
+        await self.reporter.finish(entry, run_log, kind, message)
 
     def spent(self, handle: Supervised) -> dict[str, Any]:
         """What the run's tree cost (``usage.py``), as log fields; counted in /metrics."""
@@ -391,21 +384,6 @@ class Runner:
             "peak_memory_mib": round(usage.peak / MIB, 1),
             "cpu_seconds": round(usage.cpu_seconds, 2),
         }
-
-    async def _finish(self, entry: Entry, run_log: Any, kind: str, message: str) -> None:
-        """Report a run's end (``Reporter.finish``) once its labelling has ended: until
-        ours are on, a rescheduled run's labels name its previous owner, and the reporter
-        would take it for a peer's and write nothing."""
-        labelled = self.labelling.get(entry.flow_run_id)
-        if labelled is not None:
-            await labelled.wait()
-        await self.reporter.finish(entry, run_log, kind, message)
-
-    async def _label_beside(self, flow_run: FlowRun, run_log: Any, done: trio.Event) -> None:
-        try:
-            await self._label(flow_run, run_log)
-        finally:
-            done.set()
 
     async def _label(self, flow_run: FlowRun, run_log: Any) -> None:
         """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.

@@ -289,7 +289,7 @@ class Supervisor:
         admitted = self._admit(found.take)
         for flow_run in admitted:
             self.in_hand.live[flow_run.id] = None
-            runs.start_soon(self.runner.run, flow_run, runs)
+            runs.start_soon(self.runner.run, flow_run)
         return len(admitted)
 
     def _admit(self, due: list[FlowRun]) -> list[FlowRun]:
