@@ -115,7 +115,7 @@ def test_the_limit_is_inclusive_and_the_unchanged_state_guards_a_fresh_claim() -
         (False, run(StateType.PENDING, owner="host-c pool", transition="other"), Fence.LOST),
         (False, run(StateType.PENDING, owner=ME, transition="claim-a"), Fence.KEEP),
         (False, run(StateType.PENDING, owner=None, transition="claim-a"), Fence.KEEP),
-        # our claim, still labelled with its previous owner's name: ours are not on yet
+        # our claim, still labelled with its previous owner's name (our label write failed)
         (False, run(StateType.PENDING, owner="host-a pool", transition="claim-a"), Fence.KEEP),
         (False, run(StateType.SCHEDULED, owner=ME), Fence.LOST),
         (False, run(StateType.PENDING, owner=ME, transition="other"), Fence.LOST),

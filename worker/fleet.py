@@ -217,7 +217,8 @@ def fence_verdict(
     by_our_claim = state.state_details.get("transition_id") == claim_transition_id
     if not started:
         # nobody takes a claim without replacing its state; the labels may still be the
-        # previous owner's (ours go on beside the start), so they decide nothing here
+        # previous owner's (our label write failed, as writes do during the very API trouble
+        # that made the gap; it is tried again later), so they decide nothing here
         if state.type is StateType.PENDING and by_our_claim:
             return FenceVerdict(Fence.KEEP)
         if by_someone_else:
