@@ -215,17 +215,15 @@ def fence_verdict(
     name = owner(current)
     by_someone_else = name is not None and name not in (me, claimed_as)
     by_our_claim = state.state_details.get("transition_id") == claim_transition_id
-    if not started:
+    if not started and state.type is StateType.PENDING and by_our_claim:
         # nobody takes a claim without replacing its state; the labels may still be the
         # previous owner's (our label write failed, as writes do during the very API trouble
         # that made the gap; it is tried again later), so they decide nothing here
-        if state.type is StateType.PENDING and by_our_claim:
-            return FenceVerdict(Fence.KEEP)
-        if by_someone_else:
-            return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
-        return FenceVerdict(Fence.LOST, f"it is {state.type.value} now, no longer our claim")
+        return FenceVerdict(Fence.KEEP)
     if by_someone_else:
         return FenceVerdict(Fence.LOST, f"worker {name!r} has claimed it since")
+    if not started:
+        return FenceVerdict(Fence.LOST, f"it is {state.type.value} now, no longer our claim")
     if state.type is StateType.SCHEDULED:
         return FenceVerdict(Fence.LOST, "a peer returned it to the queue")
     if state.type in (StateType.CRASHED, StateType.CANCELLED):
