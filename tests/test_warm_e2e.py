@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tests.conftest import Api, PrefectServer, WorkerProcess, flow_worker, wait_for
 
@@ -172,3 +174,129 @@ def test_runs_outlive_their_engine_server_and_fallbacks_start_cold(
     assert worker.stop() == 0
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "venv")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the engine server ends with the worker"
+
+
+TZ_RUNS: Final = 30
+"""Runs of the engine-server cap test, each with a TZ of its own (a start key of its own)."""
+TZ_LIMIT: Final = 6
+"""The worker's ``--limit`` there: above the cap, so first runs of new keys sometimes find
+every server busy preloading (cold, said once), and most find an idle one to retire."""
+
+
+class ServerCensus(threading.Thread):
+    """Samples, every 20 ms, how many engine servers of a worker are alive: the pids its
+    log announced (``warm_start.starting``, written as each is spawned) that are still the
+    worker's children running the engine server, not zombies. (A command line alone cannot
+    tell: a run forked from a server shows the server's.)"""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        super().__init__(daemon=True)
+        self.worker = worker
+        self.pids: list[int] = []
+        self.most = 0
+        self.samples = 0
+        self.done = threading.Event()
+        self._offset = 0
+        self._partial = b""
+
+    def _read_log(self) -> None:
+        with self.worker.log_path.open("rb") as f:
+            f.seek(self._offset)
+            data = self._partial + f.read()
+        self._offset += len(data) - len(self._partial)
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            if b'"warm_start.starting"' in line:
+                self.pids.append(int(json.loads(line)["pid"]))
+
+    def alive(self) -> list[int]:
+        found = []
+        for pid in self.pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state != "Z" and int(ppid) == self.worker.proc.pid and b"engine_server.py" in cmdline:
+                found.append(pid)
+        return found
+
+    def zombies(self) -> list[int]:
+        out = []
+        for pid in self.pids:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    out.append(pid)
+            except OSError:
+                continue
+        return out
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self._read_log()
+            self.most = max(self.most, len(self.alive()))
+            self.samples += 1
+            time.sleep(0.02)
+
+
+def test_thirty_time_zones_never_make_more_engine_servers_than_the_cap(
+    prefect_server: PrefectServer, api: Api, pool_name: str, start_worker: Any
+) -> None:
+    """Issue 19: a run per TZ value used to leave a preloaded server per value. Now at most
+    ``MAX_SERVERS`` are alive at any time: the least recently used idle one is retired
+    (by EOF, reaped) to make room, or the run starts cold; runs forked from a retired
+    server go on, and every run completes."""
+    from worker.warm import MAX_SERVERS
+
+    zones = [f"Etc/GMT+{i}" for i in range(12)] + [f"Etc/GMT-{i}" for i in range(1, 15)]
+    zones += ["UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo"]
+    assert len(set(zones[:TZ_RUNS])) == TZ_RUNS
+    dep = api.deployment(pool_name)
+    runs = {
+        api.run(dep, {"name": f"tz{i}", "sleep": 2}, {"env": {"TZ": zone}}): zone
+        for i, zone in enumerate(zones[:TZ_RUNS])
+    }
+    began = time.monotonic()
+    worker: WorkerProcess = start_worker(
+        "--pool",
+        pool_name,
+        "--limit",
+        str(TZ_LIMIT),
+        FLOW_WORKER_WARM_START="true",
+        FLOW_WORKER_QUERY_SECONDS="1",
+    )
+    census = ServerCensus(worker)
+    census.start()
+    try:
+        finals = {run_id: api.wait_final(run_id, 600)["state_type"] for run_id in runs}
+    finally:
+        census.done.set()
+        census.join()
+    took = time.monotonic() - began
+    events = worker.events()
+    retired = [e for e in events if e.get("event") == "warm_start.retired"]
+    started = [e for e in events if e.get("event") == "run.started"]
+    cold = [e["reason"] for e in events if e.get("event") == "warm_start.cold"]
+    print(
+        f"{TZ_RUNS} runs in {took:.0f} s; servers started {len(census.pids)}, retired {len(retired)}, "
+        f"most alive {census.most} ({census.samples} samples); warm runs "
+        f"{sum(e['start'] == 'warm' for e in started)}; said cold: {cold}"
+    )
+    assert set(finals.values()) == {"COMPLETED"}, finals
+    assert [e for e in events if e.get("level") in ("error", "critical")] == []
+    assert len(started) == TZ_RUNS, "each run started once"
+    assert 1 <= census.most <= MAX_SERVERS, f"{census.most} engine servers alive at once"
+    assert census.samples > 100
+    assert len(census.pids) > MAX_SERVERS and len(retired) >= len(census.pids) - MAX_SERVERS, (
+        "servers were retired to make room for later keys"
+    )
+    assert sum(e["start"] == "warm" for e in started) > MAX_SERVERS, (
+        "later keys forked warm, from new servers"
+    )
+    assert cold.count(f"engine server cap reached ({MAX_SERVERS})") <= 1, "said once"
+    assert census.zombies() == [], "retired servers are reaped"
+    assert len(census.alive()) <= MAX_SERVERS
+    assert all(r["reason"].startswith("least recently used") for r in retired), retired
+    assert worker.stop() == 0
+    assert census.alive() == [] and census.zombies() == []

@@ -16,11 +16,22 @@ relinquish  ``q``      exits without touching the state (the worker proposes CRA
 
 Without an acknowledgement (the flow had not started, or the engine is too old) the
 worker falls back to plain signals.
+
+Anyone on the host can connect before showing a token, so the listener is a :class:`Gate`
+(shared with the ``/health`` server): at most ``CONTROL_CAP`` connections without a valid
+token are open at once, each closed ``HANDSHAKE_TIMEOUT`` after it was accepted unless its
+token line came; at the cap a new connection is closed at once (an engine refused so falls
+back to plain signals, as an old engine does). A connection with a valid token is released
+from the gate: there is at most one per run held. Running out of descriptors on accept is
+said once and retried; nothing a peer does ends the listener.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import attrs
@@ -28,10 +39,122 @@ import structlog
 import trio
 
 ACK_TIMEOUT: Final = 1.0
-HANDSHAKE_TIMEOUT: Final = 10.0
+HANDSHAKE_TIMEOUT: Final = 5.0
+"""How long a connection may take to send its token line. An engine sends it right after
+connecting, so even on a loaded host it is there by the time the worker accepts; a peer
+silent this long is not an engine, and holds one of ``CONTROL_CAP`` for no longer."""
+CONTROL_CAP: Final = 64
+"""Connections open at once that have not shown a valid token. Only engines of runs
+starting within the same few milliseconds are ever in their handshake together, so 64 is
+far above a real need, and bounds what a local flood holds to 64 descriptors (the runs'
+own connections, one per run held, are not counted)."""
+ACCEPT_BACKOFF: Final = 0.1
+"""The pause after a failed ``accept`` (out of descriptors): the pending connection stays
+in the listen queue, so retrying at once would spin."""
+EPISODE_QUIET: Final = 60.0
+"""A gate's warning (accept failing, cap reached) is said again only after this long
+without the condition: one line per flood, not one per connection."""
 INTENT_BYTES: Final = {"cancel": b"c", "reschedule": b"r", "relinquish": b"q"}
 
 log = structlog.get_logger("flow_worker.control")
+
+
+Handler = Callable[[trio.SocketStream, Callable[[], None]], Awaitable[None]]
+"""Serves one connection; calling its second argument releases the connection from the
+gate (it then no longer counts against the cap nor has a deadline)."""
+
+
+@attrs.define(eq=False)
+class Gate:
+    """Admission for an unauthenticated listener: at most ``cap`` connections held, each
+    closed ``idle_timeout`` after it was accepted unless its handler released it; past the
+    cap, new connections are closed at once. Nothing a connection does, and no failing
+    ``accept``, ends :meth:`serve`."""
+
+    name: str
+    cap: int
+    idle_timeout: float
+    held: int = 0
+    peak: int = 0
+    """The most connections held at once."""
+    refused: int = 0
+    """Connections closed at once because the cap was reached."""
+    timed_out: int = 0
+    _said: dict[str, float] = attrs.Factory(dict)
+
+    async def serve(
+        self, listeners: Sequence[trio.abc.Listener[trio.SocketStream]], handler: Handler
+    ) -> None:
+        """Accept on every listener until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, handler, nursery)
+
+    def _episode(self, what: str, event: str, **fields: object) -> None:
+        """Say ``event`` (WARNING) unless ``what`` was seen within ``EPISODE_QUIET``."""
+        now = trio.current_time()
+        last = self._said.get(what)
+        self._said[what] = now
+        if last is None or now - last > EPISODE_QUIET:
+            log.warning(event, **fields)
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.SocketStream], handler: Handler, nursery: trio.Nursery
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    name = errno.errorcode.get(exc.errno or 0, "?")
+                    self._episode(
+                        "accept",
+                        f"{self.name}.accept_failed",
+                        error=f"{name}: {exc.strerror}",
+                        effect=f"new connections wait; accept is retried every {ACCEPT_BACKOFF:g} s",
+                    )
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if self.held >= self.cap:
+                    self.refused += 1
+                    self._episode(
+                        "cap",
+                        f"{self.name}.connections_capped",
+                        cap=self.cap,
+                        effect="new connections are closed at once until held ones end "
+                        f"(each within {self.idle_timeout:g} s)",
+                    )
+                    stream.socket.close()  # at once: no checkpoint, the flood waits in the queue
+                    continue
+                self.held += 1
+                self.peak = max(self.peak, self.held)
+                nursery.start_soon(self._one, stream, handler)
+
+    async def _one(self, stream: trio.SocketStream, handler: Handler) -> None:
+        deadline = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.held -= 1
+                deadline.deadline = math.inf
+
+        try:
+            with deadline:
+                await handler(stream, release)
+            if deadline.cancelled_caught:
+                self.timed_out += 1
+                log.debug(f"{self.name}.connection_timed_out", after=self.idle_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug(f"{self.name}.connection_failed", error=f"{type(exc).__name__}: {exc}")  # the peer's
+        except Exception as exc:  # a bug: it ends this connection, never the listener
+            log.error(f"{self.name}.connection_error", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        finally:
+            release()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 @attrs.define
@@ -44,6 +167,7 @@ class _Session:
 @attrs.define
 class ControlChannel:
     port: int = 0
+    gate: Gate = attrs.Factory(lambda: Gate("control", CONTROL_CAP, HANDSHAKE_TIMEOUT))
     _by_token: dict[str, _Session] = attrs.Factory(dict)
     _by_run: dict[str, str] = attrs.Factory(dict)
 
@@ -51,7 +175,7 @@ class ControlChannel:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
-        await trio.serve_listeners(self._handle, listeners)
+        await self.gate.serve(listeners, self._handle)
 
     def register(self, flow_run_id: str) -> dict[str, str]:
         """The env vars that let the run's engine connect (empty if not serving)."""
@@ -73,24 +197,27 @@ class ControlChannel:
         session = self._by_token.get(token) if token else None
         return session is not None and session.stream is not None
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, release: Callable[[], None]) -> None:
+        """One connection: its token line within ``HANDSHAKE_TIMEOUT`` (the gate's deadline),
+        then, if the token is a run's, held open until the run ends (the gate closes it)."""
         buffer = b""
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            while b"\n" not in buffer and len(buffer) < 256:
-                chunk = await stream.receive_some(256)
-                if not chunk:
-                    break
-                buffer += chunk
+        while b"\n" not in buffer and len(buffer) < 256:
+            chunk = await stream.receive_some(256)
+            if not chunk:
+                break
+            buffer += chunk
         token = buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
         session = self._by_token.get(token)
         if session is None or session.stream is not None or b"\n" not in buffer:
             log.debug("control.rejected", reason="unknown or reused token")  # the peer's fault
-            await stream.aclose()
             return
+        release()  # a run's engine: no longer a stranger's connection
         session.stream = stream  # bytes after the token are the hello, ignored
         log.debug("control.connected", flow_run_id=session.flow_run_id)
-        await session.done.wait()  # keep the connection open until the run ends
-        session.stream = None
+        try:
+            await session.done.wait()  # keep the connection open until the run ends
+        finally:
+            session.stream = None
 
     async def send_intent(self, flow_run_id: str, intent: str) -> bool:
         """Send an intent; True if the engine acknowledged it within ``ACK_TIMEOUT``."""

@@ -6,6 +6,12 @@
 worker knows what is wrong (an interpreter that cannot import prefect). Other paths are 404, other
 methods on ``/health`` 405. One request per connection; a peer that sends garbage gets
 400 and the connection is closed (its fault, logged at DEBUG).
+
+Nobody is authenticated here, so the listener is a ``control.Gate``: at most
+``HEALTH_CAP`` connections open at once, each closed ``IDLE_TIMEOUT`` after it was
+accepted (a request is answered within milliseconds), a new one past the cap closed at
+once; descriptors running out on accept are said once and retried. A flood of idle
+connections thus holds the endpoint for ``IDLE_TIMEOUT`` at most, and never ends it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ import h11
 import structlog
 import trio
 
+from worker.control import Gate
+
 log = structlog.get_logger("flow_worker.health")
 MAX_REQUEST: Final = 16 * 1024
-READ_TIMEOUT: Final = 10.0
+IDLE_TIMEOUT: Final = 5.0
+"""How long a connection may stay open: a probe sends its request as it connects and is
+answered at once; a peer silent this long holds one of ``HEALTH_CAP`` no longer (and the
+next probe, from a fresh connection, is answered)."""
+HEALTH_CAP: Final = 16
+"""Connections open at once. Who asks: the service manager's or orchestrator's probe and a
+metrics scrape, one short request each: a handful at once. 16 leaves room for several
+probers and bounds what a flood of idle connections holds to 16 descriptors."""
 
 
 def is_healthy(now: float, last_poll: float | None, started: float, query_seconds: float) -> bool:
@@ -58,15 +73,13 @@ def respond(
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-    """The request head, or None if the peer closed or was too slow (READ_TIMEOUT)."""
-    with trio.move_on_after(READ_TIMEOUT):
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(4096))
-                continue
-            return event if isinstance(event, h11.Request) else None
-    return None
+    """The request head, or None if the peer closed (the gate's deadline bounds the wait)."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(4096))
+            continue
+        return event if isinstance(event, h11.Request) else None
 
 
 async def _handle(
@@ -100,8 +113,6 @@ async def _handle(
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-    finally:
-        await stream.aclose()
 
 
 async def serve(
@@ -111,6 +122,8 @@ async def serve(
     metrics: Callable[[], str] | None = None,
     problem: Callable[[], str | None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    *,
+    gate: Gate | None = None,
 ) -> None:
     """Serve until cancelled; reports the bound port through ``task_status``."""
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -118,7 +131,7 @@ async def serve(
     log.info("health.listening", host=host, port=bound)
     task_status.started(bound)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, healthy, metrics, problem)
+    async def handler(stream: trio.SocketStream, release: Callable[[], None]) -> None:
+        await _handle(stream, healthy, metrics, problem)  # never released: IDLE_TIMEOUT in all
 
-    await trio.serve_listeners(handler, listeners)
+    await (gate or Gate("health", HEALTH_CAP, IDLE_TIMEOUT)).serve(listeners, handler)
