@@ -110,3 +110,29 @@ def test_metrics_parse() -> None:
     assert samples[("flow_worker_api_errors_total", (("kind", "unavailable"),))] == 1
     assert samples[("flow_worker_active_runs", ())] == 1
     assert samples[("flow_worker_poll_duration_seconds_count", ())] == 1
+
+
+# ---------------------------------------------------------------- the shipped units
+
+
+def unit_settings(name: str) -> dict[str, str]:
+    """``Key=value`` lines of a unit file (the last one wins, as in systemd)."""
+    text = (Path(__file__).resolve().parents[1] / "systemd" / name).read_text()
+    lines = (line.strip() for line in text.splitlines())
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith(("#", ";")))
+
+
+@pytest.mark.parametrize("unit", ["flow-worker@.service", "flow-worker-drain@.service"])
+def test_units_allow_enough_open_files(unit: str) -> None:
+    """systemd's default soft limit (1024) is about 200 live runs; the unit sets the hard
+    limit, which the worker takes as its soft one at start."""
+    assert int(unit_settings(unit)["LimitNOFILE"]) >= 65536
+
+
+def test_watchdog_outlasts_the_api_deadline_and_is_pinged_often() -> None:
+    from worker import liveness
+
+    service = unit_settings("flow-worker@.service")
+    watchdog = float(service["WatchdogSec"].removesuffix("s"))
+    assert liveness.API_DEADLINE < watchdog  # issue 19: every API call ends within WatchdogSec
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"

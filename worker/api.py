@@ -7,19 +7,28 @@ Prefect 3.9.1 worker sends. Errors say whose fault they are:
   5xx, 429 after the retries ran out). Callers back off and try again later.
 * :class:`ApiRefused`: the server understood and said no (4xx): a wrong key, a
   missing object, a bad name. :class:`ApiNotFound` is the 404 case.
-* :class:`~worker.models.ProtocolError`: a 2xx whose body is not what the API documents.
+* :class:`~worker.models.ProtocolError`: an answer that is not the API's: a 2xx whose body
+  is not JSON of the documented shape, an HTML page, a redirect. Every answer is read
+  through :func:`decode` and :meth:`PrefectClient._read`: its shape is data, never a code
+  path, so a ``KeyError`` or ``JSONDecodeError`` never escapes from here. The error says
+  what came back and from where, with a hint when it is a web page.
+
+Every call has a total deadline (:data:`CALL_DEADLINE`, retries included), below systemd's
+``WatchdogSec``: a server that accepts and never answers costs a loop 45 s, not a restart.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import email.utils
 import random
+import re
 import ssl
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 import attrs
 import httpx
@@ -50,13 +59,38 @@ PROBE_TIMEOUT: Final = 2.0
 PAGE: Final = 200
 """Rows asked per page of a filter (the server's default cap, PREFECT_API_DEFAULT_LIMIT)."""
 _MUTATING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CALL_DEADLINE: Final = 45.0
+"""Seconds one API call may take in all, retries included (``api_request_timeout``, the
+per-request timeout, is capped to it): below systemd's ``WatchdogSec=60`` in the unit, so
+no single call can outlast the watchdog, with room for the loop's own work."""
+EXCERPT: Final = 120
+"""Characters of a strange answer quoted in its error."""
+HTML_HINT: Final = (
+    "the API answered a web page: is PREFECT_API_URL the UI's address? the API is under /api "
+    "(e.g. http://host:4200/api); a login page or a proxy in the way answers HTML too"
+)
+ROUTE_HINT: Final = (
+    "the server has no such route: is PREFECT_API_URL the UI's address? the API is under /api "
+    "(e.g. http://host:4200/api)"
+)
+"""For a 404 that names no object (Prefect's own say which object is missing) from an
+address without ``/api``: Prefect 3.9's UI answers an API client so at every other path."""
+REDIRECT_HINT: Final = (
+    "the API never redirects: check PREFECT_API_URL (https rather than http? the /api suffix?); "
+    "a login page or a proxy in the way redirects too"
+)
+T = TypeVar("T")
 
 log = structlog.get_logger("flow_worker.api")
 
 
 class ApiError(Exception):
-    def __init__(self, method: str, path: str, status: int | None, detail: str) -> None:
+    def __init__(
+        self, method: str, path: str, status: int | None, detail: str, *, hint: str | None = None
+    ) -> None:
         self.method, self.path, self.status, self.detail = method, path, status, detail
+        self.hint = hint
+        """What a user can do about it, when the answer says (a wrong ``PREFECT_API_URL``)."""
         code = f" {status}" if status is not None else ""
         super().__init__(f"{method} {path}{code}: {detail}")
 
@@ -71,6 +105,17 @@ class ApiRefused(ApiError):
 
 class ApiNotFound(ApiRefused):
     """404: the object does not exist (any more)."""
+
+
+class ApiNoAnswer(ApiUnavailable):
+    """No answer within :data:`CALL_DEADLINE`: the server accepted the request and hung.
+
+    Its ``status`` is None, as for a server that cannot be reached at all, and on purpose:
+    the loops then wait in a pause that the ``GET /health`` probe ends (``outage.py``)
+    instead of backing off for up to a minute. A hung server and a black-holed network
+    look the same from here (a timeout), the probe costs a hung server one tiny request
+    at a time, and it notices the moment the server answers again; backoff exists for a
+    server that answers "not now" (429/503), which a hung one does not."""
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -106,11 +151,97 @@ def is_certificate_error(exc: BaseException) -> bool:
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
+    except (ValueError, RecursionError):
+        return excerpt(response.content, 200) or response.reason_phrase
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("exception_message") or body)[:500]
     return str(body)[:500]
+
+
+# ---------------------------------------------------------------- answers are data
+
+
+_ID_SEGMENT: Final = re.compile(
+    r"/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?=/|$)"
+)
+
+
+def excerpt(body: bytes, limit: int = EXCERPT) -> str:
+    """A short, printable, one-line quote of a body (for a log line, never the whole page)."""
+    text = " ".join(body[: limit * 4].decode("utf-8", "replace").split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_html(response: httpx.Response) -> bool:
+    """Whether an answer is a web page (Prefect's API never answers one)."""
+    content_type = response.headers.get("content-type", "").lower()
+    return "text/html" in content_type or response.content.lstrip()[:1] == b"<"
+
+
+def _request_of(response: httpx.Response) -> tuple[str, str]:
+    try:
+        return response.request.method, response.request.url.path
+    except RuntimeError:  # a response built by hand, without its request
+        return "?", "?"
+
+
+def endpoint(response: httpx.Response) -> str:
+    """The endpoint an answer came from, ids left out ("POST /api/flow_runs/{id}/set_state"):
+    what the outage's episodes of strange answers are counted by."""
+    method, path = _request_of(response)
+    return f"{method} {_ID_SEGMENT.sub('/{id}', path)}"
+
+
+def unexpected_answer(response: httpx.Response, what: str) -> ProtocolError:
+    """A :class:`ProtocolError` that says what came back and from where."""
+    method, path = _request_of(response)
+    content_type = response.headers.get("content-type") or "no content-type"
+    quoted = excerpt(response.content)
+    body = repr(quoted) if quoted else "an empty body"
+    hint = None
+    if is_html(response):
+        hint = HTML_HINT
+    elif response.is_redirect:
+        hint = REDIRECT_HINT
+    return ProtocolError(
+        f"{method} {path} answered {response.status_code} ({content_type}) {what}: {body}",
+        hint=hint,
+        endpoint=endpoint(response),
+    )
+
+
+def decode(response: httpx.Response, expect: type | None = None) -> Any:
+    """The JSON body of an answer (of type ``expect`` if given), or :class:`ProtocolError`."""
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError), too deep
+        raise unexpected_answer(response, "which is not JSON") from None
+    if expect is not None and not isinstance(body, expect):
+        raise unexpected_answer(response, f"with a JSON {_json_type(body)}, not {_JSON_TYPES[expect]}")
+    return body
+
+
+_JSON_TYPES: Final[dict[type, str]] = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    type(None): "null",
+    int: "number",
+    float: "number",
+}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _rows(body: Any, cls: type[T]) -> list[T]:
+    """A JSON array of API objects."""
+    if not isinstance(body, list):
+        raise ProtocolError(f"a JSON {_json_type(body)}, not an array of {cls.__name__}")
+    return [structure(row, cls) for row in body]
 
 
 def _state_body(
@@ -149,6 +280,11 @@ class PrefectClient:
     fail_fast: Callable[[], bool] = lambda: False
     """True while the API is known to be unreachable: a call that cannot connect then fails
     at once instead of retrying, so its loop waits in a pause the probe can end."""
+    answered: Callable[[str], None] = lambda endpoint: None
+    """Called with an :func:`endpoint` each time it gave an answer of the expected shape:
+    an episode of strange answers from it ends there (``Outage.answered``)."""
+    deadline: float = CALL_DEADLINE
+    """Seconds one call may take in all, retries included (see :data:`CALL_DEADLINE`)."""
 
     @classmethod
     def from_settings(
@@ -169,7 +305,7 @@ class PrefectClient:
         http = httpx.AsyncClient(
             base_url=settings.api_url.rstrip("/") + "/",
             headers=headers,
-            timeout=httpx.Timeout(settings.api_request_timeout),
+            timeout=httpx.Timeout(min(settings.api_request_timeout, CALL_DEADLINE)),
             transport=transport,
             verify=tls_context(settings),
         )
@@ -181,68 +317,108 @@ class PrefectClient:
 
     # ---------------------------------------------------------------- transport
 
-    async def _fetch_csrf_token(self) -> None:
+    async def _fetch_csrf_token(self, deadline: float) -> None:
         """Get a CSRF token (only once a server has asked for one: most servers do not)."""
         client_id = str(uuid.uuid4())
-        response = await self._send("GET", "csrf-token", params={"client": client_id})
+        response = await self._send("GET", "csrf-token", deadline, params={"client": client_id})
         if response.status_code != 200:
             raise ApiRefused("GET", "/csrf-token", response.status_code, _detail(response))
-        token = response.json()["token"]
+        token = decode(response, dict).get("token")
+        if not isinstance(token, str):
+            raise unexpected_answer(response, "without a token")
         self.csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client_id}
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request with retries of what is safe to retry (see ``retry.py``)."""
+    @contextlib.contextmanager
+    def _within(self, deadline: float, method: str, path: str) -> Iterator[None]:
+        """Raise :class:`ApiNoAnswer` if the block is still waiting at ``deadline`` (trio time)."""
+        with trio.move_on_at(deadline) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise ApiNoAnswer(method, "/" + path, None, f"no answer within {self.deadline:g} s")
+
+    async def _send(
+        self, method: str, path: str, deadline: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """One request with retries of what is safe to retry (see ``retry.py``), all
+        within ``deadline`` (trio time; default: :attr:`deadline` from now). A retry that
+        could not happen before the deadline is not waited for: the failure is raised."""
+        if deadline is None:
+            deadline = trio.current_time() + self.deadline
         policy = self.retry
-        while True:
-            try:
-                self.requests_sent += 1
-                response = await self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                if policy.exhausted or self.fail_fast():
-                    raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
-                delay = policy.transport_delay(rng=self.rng)
-                log.debug(
-                    "api.retry",
-                    method=method,
-                    path=path,
-                    error=type(exc).__name__,
-                    delay=round(delay, 2),
-                )
-            else:
-                if not policy.is_retryable_status(response.status_code):
-                    return response
-                if policy.exhausted:
-                    raise ApiUnavailable(method, "/" + path, response.status_code, _detail(response))
-                delay = policy.delay(response.headers.get("Retry-After"), rng=self.rng)
-                log.debug(
-                    "api.retry",
-                    method=method,
-                    path=path,
-                    status=response.status_code,
-                    delay=round(delay, 2),
-                )
-            policy = policy.increment()
-            await trio.sleep(delay)
+        with self._within(deadline, method, path):
+            while True:
+                try:
+                    self.requests_sent += 1
+                    response = await self.http.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    delay = policy.transport_delay(rng=self.rng)
+                    if policy.exhausted or self.fail_fast() or trio.current_time() + delay >= deadline:
+                        raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
+                    log.debug(
+                        "api.retry",
+                        method=method,
+                        path=path,
+                        error=type(exc).__name__,
+                        delay=round(delay, 2),
+                    )
+                else:
+                    if not policy.is_retryable_status(response.status_code):
+                        return response
+                    delay = policy.delay(response.headers.get("Retry-After"), rng=self.rng)
+                    if policy.exhausted or trio.current_time() + delay >= deadline:
+                        raise ApiUnavailable(method, "/" + path, response.status_code, _detail(response))
+                    log.debug(
+                        "api.retry",
+                        method=method,
+                        path=path,
+                        status=response.status_code,
+                        delay=round(delay, 2),
+                    )
+                policy = policy.increment()
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")  # (for mypy: _within either returns or raises)
 
     async def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> httpx.Response:
-        """A request whose non-2xx answer is raised as the matching :class:`ApiError`."""
-        for attempt in range(2):
-            headers = self.csrf if method in _MUTATING and self.csrf else None
-            response = await self._send(method, path, json=json, params=params, headers=headers)
-            if attempt == 0 and response.status_code == 403 and "csrf" in _detail(response).lower():
-                await self._fetch_csrf_token()  # missing, expired or rotated: get one, once
-                continue
-            break
+        """A request whose non-2xx answer is raised as the matching :class:`ApiError`, and
+        whose answer is raised as a :class:`ProtocolError` if it is not the API's (a web
+        page, a redirect). The whole call, CSRF token and retries included, is bounded by
+        :attr:`deadline`."""
+        deadline = trio.current_time() + self.deadline
+        with self._within(deadline, method, path):
+            for attempt in range(2):
+                headers = self.csrf if method in _MUTATING and self.csrf else None
+                response = await self._send(method, path, deadline, json=json, params=params, headers=headers)
+                if attempt == 0 and response.status_code == 403 and "csrf" in _detail(response).lower():
+                    await self._fetch_csrf_token(deadline)  # missing, expired or rotated: get one, once
+                    continue
+                break
+            return self._judge(response, method, path)
+        raise AssertionError("unreachable")
+
+    def _judge(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
+        """The answer if it is a 2xx from the API; else the matching error. Prefect's API
+        always answers JSON (or nothing): a web page that is not a 5xx/429 (a proxy's error
+        page, said as unavailable) or a 401/403 (said as refused) did not come from it, nor
+        did a redirect."""
+        status = response.status_code
         if response.is_success:
+            if response.content and is_html(response):
+                raise unexpected_answer(response, "with a web page, not JSON")
             return response
+        if response.is_redirect:
+            location = response.headers.get("location") or "nowhere"
+            raise unexpected_answer(response, f"with a redirect to {excerpt(location.encode())}")
+        if is_html(response) and status < 500 and status not in (401, 403, 408, 429):
+            raise unexpected_answer(response, "with a web page")
         detail = _detail(response)
-        if response.status_code == 404:
-            raise ApiNotFound(method, "/" + path, 404, detail)
-        if response.status_code >= 500:
-            raise ApiUnavailable(method, "/" + path, response.status_code, detail)
-        raise ApiRefused(method, "/" + path, response.status_code, detail)
+        if status == 404:
+            route = detail == "Not Found" and "/api" not in self.http.base_url.path
+            raise ApiNotFound(method, "/" + path, 404, detail, hint=ROUTE_HINT if route else None)
+        if status >= 500:
+            raise ApiUnavailable(method, "/" + path, status, detail)
+        raise ApiRefused(method, "/" + path, status, detail)
 
     async def probe(self) -> bool:
         """Whether the server answers ``GET /health`` now: one try, a short timeout, no
@@ -254,18 +430,34 @@ class PrefectClient:
             return False
         return response.is_success
 
-    async def _get_optional(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        """The JSON body of a GET, or None if the object does not exist (404)."""
+    def _read(self, response: httpx.Response, read: Callable[[Any], T] | None = None) -> T | None:
+        """What ``read`` makes of the answer's JSON (nothing is read if None); any answer it
+        cannot read is a :class:`ProtocolError` naming it. Then the endpoint has answered
+        as expected (:attr:`answered`)."""
+        out = None
+        if read is not None:
+            body = decode(response)
+            try:
+                out = read(body)
+            except (ProtocolError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+                raise unexpected_answer(response, f"of an unexpected shape ({exc})") from None
+        self.answered(endpoint(response))
+        return out
+
+    async def _get_optional(
+        self, path: str, read: Callable[[Any], T], params: dict[str, Any] | None = None
+    ) -> T | None:
+        """What ``read`` makes of a GET's JSON body, or None if the object does not exist (404)."""
         try:
-            return (await self.request("GET", path, params=params)).json()
+            response = await self.request("GET", path, params=params)
         except ApiNotFound:
             return None
+        return self._read(response, read)
 
     # ---------------------------------------------------------------- work pools
 
     async def read_work_pool(self, pool: str) -> WorkPool | None:
-        data = await self._get_optional(f"work_pools/{pool}")
-        return None if data is None else structure(data, WorkPool)
+        return await self._get_optional(f"work_pools/{pool}", lambda body: structure(body, WorkPool))
 
     async def create_work_pool(self, pool: str, template: dict[str, Any] | None = None) -> WorkPool:
         """Create a process pool (bare, as Prefect's worker does, unless a template is given);
@@ -282,17 +474,18 @@ class PrefectClient:
             if found is None:
                 raise
             return found
-        return structure(response.json(), WorkPool)
+        return _got(self._read(response, lambda body: structure(body, WorkPool)))
 
     async def set_base_job_template(self, pool: str, template: dict[str, Any]) -> None:
-        await self.request("PATCH", f"work_pools/{pool}", json={"base_job_template": template})
+        self._read(await self.request("PATCH", f"work_pools/{pool}", json={"base_job_template": template}))
 
     async def send_heartbeat(self, pool: str, worker_name: str, interval: float) -> None:
-        await self.request(
+        response = await self.request(
             "POST",
             f"work_pools/{pool}/workers/heartbeat",
             json={"name": worker_name, "heartbeat_interval_seconds": int(interval)},
         )
+        self._read(response)
 
     async def get_scheduled_flow_runs(
         self, pool: str, queues: Sequence[str], scheduled_before: datetime.datetime
@@ -304,37 +497,26 @@ class PrefectClient:
             f"work_pools/{pool}/get_scheduled_flow_runs",
             json={"work_queue_names": list(queues), "scheduled_before": str(scheduled_before)},
         )
-        rows = response.json()
-        if not isinstance(rows, list):
-            raise ProtocolError(f"get_scheduled_flow_runs answered {type(rows).__name__}, not a list")
-        runs: list[FlowRun] = []
-        problems: list[tuple[str | None, str]] = []
-        for row in rows:
-            payload = row.get("flow_run") if isinstance(row, dict) else None
-            try:
-                runs.append(structure(payload, FlowRun))
-            except ProtocolError as exc:
-                run_id = payload.get("id") if isinstance(payload, dict) else None
-                problems.append((str(run_id) if run_id else None, str(exc)))
-        return runs, problems
+        return _got(self._read(response, _scheduled_rows))
 
     # ---------------------------------------------------------------- reads
 
     async def read_deployment(self, deployment_id: str) -> Deployment | None:
-        data = await self._get_optional(f"deployments/{deployment_id}")
-        return None if data is None else structure(data, Deployment)
+        return await self._get_optional(
+            f"deployments/{deployment_id}", lambda body: structure(body, Deployment)
+        )
 
     async def read_flow(self, flow_id: str) -> Flow:
-        return structure((await self.request("GET", f"flows/{flow_id}")).json(), Flow)
+        response = await self.request("GET", f"flows/{flow_id}")
+        return _got(self._read(response, lambda body: structure(body, Flow)))
 
     async def read_flow_run(self, run_id: str) -> FlowRun | None:
-        data = await self._get_optional(f"flow_runs/{run_id}")
-        return None if data is None else structure(data, FlowRun)
+        return await self._get_optional(f"flow_runs/{run_id}", lambda body: structure(body, FlowRun))
 
     async def read_flow_run_states(self, run_id: str) -> list[State]:
         """The run's state history, oldest first (the server orders by timestamp)."""
         response = await self.request("GET", "flow_run_states/", params={"flow_run_id": run_id})
-        return [structure(row, State) for row in response.json()]
+        return _got(self._read(response, lambda body: _rows(body, State)))
 
     async def filter_flow_runs(
         self, ids: Iterable[str], state_types: Iterable[StateType] | None = None
@@ -344,14 +526,14 @@ class PrefectClient:
             flow_runs["state"] = {"type": {"any_": [t.value for t in state_types]}}
         body = {"flow_runs": flow_runs, "limit": None, "offset": 0}
         response = await self.request("POST", "flow_runs/filter", json=body)
-        return [structure(row, FlowRun) for row in response.json()]
+        return _got(self._read(response, lambda body: _rows(body, FlowRun)))
 
     async def read_workers(self, pool: str) -> tuple[list[WorkerRecord], datetime.datetime]:
         """The pool's workers with their last heartbeats, and the server's clock, so
         heartbeat ages never depend on clock skew between hosts: its ``Date`` header (whole
         seconds, rounded down), or the newest heartbeat it recorded if that is later."""
         response = await self.request("POST", f"work_pools/{pool}/workers/filter", json={})
-        workers = [structure(row, WorkerRecord) for row in response.json()]
+        workers = _got(self._read(response, lambda body: _rows(body, WorkerRecord)))
         try:  # (a proxy may add a Date of its own: "date1, date2" is not a date)
             now = email.utils.parsedate_to_datetime(response.headers["date"])
         except (KeyError, TypeError, ValueError, IndexError):
@@ -372,8 +554,9 @@ class PrefectClient:
                 "limit": PAGE,
                 "offset": len(out),
             }
-            rows = (await self.request("POST", "flow_runs/filter", json=body)).json()
-            out.extend(structure(row, FlowRun) for row in rows)
+            response = await self.request("POST", "flow_runs/filter", json=body)
+            rows = _got(self._read(response, lambda body: _rows(body, FlowRun)))
+            out.extend(rows)
             if len(rows) < PAGE:
                 return out
 
@@ -405,11 +588,10 @@ class PrefectClient:
         )
         for _ in range(10):
             response = await self.request("POST", f"flow_runs/{run_id}/set_state", json=body)
-            result = structure(response.json(), OrchestrationResult)
+            result = _got(self._read(response, lambda body: structure(body, OrchestrationResult)))
             if result.status.value != "WAIT":
                 return result
-            delay = float(result.details.get("delay_seconds") or 1.0)
-            await trio.sleep(min(max(delay, 0.1), 30.0))
+            await trio.sleep(_wait_seconds(result.details.get("delay_seconds")))
         return result
 
     async def restore_state(self, run_id: str, state: State) -> OrchestrationResult:
@@ -426,32 +608,73 @@ class PrefectClient:
         )
 
     async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:
-        await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)})
+        self._read(await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)}))
 
     async def update_labels(self, run_id: str, labels: dict[str, str]) -> None:
-        await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels)
+        self._read(await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels))
 
     # ---------------------------------------------------------------- template resolution
 
     async def read_block_document_by_name(self, slug: str, name: str) -> dict[str, Any] | None:
-        doc = await self._get_optional(
-            f"block_types/slug/{slug}/block_documents/name/{name}", {"include_secrets": "true"}
+        return await self._get_optional(
+            f"block_types/slug/{slug}/block_documents/name/{name}", _block_data, {"include_secrets": "true"}
         )
-        return _block_data(doc)
 
     async def read_block_document_by_id(self, block_id: str) -> dict[str, Any] | None:
-        return _block_data(
-            await self._get_optional(f"block_documents/{block_id}", {"include_secrets": "true"})
+        return await self._get_optional(
+            f"block_documents/{block_id}", _block_data, {"include_secrets": "true"}
         )
 
     async def read_variable_value(self, name: str) -> Any:
-        variable = await self._get_optional(f"variables/name/{name}")
-        return templating.MISSING if variable is None else variable.get("value")
+        found = await self._get_optional(f"variables/name/{name}", _variable_value)
+        return templating.MISSING if found is None else found[0]
 
 
-def _block_data(doc: Any) -> dict[str, Any] | None:
-    """A block document's ``data`` (None: no such block)."""
-    if doc is None:
-        return None
-    data = doc.get("data") if isinstance(doc, dict) else None
-    return data if isinstance(data, dict) else {}
+def _got(value: T | None) -> T:
+    """What :meth:`PrefectClient._read` read (never None when it was given a reader)."""
+    assert value is not None
+    return value
+
+
+def _scheduled_rows(body: Any) -> tuple[list[FlowRun], list[tuple[str | None, str]]]:
+    """The due runs, and (run id, problem) for each row that could not be read."""
+    if not isinstance(body, list):
+        raise ProtocolError(f"a JSON {_json_type(body)}, not an array of runs")
+    runs: list[FlowRun] = []
+    problems: list[tuple[str | None, str]] = []
+    for row in body:
+        payload = row.get("flow_run") if isinstance(row, dict) else None
+        try:
+            runs.append(structure(payload, FlowRun))
+        except ProtocolError as exc:
+            run_id = payload.get("id") if isinstance(payload, dict) else None
+            problems.append((run_id if isinstance(run_id, str) and run_id else None, str(exc)))
+    return runs, problems
+
+
+def _wait_seconds(delay: Any) -> float:
+    """How long a WAIT answer asks to wait, within 0.1-30 s (1 s if it does not say)."""
+    try:
+        seconds = float(delay or 1.0)
+    except (TypeError, ValueError):
+        seconds = 1.0
+    return min(max(seconds, 0.1), 30.0) if seconds == seconds else 1.0  # (NaN: 1 s)
+
+
+def _variable_value(body: Any) -> tuple[Any]:
+    """A variable's value (in a tuple: a variable may hold null)."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"a JSON {_json_type(body)}, not a variable")
+    return (body.get("value"),)
+
+
+def _block_data(doc: Any) -> dict[str, Any]:
+    """A block document's ``data``."""
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"a JSON {_json_type(doc)}, not a block document")
+    data = doc.get("data")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ProtocolError(f"block data is a JSON {_json_type(data)}, not an object")
+    return data

@@ -51,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return (before, after).
+
+    Each live run holds about five descriptors (two output files, a pidfd, the control
+    connection, a meter's reads), and systemd's default soft limit is 1024. The worker
+    uses no ``select()``, so, as systemd.exec(5) advises for such programs, it takes the
+    hard limit (``LimitNOFILE=`` in the unit) itself. Runs inherit the raised limit.
+    Running short anyway only delays runs: see ``decisions.shortage``."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, hard
+    return soft, soft
+
+
 async def _amain(settings: Any, ledger: Any) -> int:
     from worker.api import PrefectClient
     from worker.supervisor import Supervisor
@@ -95,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_format, settings.log_level)
+    before, after = raise_open_files_limit()
+    structlog.get_logger("flow_worker").debug("worker.open_files_limit", before=before, after=after)
     if install_policy is not None:
         structlog.get_logger("flow_worker").info(
             "worker.install_policy_ignored", install_policy=install_policy, reason="nothing to install"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import errno
 import math
 import signal
 from collections.abc import Container
@@ -211,9 +212,32 @@ def exit_message(returncode: int) -> str:
     return f"Process exited with status code: {returncode}. {explanation}"
 
 
+_SHORTAGES: Final[dict[int, str]] = {
+    errno.EMFILE: "too many open files",  # the worker's RLIMIT_NOFILE
+    errno.ENFILE: "too many open files in the system",
+    errno.ENOMEM: "not enough memory",
+    errno.EAGAIN: "no process can be created now",  # a process or thread limit, or memory
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+"""The errors that say the *host* is short of something, not that the run is wrong: a run
+that meets one is not started now and goes back to SCHEDULED, for later or for a peer."""
+
+
+def shortage(exc: BaseException) -> str | None:
+    """What the host ran out of, if ``exc`` says it ran out of something (else None)."""
+    if isinstance(exc, OSError) and exc.errno in _SHORTAGES:
+        return _SHORTAGES[exc.errno]
+    if isinstance(exc, MemoryError):
+        return _SHORTAGES[errno.ENOMEM]
+    return None
+
+
 CANCELLED_MESSAGE: Final = "Flow run was cancelled successfully."
 SUBMIT_FAILED: Final = "Failed to submit flow run to infrastructure: {}"
 START_FAILED: Final = "Flow run could not start: {}"
+INTERNAL_ERROR: Final = "Flow run could not be supervised: internal error in flow-worker: {}"
+DEFERRED: Final = "Not started for now ({}): returned to the queue, for later or for another worker."
 WORKER_STOPPED: Final = "The worker stopped before the flow run finished ({}); its process was terminated."
 
 

@@ -17,6 +17,13 @@ Protocol: subprotocol ``prefect``; first frame ``{"type":"auth","token":…}``, 
 ``{"type":"auth_success"}``; then ``{"type":"filter","filter":…,"backfill":false}``; then
 ``{"type":"event","event":…}`` frames. A close with 1008 means the token was refused.
 
+Frames are data, never code paths: :func:`classify` is total over any JSON (anything not
+shaped like an event it knows is None), and a frame that is not JSON is skipped (said
+once, at INFO), so no frame can end the stream, let alone the worker.
+
+A CANCELLING event is a hint, never an order (any API client can emit one): the run is
+read first (:class:`CancelCheck`), and stopped only if the server says it is CANCELLING.
+
 Policy: the socket only ever makes the worker *faster*. The query-interval poll and the
 cancellation poll stay as the safety net. The socket reconnects with a jittered backoff
 (1 s doubling to 60 s). A server without the endpoint (HTTP 404/403 on the upgrade) or a
@@ -30,15 +37,20 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import attrs
 import structlog
 import trio
 
-from worker.api import tls_context
+from worker.api import excerpt, tls_context
+from worker.models import FlowRun, StateType
+from worker.outage import API_ERRORS
 from worker.retry import backoff
 from worker.settings import Settings
 
 log = structlog.get_logger("flow_worker.events")
 HANDSHAKE_TIMEOUT: Final = 10.0
+CANCEL_READS: Final = 4
+"""At most this many reads of runs named by CANCELLING events at once."""
 
 
 class EventsUnavailable(Exception):
@@ -81,20 +93,83 @@ POOL_CHANGED: Final = "POOL_CHANGED"
 """What :func:`classify` says of an event of the pool or one of its queues."""
 
 
-def classify(frame: dict[str, Any]) -> tuple[str, str] | None:
+def classify(frame: Any) -> tuple[str, str] | None:
     """(state type, flow run id) of a flow-run state event frame; (``POOL_CHANGED``,
-    resource id) for an event of the pool or a queue (resumed, updated …); else None."""
-    if frame.get("type") != "event":
+    resource id) for an event of the pool or a queue (resumed, updated …); else None,
+    for anything else whatever its shape (total over any JSON value: it never raises)."""
+    if not isinstance(frame, dict) or frame.get("type") != "event":
         return None
-    event = frame.get("event") or {}
-    resource = event.get("resource") or {}
-    resource_id = str(resource.get("prefect.resource.id", ""))
+    event = frame.get("event")
+    resource = event.get("resource") if isinstance(event, dict) else None
+    resource_id = resource.get("prefect.resource.id") if isinstance(resource, dict) else None
+    if not isinstance(resource_id, str):
+        return None
     if resource_id.startswith(("prefect.work-queue.", "prefect.work-pool.")):
         return POOL_CHANGED, resource_id
-    if not resource_id.startswith("prefect.flow-run."):
+    run_id = resource_id.removeprefix("prefect.flow-run.")
+    state_type = resource.get("prefect.state-type") if isinstance(resource, dict) else None
+    if run_id == resource_id or not run_id or not isinstance(state_type, str):
         return None
-    state_type = str(resource.get("prefect.state-type", ""))
-    return state_type, resource_id.removeprefix("prefect.flow-run.")
+    return state_type, run_id
+
+
+NOT_JSON: Final = object()
+"""What :func:`parse_frame` returns for a frame that is not JSON."""
+
+
+def parse_frame(message: str | bytes) -> Any:
+    """A frame's JSON; :data:`NOT_JSON` if it is not JSON (or nested too deep to read)."""
+    try:
+        return json.loads(message)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return NOT_JSON
+
+
+@attrs.define
+class CancelCheck:
+    """What a CANCELLING event sets off: a read of the run, and its cancellation only if
+    the server says it is CANCELLING and it is one of ours (any API client can emit an
+    event; only the run's state is the server's word). An event about a run not held
+    costs nothing; a run already being read is not read twice; at most
+    :data:`CANCEL_READS` reads at once, each in ``nursery`` (the stream never waits). A
+    read that fails changes nothing: the cancellation poll is the safety net."""
+
+    read: Callable[[str], Awaitable[FlowRun | None]]
+    held: Callable[[str], bool]
+    cancel: Callable[[str], None]
+    nursery: trio.Nursery
+    limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CANCEL_READS))
+    reading: set[str] = attrs.Factory(set)
+
+    def heard(self, run_id: str) -> None:
+        """A CANCELLING event named ``run_id``."""
+        if run_id in self.reading or not self.held(run_id):
+            return
+        self.reading.add(run_id)
+        self.nursery.start_soon(self._check, run_id)
+
+    async def _check(self, run_id: str) -> None:
+        try:
+            async with self.limiter:
+                flow_run = await self.read(run_id)
+        except API_ERRORS as exc:
+            log.debug(
+                "events.cancel_unchecked", flow_run_id=run_id, error=str(exc), fallback="the cancel poll"
+            )
+            return
+        finally:
+            self.reading.discard(run_id)
+        state = flow_run.state_type if flow_run is not None else None
+        if state is StateType.CANCELLING:
+            if self.held(run_id):
+                self.cancel(run_id)
+            return
+        log.info(
+            "events.cancel_not_confirmed",
+            flow_run_id=run_id,
+            state=state.value if state is not None else None,
+            effect="the run goes on: the server does not say it is CANCELLING",
+        )
 
 
 async def stream(
@@ -111,7 +186,7 @@ async def stream(
     is found to answer again, so the stream is back within seconds of an outage."""
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-    failures = 0
+    failures = skipped = 0
     token = settings.api_auth_string or settings.api_key
     assert settings.api_url is not None
     url = ws_url(settings.api_url)
@@ -132,9 +207,12 @@ async def stream(
             ) as ws:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     await ws.send_message(json.dumps(auth_frame(token)))
-                    answer = json.loads(await ws.get_message())
+                    message = await ws.get_message()
+                    answer = parse_frame(message)
+                    if not isinstance(answer, dict):  # not an answer to auth: reconnect later
+                        raise ValueError(f"unexpected answer to auth: {str(message)[:120]!r}")
                     if answer.get("type") != "auth_success":
-                        raise EventsUnavailable(f"authentication refused: {answer}")
+                        raise EventsUnavailable(f"authentication refused: {str(answer)[:200]}")
                     await ws.send_message(json.dumps(subscription(pool)))
                 if failures:
                     log.info("events.reconnected", after_failures=failures)
@@ -143,7 +221,15 @@ async def stream(
                 failures = 0
                 on_connected(True)
                 while True:
-                    seen = classify(json.loads(await ws.get_message()))
+                    message = await ws.get_message()
+                    frame = parse_frame(message)
+                    if frame is NOT_JSON:
+                        level = "info" if not skipped else "debug"
+                        skipped += 1
+                        quoted = excerpt(message.encode() if isinstance(message, str) else message)
+                        getattr(log, level)("events.frame_skipped", reason="not JSON", frame=quoted)
+                        continue
+                    seen = classify(frame)
                     if seen is None:
                         continue
                     state_type, run_id = seen

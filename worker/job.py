@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 
-from worker import templating
+from worker import limits, templating
 from worker.models import Deployment, Flow, FlowRun, WorkPool
 
 PREFECT_VERSION: Final = "3.9.1"
@@ -152,9 +152,21 @@ def _to_bool(field: str, value: Any) -> bool:
 
 
 def _to_env(value: Any) -> dict[str, str | None]:
+    """``env`` as strings: numbers and booleans are written out (lax mode), a list or an
+    object is refused; then what the OS would refuse (``limits.py``)."""
     if not isinstance(value, dict):
         raise ConfigurationError(f"job variable 'env' must be an object, got {_describe(value)}")
-    return {str(k): None if v is None else str(v) for k, v in value.items()}
+    env: dict[str, str | None] = {}
+    for k, v in value.items():
+        if v is not None and not isinstance(v, str | int | float | bool):
+            shown = _describe(v)
+            shown = shown if len(shown) <= 100 else shown[:100] + "…"
+            raise ConfigurationError(f"job variable 'env.{k}' must be a string or null, got {shown}")
+        env[str(k)] = None if v is None else str(v)
+    problem = next(limits.env_problems(env), None)
+    if problem is not None:
+        raise ConfigurationError(problem)
+    return env
 
 
 def _to_labels(value: Any) -> dict[str, str]:
@@ -170,7 +182,11 @@ def _to_path(value: Any) -> Path | None:
     if value is None:
         return None
     if isinstance(value, str | Path):
-        return ProcessJobConfiguration.validate_working_dir(value)
+        path = ProcessJobConfiguration.validate_working_dir(value)
+        problem = limits.working_dir_problem(path)
+        if problem is not None:
+            raise ConfigurationError(problem)
+        return path
     raise ConfigurationError(f"job variable 'working_dir' must be a path or null, got {_describe(value)}")
 
 
@@ -393,6 +409,9 @@ class ProcessJobConfiguration:
         self.command_configured = self.command is not None
         if self.command is None:
             self.command = shlex.join([python or sys.executable, "-m", "prefect.engine"])
+        problems = limits.spawn_problems(self.argv(), self.env, self.working_dir)
+        if problems:
+            raise ConfigurationError("; ".join(problems[:3]))
 
     def argv(self) -> list[str]:
         """The command split as a shell would (no shell is involved)."""

@@ -145,7 +145,10 @@ class Ledger:
             self._path(run_id).unlink()
         except FileNotFoundError:
             return
-        self._sync_dir()
+        try:
+            self._sync_dir()
+        except OSError:
+            pass  # best effort: an entry back after a power loss is checked against the API, harmlessly
 
     def _sync_dir(self) -> None:
         fd = os.open(self.runs_dir, os.O_RDONLY)

@@ -213,5 +213,8 @@ class Once:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._said
 
+    def __len__(self) -> int:
+        return len(self._said)
+
     def clear(self, key: Hashable) -> None:
         self._said.pop(key, None)

@@ -67,6 +67,10 @@ class Metrics:
     """Lost peers' runs this worker resolved, by action (reschedule, crash, cancel)."""
     runs_lost: int = 0
     """Runs of this worker that a peer resolved during a heartbeat gap (the fence)."""
+    runs_deferred: int = 0
+    """Due runs not started for want of descriptors, memory or disk (back to the queue)."""
+    runs_internal_errors: int = 0
+    """Runs that met a bug in the worker (CRASHED with it, never taken again)."""
     run_peak_memory: Histogram = attrs.Factory(lambda: Histogram(MEMORY_BUCKETS))
     run_cpu: Histogram = attrs.Factory(lambda: Histogram(CPU_BUCKETS))
     memory_available: float = float("nan")
@@ -123,6 +127,18 @@ class Metrics:
             "counter",
             "Runs of this worker resolved by a peer while it could not heartbeat (then stopped).",
             [({}, self.runs_lost)],
+        )
+        metric(
+            "runs_deferred_total",
+            "counter",
+            "Due runs not started because the host was short of descriptors, memory or disk.",
+            [({}, self.runs_deferred)],
+        )
+        metric(
+            "runs_internal_errors_total",
+            "counter",
+            "Runs that met a bug in the worker: CRASHED with it and not taken again.",
+            [({}, self.runs_internal_errors)],
         )
         metric(
             "runs_started_total",

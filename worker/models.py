@@ -163,13 +163,25 @@ def _flow_run_payload(data: Any) -> Any:
 
 def structure(data: Any, cls: type[T]) -> T:
     """Build an API object from a JSON payload; raises :class:`ProtocolError` if it does
-    not fit (the server's fault, or a version we do not speak)."""
+    not fit (the server's fault, or a version we do not speak): anything that is not a
+    JSON object, a missing field, a value of the wrong type."""
+    if attrs.has(cls) and not isinstance(data, dict):
+        raise ProtocolError(
+            f"unexpected {cls.__name__} payload from the API: {type(data).__name__}, not an object"
+        )
     try:
         if cls is FlowRun:
             data = _flow_run_payload(data)
         return converter.structure(_without_nulls(data, cls), cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
-        raise ProtocolError(f"unexpected {cls.__name__} payload from the API: {exc!r}") from None
+    except (
+        cattrs.BaseValidationError,
+        ValueError,
+        TypeError,
+        LookupError,
+        AttributeError,
+        RecursionError,
+    ) as exc:
+        raise ProtocolError(f"unexpected {cls.__name__} payload from the API: {exc!r}"[:500]) from None
 
 
 converter.register_structure_hook(
@@ -178,4 +190,13 @@ converter.register_structure_hook(
 
 
 class ProtocolError(RuntimeError):
-    """The server's answer does not have the shape Prefect 3.9's API documents."""
+    """The server's answer does not have the shape Prefect 3.9's API documents.
+
+    ``hint`` says what a user can do about it (an HTML page: the UI's address?);
+    ``endpoint`` names where it came from, ids left out (``api.endpoint``): the outage
+    says an episode of strange answers once per endpoint."""
+
+    def __init__(self, message: str, *, hint: str | None = None, endpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.endpoint = endpoint

@@ -19,15 +19,20 @@ Policy, stated once:
   (and the boot id, checked by the caller); it is signalled only while both match.
 * **Output.** With ``stream_output`` the child's stdout and stderr go to two files in
   the state directory (``output/<run>.out|.err``), which the worker follows line by
-  line into its log, bound to the run; otherwise to /dev/null. Files, not pipes: a
-  pipe dies with the worker, and a flow that prints after a worker restart would then
-  fail on EPIPE; a file outlives the worker, and the worker that adopts the run goes
-  on following it. The files are removed when the run ends.
+  line into its log, bound to the run, within a budget (``output.py``: lines and bytes
+  per second, a size cap on the files, the stderr tail); otherwise to /dev/null. Files,
+  not pipes: a pipe dies with the worker, and a flow that prints after a worker restart
+  would then fail on EPIPE; a file outlives the worker, and the worker that adopts the
+  run goes on following it. The files are removed when the run ends.
+* **Start errors.** Whatever stops a spawn is a :class:`StartError` whose message names
+  the cause (a bad environment variable, a command not found, …), and nothing is left
+  behind (descriptors, the temporary directory, the output files). A lack of a local
+  resource (descriptors, memory, disk, processes) is a :class:`StartDeferred`: not the
+  run's fault, so it may start later, here or on a peer.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import signal
@@ -40,21 +45,13 @@ from typing import Any, Final
 import attrs
 import trio
 
-from worker import reaper
+from worker import decisions, limits, reaper
 from worker.job import ProcessJobConfiguration
+from worker.output import STDERR_TAIL_BYTES as STDERR_TAIL_BYTES
+from worker.output import STDERR_TAIL_LINES as STDERR_TAIL_LINES
+from worker.output import RunOutput
 from worker.usage import Meter, Usage
 from worker.warm import EngineServer, Unavailable, WarmStarts
-
-OUTPUT_POLL: Final = 0.2
-"""How often a run's output files are checked for new lines while it runs."""
-
-MAX_LINE: Final = 64 * 1024
-"""Longer output lines are split, so a flow that never writes a newline cannot grow memory."""
-
-STDERR_TAIL_LINES: Final = 10
-STDERR_TAIL_BYTES: Final = 2048
-"""How much of a run's last stderr lines a crash message carries (a traceback's last
-lines, a ``ModuleNotFoundError``): enough to see the error, bounded for the UI."""
 
 ADOPTED_POLL: Final = 1.0
 """How often an adopted process is checked when pidfd is not available."""
@@ -64,6 +61,11 @@ IntentSender = Callable[[str, str], Awaitable[bool]]
 
 class StartError(RuntimeError):
     """The child could not be started; the message is for the run's CRASHED state."""
+
+
+class StartDeferred(StartError):
+    """The child could not be started for lack of a local resource (descriptors, memory,
+    disk, processes): not the run's fault; it may start later, or on a peer."""
 
 
 @attrs.define(eq=False)
@@ -88,8 +90,9 @@ class Supervised:
     lost: str = ""
     """Why a peer took the run (the fence): it is stopped and nothing is reported."""
     output_dir: Path | None = None
+    output: RunOutput = attrs.Factory(lambda self: RunOutput(self.log), takes_self=True)
+    """Its output followed into the log within a budget, and the stderr tail (``output.py``)."""
     _stop_event: trio.Event = attrs.Factory(trio.Event)
-    _stderr_tail: collections.deque[str] = attrs.Factory(lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
 
     @property
     def pid(self) -> int | None:
@@ -149,74 +152,40 @@ class Supervised:
         self.log.warning("run.killing", pid=self.pid, reason="grace period over")
         self.signal_group(signal.SIGKILL)
 
-    async def _watch(self, gone: Callable[[], Awaitable[Any]], from_end: bool) -> None:
-        """Follow the output and stand ready with the kill policy until ``gone()`` returns."""
+    async def _watch(
+        self,
+        gone: Callable[[], Awaitable[Any]],
+        from_end: bool,
+        beside: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Follow the output and stand ready with the kill policy until ``gone()`` returns;
+        ``beside`` (reporting the pid) runs meanwhile, to its end (bounded by the API's
+        deadline): the pid is reported also for a process that exits at once."""
         exited = trio.Event()
         async with trio.open_nursery() as nursery:
-            for path, name in self.output_paths():
-                nursery.start_soon(self._follow, path, name, exited, from_end)
-            killer = trio.CancelScope()
-            nursery.start_soon(self._scoped, killer)
+            nursery.start_soon(self.output.follow, self.output_paths(), exited, from_end)
+            while_alive = trio.CancelScope()
+            nursery.start_soon(self._scoped, while_alive, self._kill_policy)
+            if beside is not None:
+                nursery.start_soon(beside)
             await gone()
-            killer.cancel()  # the kill policy never outlives the process
+            while_alive.cancel()  # the kill policy never outlives the process
             exited.set()  # the followers read what is left, then end
 
-    async def _scoped(self, scope: trio.CancelScope) -> None:
+    @staticmethod
+    async def _scoped(scope: trio.CancelScope, task: Callable[[], Awaitable[Any]]) -> None:
         with scope:
-            await self._kill_policy()
+            await task()
 
     def output_paths(self) -> list[tuple[Path, str]]:
         if self.output_dir is None:
             return []
         return [(self.output_dir / f"{self.run_id}.{name}", name) for name in ("out", "err")]
 
-    async def _follow(self, path: Path, name: str, exited: trio.Event, from_end: bool) -> None:
-        """Log each line appended to ``path`` until the process has exited and all is read."""
-        try:
-            f = path.open("rb")
-        except OSError:
-            return
-        with f:
-            if from_end:
-                f.seek(0, os.SEEK_END)
-            buffer = b""
-            while True:
-                finished = exited.is_set()  # read once more after the exit: nothing is lost
-                chunk = f.read(65536)
-                if chunk:
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    while len(buffer) > MAX_LINE:
-                        lines.append(buffer[:MAX_LINE])
-                        buffer = buffer[MAX_LINE:]
-                    for line in lines:
-                        self._emit(line, name)
-                    continue
-                if finished:
-                    break
-                with trio.move_on_after(OUTPUT_POLL):
-                    await exited.wait()
-            if buffer:
-                self._emit(buffer, name)
-
-    def _emit(self, line: bytes, name: str) -> None:
-        stream = "stdout" if name == "out" else "stderr"
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        if stream == "stderr" and text.strip():
-            self._stderr_tail.append(text[:STDERR_TAIL_BYTES])
-        self.log.info("run.output", stream=stream, line=text)
-
     def stderr_tail(self) -> str:
         """The last lines the process wrote to stderr (at most ``STDERR_TAIL_LINES`` lines and
         ``STDERR_TAIL_BYTES`` characters, newest kept): what a crash message shows."""
-        kept: list[str] = []
-        size = 0
-        for line in reversed(self._stderr_tail):
-            size += len(line) + 1
-            if size > STDERR_TAIL_BYTES:
-                break
-            kept.append(line)
-        return "\n".join(reversed(kept))
+        return self.output.stderr_tail()
 
     def remove_output(self) -> None:
         for path, _ in self.output_paths():
@@ -284,28 +253,36 @@ class RunHandle(Supervised):
         return self.process is not None
 
     async def start(self, extra_env: dict[str, str] | None = None) -> int:
-        """Spawn the child; raise :class:`StartError` with a message a user can act on."""
+        """Spawn the child; raise :class:`StartError` with a message a user can act on
+        (:class:`StartDeferred` when a local resource ran out). Nothing is left behind."""
         argv = self.config.argv()
+        env = {k: v for k, v in self.config.env.items() if v is not None}
+        env.update(extra_env or {})
+        problem = spawn_problem(argv, env, self.config.working_dir)
+        if problem is not None:
+            raise StartError(problem)
         if self.config.working_dir is not None:
             cwd = self.config.working_dir
             if not cwd.is_dir():
                 what = "is not a directory" if cwd.exists() else "does not exist"
                 raise StartError(f"working directory {str(cwd)!r} {what}")
-        else:
-            self.tmpdir = Path(tempfile.mkdtemp(prefix="flow-worker-", suffix="prefect"))
-            cwd = self.tmpdir
         if not self.config.stream_output:
             self.output_dir = None
         files: list[int] = []
-        for path, _ in self.output_paths():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600))
-        out: int = files[0] if files else subprocess.DEVNULL
-        err: int = files[1] if files else subprocess.DEVNULL
-        env = {k: v for k, v in self.config.env.items() if v is not None}
-        env.update(extra_env or {})
-        server: EngineServer | str | None = None
+        doing = "creating the temporary working directory"
         try:
+            if self.config.working_dir is None:
+                self.tmpdir = Path(tempfile.mkdtemp(prefix="flow-worker-", suffix="prefect"))
+                cwd = self.tmpdir
+            doing = "opening the output files"
+            for path, _ in self.output_paths():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+                files.append(os.open(path, flags, 0o600))
+            out: int = files[0] if files else subprocess.DEVNULL
+            err: int = files[1] if files else subprocess.DEVNULL
+            doing = "starting the process"
+            server: EngineServer | str | None = None
             if self.warm is not None and self.warm.enabled:  # may wait for a first preload
                 server = await self.warm.server_for(argv, env, str(cwd))
             with reaper.CHILDREN.spawning():
@@ -323,15 +300,10 @@ class RunHandle(Supervised):
                     )
                 reaper.CHILDREN.spawned.add(self.process.pid)
                 self._pidfd = _pidfd_open(self.process.pid)
-        except FileNotFoundError:
-            self._cleanup_tmpdir()
-            raise StartError(f"command not found: {argv[0]!r}") from None
-        except PermissionError:
-            self._cleanup_tmpdir()
-            raise StartError(f"command not executable (permission denied): {argv[0]!r}") from None
         except OSError as exc:
-            self._cleanup_tmpdir()
-            raise StartError(f"{type(exc).__name__}: {exc}") from None
+            raise start_error(exc, doing, argv[0]) from None
+        except (ValueError, TypeError) as exc:  # what spawn_problem did not foresee
+            raise StartError(f"cannot start the process: {type(exc).__name__}: {exc}") from None
         finally:
             for fd in files:
                 os.close(fd)
@@ -379,14 +351,14 @@ class RunHandle(Supervised):
         await proc.wait()
         self.status = proc.returncode if isinstance(peeked, _NotYet) else peeked
 
-    async def wait(self) -> int | None:
+    async def wait(self, beside: Callable[[], Awaitable[Any]] | None = None) -> int | None:
         """Wait for the exit (streaming output, applying the kill policy on stop) and
         return the exit status: negative for a signal, as ``subprocess`` reports it;
-        ``None`` if it cannot be known."""
+        ``None`` if it cannot be known. ``beside`` runs meanwhile (see ``_watch``)."""
         assert self.process is not None, "start() first"
         proc = self.process
         try:
-            await self._watch(self._exited, from_end=False)
+            await self._watch(self._exited, from_end=False, beside=beside)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None and not getattr(proc, "gone", False):
@@ -410,8 +382,40 @@ class RunHandle(Supervised):
 
     def _cleanup_tmpdir(self) -> None:
         if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            try:
+                self.tmpdir.rmdir()  # empty if nothing ran in it; needs no descriptor (EMFILE)
+            except OSError:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+
+
+def spawn_problem(argv: list[str], env: dict[str, Any], working_dir: Path | None) -> str | None:
+    """What in the command, environment or working directory no process can be started
+    with (``execve`` refuses it), named for the user; None if nothing.
+
+    Job variables are validated where they enter (``job.py``, with the same rules of
+    ``limits.py``); this is the last line of defence, and it also holds for a warm start,
+    whose engine server would fail the same way."""
+    for name, value in env.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            return f"environment variable {name!r} must be a string, not {type(value).__name__}"
+    problems = limits.spawn_problems(argv, env, working_dir)
+    return problems[0] if problems else None
+
+
+def start_error(exc: OSError, doing: str, program: str) -> StartError:
+    """The :class:`StartError` for ``exc`` raised while ``doing``: a
+    :class:`StartDeferred` if a local resource ran out."""
+    scarce = decisions.shortage(exc)
+    if scarce is not None:
+        return StartDeferred(f"{scarce} ({doing}): {exc}")
+    if doing == "starting the process":
+        if isinstance(exc, FileNotFoundError):
+            return StartError(f"command not found: {program!r}")
+        if isinstance(exc, PermissionError):
+            return StartError(f"command not executable (permission denied): {program!r}")
+        return StartError(f"{type(exc).__name__}: {exc}")
+    return StartError(f"{doing}: {type(exc).__name__}: {exc}")
 
 
 def _pidfd_open(pid: int) -> int | None:

@@ -11,6 +11,7 @@ same way once the API answers again.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import attrs
@@ -80,6 +81,8 @@ class Reconciler:
                 self.outage.failed(exc, "reconcile")
                 await self.outage.pause(self.outage.delay())
                 continue
+            except Exception as exc:  # one entry's bug costs that entry (kept for the next start)
+                self._bug(todo[0], exc)
             todo.pop(0)
 
     async def resolve(self, entry: Entry) -> None:
@@ -120,8 +123,16 @@ class Reconciler:
             except API_ERRORS as exc:
                 self.outage.failed(exc, "report")
                 return False
+            except Exception as exc:
+                self._bug(entry, exc)
             self.pending.pop(entry.flow_run_id, None)
         return True
+
+    def _bug(self, entry: Entry, exc: Exception) -> None:
+        """A bug met while settling one entry: said with its traceback; the others go on."""
+        run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).error(
+            "run.internal_error", error=f"{type(exc).__name__}: {exc}"[:500], phase=entry.phase, exc_info=exc
+        )
 
     def adopt(self, entry: Entry, runs: trio.Nursery) -> None:
         """Watch a previous worker's live process as one of ours (it counts against --limit)."""
@@ -161,6 +172,11 @@ class Reconciler:
                 lost=handle.lost,
             )
             await self.reporter.finish(entry, run_log, kind, message)
+        except Exception as exc:  # a bug costs this run (CRASHED with it), never the worker
+            self._bug(entry, exc)
+            why = decisions.INTERNAL_ERROR.format(f"{type(exc).__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):
+                await self.reporter.finish(entry, run_log, "crash", why)
         finally:
             self.meter.untrack(entry.pid or 0)
             self.book.finished(entry.flow_run_id, None, None)

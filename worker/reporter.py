@@ -56,7 +56,16 @@ class Reporter:
         if kind == "crash":
             self.failed_runs += 1
         report = Report(kind=kind, message=message, transition_id=str(uuid.uuid4()))
-        entry = self.ledger.update(entry, phase="finished", finished_at=time.time(), report=report)
+        entry = attrs.evolve(entry, phase="finished", finished_at=time.time(), report=report)
+        try:
+            self.ledger.write(entry)
+        except OSError as exc:  # a full disk, no descriptors: deliver it all the same
+            log.warning(
+                "ledger.write_failed",
+                flow_run_id=entry.flow_run_id,
+                error=f"{type(exc).__name__}: {exc}",
+                effect="the state owed is kept in memory only until delivered",
+            )
         self.owed[entry.flow_run_id] = entry
         return entry
 

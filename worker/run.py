@@ -24,6 +24,7 @@ path (pain point 25).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import uuid
@@ -36,16 +37,17 @@ import trio
 
 from worker import decisions, reaper, ui
 from worker.admission import MIB, Book
-from worker.api import ApiRefused, PrefectClient
+from worker.api import ApiRefused, ApiUnavailable, PrefectClient
 from worker.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.control import ControlChannel
 from worker.interpreter import InterpreterCheck
 from worker.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.ledger import Entry, Ledger, boot_id
+from worker.logs import Once
 from worker.metrics import Metrics
-from worker.models import Deployment, Flow, FlowRun, StateType, WorkPool
+from worker.models import Deployment, Flow, FlowRun, ProtocolError, StateType, WorkPool
 from worker.outage import API_ERRORS, Outage
-from worker.process import RunHandle, StartError, Supervised
+from worker.process import RunHandle, StartDeferred, StartError, Supervised
 from worker.reclaim import Fencer
 from worker.reporter import Reporter, run_logger
 from worker.settings import Settings
@@ -53,6 +55,12 @@ from worker.usage import Meter
 from worker.warm import WarmStarts
 
 log = structlog.get_logger("flow_worker")
+
+_DEFER_EFFECT: Final = "due runs are not started now; they stay (or go back to) SCHEDULED for later or a peer"
+
+SHORT_QUIET: Final = 60.0
+"""A shortage ends once a run starts and none was met for this long: a host at its limit,
+where starts and refusals alternate, is one episode and one WARNING, not one per flap."""
 
 CLAIM_CONCURRENCY: Final = 16
 """Claims in flight at once: a burst of due runs starts together without a request storm."""
@@ -117,6 +125,12 @@ class Runner:
     """Expected run sizes and the runs in hand, for admission by memory (``admission.py``)."""
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
     labels_unsupported: bool = False
+    shunned: dict[str, str] = attrs.Factory(dict)
+    """Runs that met a bug in this worker (run id → error): never taken again by it."""
+    shortages: Once = attrs.Factory(Once)
+    """What the host is short of, said once while it lasts (``_defer``)."""
+    short_at: float = -math.inf
+    """When a run last met a shortage (trio time)."""
     unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
     """Live runs whose labels could not be set yet: peers need them to know the owner."""
     warm: WarmStarts = attrs.field(init=False)
@@ -136,9 +150,16 @@ class Runner:
         return self.reporter.pool
 
     async def run(self, flow_run: FlowRun) -> None:
-        """The task of one polled run (already in ``in_hand.live``): its whole life."""
+        """The task of one polled run (already in ``in_hand.live``): its whole life.
+
+        A run is the unit of failure: whatever goes wrong here ends this run at most,
+        never the worker. The API's errors back off (``outage.py``); a host short of
+        descriptors, memory or disk returns the run to the queue (:meth:`_defer`); any
+        other exception is a bug, and the run is CRASHED with it (:meth:`_internal_error`).
+        """
         run_log = run_logger(flow_run.id, flow_run.name, self.pool_name)
         claimed_at = trio.current_time()
+        entry: Entry | None = None
         try:
             async with self.claims:  # a burst claims concurrently, but boundedly
                 claimed = await self.claim(flow_run, run_log)
@@ -154,7 +175,12 @@ class Runner:
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
                 config, flow = await self.configure(flow_run, deployment)
-            except (ConfigurationError, *API_ERRORS) as exc:
+            except (ApiUnavailable, ProtocolError) as exc:  # not the run's fault: resolved as a lost claim
+                self.outage.failed(exc, "submit")
+                run_log.warning("run.not_started", reason=f"could not read what it needs: {exc}")
+                self.lost_claims[entry.flow_run_id] = entry  # (back to SCHEDULED while still ours)
+                return
+            except (ConfigurationError, ApiRefused) as exc:
                 run_log.error("run.bad_configuration", error=str(exc))
                 await self.reporter.finish(entry, run_log, "crash", decisions.SUBMIT_FAILED.format(exc))
                 return
@@ -168,12 +194,63 @@ class Runner:
         except API_ERRORS as exc:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
+        except Exception as exc:
+            short = decisions.shortage(exc)
+            if short is not None:
+                await self._defer(flow_run, entry, run_log, short)
+            else:
+                await self._internal_error(flow_run, entry, run_log, exc)
         finally:
             handle = self.in_hand.live.get(flow_run.id)
             peak = handle.usage.peak if handle is not None and handle.usage is not None else None
             self.book.finished(flow_run.id, flow_run.deployment_id, peak)
             self.control.unregister(flow_run.id)
             self.in_hand.release(flow_run.id)
+
+    async def _defer(self, flow_run: FlowRun, entry: Entry | None, run_log: Any, short: str) -> None:
+        """The host is short of something (``decisions.shortage``): the run is not started
+        now. Unclaimed, it simply stays SCHEDULED; claimed, it goes back to SCHEDULED. Said
+        once while the shortage lasts (a WARNING), then at DEBUG per run."""
+        kind = short.partition(" (")[0]  # (the details vary: a WARNING per kind)
+        self.short_at = trio.current_time()
+        self.shortages.say(kind, log, "warning", "host.short", short=short, effect=_DEFER_EFFECT)
+        run_log.debug("run.deferred", reason=short, claimed=entry is not None)
+        self.metrics.runs_deferred += 1
+        if entry is None:
+            return
+        message = decisions.DEFERRED.format(short)
+        try:
+            await self.reporter.finish(entry, run_log, "reschedule", message)
+        except Exception:  # the ledger itself may be what cannot be written: tell the API directly
+            await self._tell_directly(flow_run, run_log, StateType.SCHEDULED, "Scheduled", message)
+
+    async def _internal_error(
+        self, flow_run: FlowRun, entry: Entry | None, run_log: Any, exc: Exception
+    ) -> None:
+        """A bug met while handling this run: the run is CRASHED with it (if it was ours),
+        the traceback goes to the worker's log, and the run is never taken again by this
+        worker (``shunned``), so a bug that one run's data triggers cannot loop."""
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        run_log.error("run.internal_error", error=error, claimed=entry is not None, exc_info=exc)
+        self.shunned[flow_run.id] = error
+        self.metrics.runs_internal_errors += 1
+        if entry is None:
+            return
+        message = decisions.INTERNAL_ERROR.format(error)
+        try:
+            await self.reporter.finish(entry, run_log, "crash", message)
+        except Exception:
+            await self._tell_directly(flow_run, run_log, StateType.CRASHED, "Crashed", message)
+
+    async def _tell_directly(
+        self, flow_run: FlowRun, run_log: Any, state: StateType, name: str, message: str
+    ) -> None:
+        """Last resort when the ledger cannot record what is owed: one direct proposal."""
+        try:
+            await self.client.set_flow_run_state(flow_run.id, state, name, message, force=True)
+            self.ledger.remove(flow_run.id)
+        except Exception as exc:
+            run_log.error("run.not_reported", reason=f"{type(exc).__name__}: {exc}", owed=state.value)
 
     async def claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
         """Read the deployment, propose PENDING, verify the claim. None: not ours."""
@@ -221,9 +298,20 @@ class Runner:
             self.ledger.remove(flow_run.id)
             run_log.info("run.not_claimed", reason=claim.reason)
             return None
-        if not await self._undo_if_raced(flow_run, transition_id, run_log):
+        try:
+            raced = not await self._undo_if_raced(flow_run, transition_id, run_log)
+        except API_ERRORS:
+            self.lost_claims[flow_run.id] = entry  # written on the server: resolved like a lost answer
+            raise
+        if raced:
             return None
-        entry = self.ledger.update(entry, phase="claimed")
+        try:
+            entry = self.ledger.update(entry, phase="claimed")
+        except OSError as exc:  # ours, but not on record: hand it back at once, then say why
+            why = decisions.shortage(exc) or f"{type(exc).__name__}: {exc}"
+            message = decisions.DEFERRED.format(f"the ledger cannot be written: {why}")
+            await self._tell_directly(flow_run, run_log, StateType.SCHEDULED, "Scheduled", message)
+            raise
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
         self.metrics.runs_claimed += 1
         return deployment, entry, run_log
@@ -311,14 +399,20 @@ class Runner:
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
+        except StartDeferred as exc:
+            await self._defer(flow_run, entry, run_log, str(exc))
+            return
         except (StartError, ConfigurationError) as exc:
             run_log.error("run.start_failed", error=str(exc))
             await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
+        if self.shortages and trio.current_time() - self.short_at > SHORT_QUIET:
+            log.info("host.short_over", effect="due runs start again")
+            self.shortages = Once()
         handle.usage = self.meter.track(pid)
         self.metrics.runs_started[handle.started_as] += 1
         facts = reaper.process_facts(pid)
-        entry = self.ledger.update(
+        started = attrs.evolve(
             entry,
             phase="started",
             pid=pid,
@@ -327,6 +421,15 @@ class Runner:
             boot_id=boot_id(),
             started_at=time.time(),
         )
+        try:
+            self.ledger.write(started)
+        except OSError as exc:  # the run is started: it goes on, watched, without its record
+            run_log.warning(
+                "ledger.write_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                effect="the run goes on; if the worker dies before it ends, it is not adopted",
+            )
+        entry = started
         self.in_hand.live[flow_run.id] = handle
         submitted = self.uplink.add_event("prefect.worker.submitted-flow-run", related)
         run_log = run_log.bind(pid=pid)
@@ -338,12 +441,15 @@ class Runner:
         )
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)
+
+        async def report_pid() -> None:  # beside the output's following: a flood never waits for the API
+            try:
+                await self.client.set_infrastructure_pid(flow_run.id, pid)
+            except API_ERRORS as exc:
+                run_log.warning("run.pid_not_reported", error=str(exc))
+
         try:
-            await self.client.set_infrastructure_pid(flow_run.id, pid)
-        except API_ERRORS as exc:
-            run_log.warning("run.pid_not_reported", error=str(exc))
-        try:
-            returncode = await handle.wait()
+            returncode = await handle.wait(beside=report_pid)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 rc = handle.status if handle.status is not None else -15

@@ -6,7 +6,9 @@ what happens           what the worker does
 1st SIGTERM / SIGINT   claim nothing more (the poll scope is cancelled); running flows may
                        finish for up to ``drain_timeout`` (600 s); heartbeats,
                        cancellations and reports go on; systemd's stop timeout is
-                       extended a tick at a time and its watchdog fed
+                       extended a tick at a time (its watchdog is fed as long as the
+                       heartbeat loop keeps its word: ``liveness.py``; the poll loop,
+                       ended, is no longer judged)
 2nd signal, or the     every remaining run: intent over the control channel
 drain_timeout          (``relinquish``, or ``reschedule`` with ``on_stop = "reschedule"``),
                        SIGTERM to its group, ``cancel_grace_seconds``, SIGKILL; then
@@ -84,9 +86,9 @@ class Stopper:
                 self.request(f"second {name}" if self.in_hand.stopping else name, loops)
 
     async def _drain_watch(self) -> None:
-        """While draining: keep systemd's watchdog fed and its stop timeout extended (a tick
-        at a time, so a hung drain stops asking), log what is awaited, stop runs at the
-        deadline."""
+        """While draining: keep systemd's stop timeout extended (a tick at a time, so a hung
+        drain stops asking), log what is awaited, stop runs at the deadline. (The watchdog
+        is not fed here: ``liveness.Liveness.watch`` goes on through the drain.)"""
         deadline = trio.current_time() + self.settings.drain_timeout
         tick = min(DRAIN_LOG_SECONDS, (self.notifier.watchdog_seconds or 3 * DRAIN_LOG_SECONDS) / 3)
         next_log = trio.current_time() + DRAIN_LOG_SECONDS
@@ -97,7 +99,6 @@ class Stopper:
                 self.stop_runs(f"drain_timeout of {self.settings.drain_timeout:g}s reached")
             extra = self.settings.cancel_grace_seconds if self.in_hand.stopped_runs else 0.0
             self.notifier.extend_timeout(tick + extra + 30, self.status_line())
-            self.notifier.watchdog()
             if now >= next_log and live:
                 next_log = now + DRAIN_LOG_SECONDS
                 log.info(

@@ -15,6 +15,7 @@ Shape (nested nurseries are the shutdown structure)::
                       ├── signals          1st SIGTERM/SIGINT: drain; 2nd (or timeout): stop runs
                       ├── health server    (with --with-healthcheck)
                       ├── events stream    SCHEDULED → poll now, CANCELLING → stop (events.py)
+                      ├── liveness         WATCHDOG=1 while poll and heartbeat keep their word (liveness.py)
                       └── runs nursery ─── reconcile (reconcile.py: the previous worker's ledger),
                                            then the poll loop → one task per run (run.py)
 
@@ -47,11 +48,12 @@ import attrs
 import structlog
 import trio
 
-from worker import admission, decisions, memory, reaper
+from worker import admission, decisions, guard, memory, reaper
 from worker.admission import Book
 from worker.api import ApiNotFound, PrefectClient
 from worker.control import ControlChannel
 from worker.ledger import Ledger
+from worker.liveness import Liveness
 from worker.logs import Once
 from worker.metrics import Metrics
 from worker.models import FlowRun, StateType
@@ -101,6 +103,8 @@ class Supervisor:
     due_at: float = math.inf
     """trio time at which a run seen ahead of time (by the poll's look-ahead) becomes due."""
     once: Once = attrs.Factory(Once)
+    liveness: Liveness = attrs.Factory(Liveness)
+    """The poll and heartbeat loops' word, judged before each ``WATCHDOG=1`` (``liveness.py``)."""
 
     def __attrs_post_init__(self) -> None:
         self.reporter = Reporter(
@@ -132,6 +136,7 @@ class Supervisor:
             self.pool_name, self.settings.query_seconds, self.in_hand, self.outage, self.metrics
         )
         self.status.interpreter = self.runner.interpreter
+        self.status.liveness = self.liveness
         self.reclaimer.unlabelled = lambda: self.runner.labels_unsupported
         self.stopper = Stopper(self.settings, self.in_hand, self.notifier, self.poll_scope, self.status.line)
 
@@ -164,14 +169,21 @@ class Supervisor:
             warm_start=self.runner.warm.enabled,
         )
         async with trio.open_nursery() as loops:
-            for loop in (self.heartbeat_loop, self.cancel_loop, self.reporter_loop, reaper.reap_loop):
-                loops.start_soon(loop)
-            loops.start_soon(self.outage.probe_loop, self.client)
-            loops.start_soon(self.reclaimer.loop, self.status.synced)
-            loops.start_soon(self.runner.meter.loop)
-            loops.start_soon(self.runner.interpreter.run)
-            loops.start_soon(self.runner.warm.serve)
-            loops.start_soon(self.runner.uplink.loop)
+            # each loop is restarted after a bug (``guard.py``): never a reason to stop
+            for name, loop, *args in (
+                ("heartbeat", self.liveness.judged("heartbeat", self.heartbeat_loop)),
+                ("cancel", self.cancel_loop),
+                ("reporter", self.reporter_loop),
+                ("reaper", reaper.reap_loop),
+                ("probe", self.outage.probe_loop, self.client),
+                ("reclaim", self.reclaimer.loop, self.status.synced),
+                ("meter", self.runner.meter.loop),
+                ("interpreter", self.runner.interpreter.run),
+                ("warm_start", self.runner.warm.serve),
+                ("uplink", self.runner.uplink.loop),
+                ("liveness", self.liveness.watch, self.notifier, self.status.line),
+            ):
+                loops.start_soon(guard.forever, name, loop, *args)
             await loops.start(self.control.serve)
             if self.settings.with_healthcheck:
                 from worker import health
@@ -187,14 +199,14 @@ class Supervisor:
             if handle_signals:
                 loops.start_soon(self.stopper.signal_loop, loops)
             if self.settings.events:
-                loops.start_soon(self._events)
+                loops.start_soon(guard.forever, "events", self._events)
             async with trio.open_nursery() as runs:
                 with self.poll_scope:
                     await self.reconciler.reconcile(runs)
                     if self.settings.once:
-                        await self.drain_once(runs)
+                        await guard.forever("poll", self.liveness.judged("poll", self.drain_once), runs)
                     else:
-                        await self.poll_loop(runs)
+                        await guard.forever("poll", self.liveness.judged("poll", self.poll_loop), runs)
                 if self.in_hand.live:
                     log.info("worker.draining", active_runs=sorted(self.in_hand.live))
             await self._flush_reports()
@@ -230,12 +242,15 @@ class Supervisor:
 
     async def heartbeat_loop(self) -> None:
         while True:
+            self.liveness.calls("heartbeat", 4)  # the sync: up to 3; the fence check: 1
             sent_at = trio.current_time()
             try:
                 await self.sync()
             except API_ERRORS as exc:
                 self.outage.failed(exc, "sync")
-                await self.outage.pause(min(self.settings.heartbeat_seconds, self.outage.delay()))
+                pause = min(self.settings.heartbeat_seconds, self.outage.delay())
+                self.liveness.pause("heartbeat", pause)
+                await self.outage.pause(pause)
                 continue
             self.outage.succeeded()
             self.fence_check_owed |= self.fencer.beat(sent_at)
@@ -245,16 +260,18 @@ class Supervisor:
                     self.fence_check_owed = False
                 except API_ERRORS as exc:
                     self.outage.failed(exc, "fence")
-            await trio.sleep(jittered(self.settings.heartbeat_seconds, self.rng))
+            pause = jittered(self.settings.heartbeat_seconds, self.rng)
+            self.liveness.pause("heartbeat", pause)
+            await trio.sleep(pause)
 
     # ---------------------------------------------------------------- polling
 
     async def poll_once(self, runs: trio.Nursery) -> int:
         """One poll; starts a task for each due run it could take. Returns how many."""
-        while not self.status.synced.is_set():  # deliberate wait for the first sync: keep the watchdog fed
-            with trio.move_on_after((self.notifier.watchdog_seconds or 30.0) / 3):
-                await self.status.synced.wait()
-            self.notifier.watchdog()
+        if not self.status.synced.is_set():
+            self.liveness.waiting("poll", "the first sync (the heartbeat loop)")
+            await self.status.synced.wait()
+        self.liveness.calls("poll")
         began = trio.current_time()
         now = datetime.datetime.now(datetime.UTC)
         due_before = now + datetime.timedelta(seconds=int(self.settings.prefetch_seconds))
@@ -281,7 +298,11 @@ class Supervisor:
             self._not_taken(run_id, f"unreadable payload: {problem}", "warning")
 
         found = decisions.triage(
-            flow_runs, self.known(), due_before, self.settings.limit, len(self.in_hand.live)
+            flow_runs,
+            self.known() | self.runner.shunned.keys(),  # (a run that met a bug here: never again)
+            due_before,
+            self.settings.limit,
+            len(self.in_hand.live),
         )
         for flow_run, reason, level in found.not_taken:
             self._not_taken(flow_run.id, reason, level, flow_run_name=flow_run.name)
@@ -364,25 +385,25 @@ class Supervisor:
                 taken = await self.poll_once(runs)
             except API_ERRORS as exc:
                 self.outage.failed(exc, "poll")
-                await self.outage.pause(self.outage.delay())
+                pause = self.outage.delay()
+                self.liveness.pause("poll", pause)
+                await self.outage.pause(pause)
                 continue
             if taken == 0 and not self.in_hand.live:
                 return
             if taken == 0 or self.settings.limit is not None:
+                self.liveness.waiting("poll", "a run to end")
                 await changed.wait()
 
     async def _pause(self, seconds: float, wake: trio.Event) -> bool:
-        """The poll loop's pause, feeding the systemd watchdog meanwhile. Ends early (True)
-        when ``wake`` is set (an event said a run became due, coalesced: many events, one
-        poll; or the API is back), or when a run seen ahead of time becomes due.
-
-        The watchdog is fed only from here and after a completed poll, i.e. only while
-        the poll loop really runs: a hung loop (or a frozen process) stops the pings.
+        """The poll loop's pause, at most ``seconds`` (said to ``liveness``). Ends early
+        (True) when ``wake`` is set (an event said a run became due, coalesced: many
+        events, one poll; or the API is back), or when a run seen ahead of time becomes due.
         """
+        self.liveness.pause("poll", seconds)
         deadline = trio.current_time() + seconds
         chunk = (self.notifier.watchdog_seconds or 30.0) / 3
         while not wake.is_set():
-            self.notifier.watchdog()
             self.notifier.status(self.status.line())
             left = min(deadline, self.due_at) - trio.current_time()
             if left <= 0:
@@ -398,14 +419,18 @@ class Supervisor:
         from worker import events
 
         pool_id = lambda: self.runner.pool.id if self.runner.pool is not None else None  # noqa: E731
-        await events.stream(
-            self.settings,
-            pool_id,
-            self.run_became_due,
-            self.in_hand.cancel,
-            self._connected,
-            self.outage.pause,
-        )
+        held = lambda run_id: self.in_hand.live.get(run_id) is not None  # noqa: E731
+        async with trio.open_nursery() as reads:
+            # a CANCELLING event is a hint: the run is read, and cancelled only if the server agrees
+            check = events.CancelCheck(self.client.read_flow_run, held, self.in_hand.cancel, reads)
+            await events.stream(
+                self.settings,
+                pool_id,
+                self.run_became_due,
+                check.heard,
+                self._connected,
+                self.outage.pause,
+            )
 
     def _connected(self, connected: bool) -> None:
         if connected:

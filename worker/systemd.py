@@ -2,7 +2,8 @@
 
 * :class:`Notifier` sends ``READY=1``, ``STATUS=``, ``WATCHDOG=1``, ``STOPPING=1`` and
   ``EXTEND_TIMEOUT_USEC=`` datagrams to ``$NOTIFY_SOCKET``. Without that variable every
-  call is a no-op, so the worker behaves the same outside systemd.
+  call is a no-op, so the worker behaves the same outside systemd. When to send
+  ``WATCHDOG=1`` is decided in ``liveness.py``.
 * :class:`JournalSender` writes one entry per datagram to ``/run/systemd/journal/socket``
   (see systemd's "Native Journal Protocol"): ``KEY=value`` lines, or, for a value with a
   newline, ``KEY``, a newline, its length as 64-bit little endian, the bytes, a newline.
@@ -67,6 +68,14 @@ class Notifier:
     def watchdog(self) -> None:
         if self.watchdog_seconds is not None:
             self.send(WATCHDOG="1")
+
+    def alive(self, status: str) -> None:
+        """``STATUS=``, with ``WATCHDOG=1`` if there is a watchdog (one datagram):
+        what ``liveness.Liveness.watch`` says each tick the worker is judged alive."""
+        if self.watchdog_seconds is not None:
+            self.send(WATCHDOG="1", STATUS=status)
+        else:
+            self.send(STATUS=status)
 
     def stopping(self, status: str) -> None:
         self.send(STOPPING="1", STATUS=status)

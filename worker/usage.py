@@ -84,7 +84,8 @@ def high_water(pid: int) -> int:
 def sample(sessions: set[int]) -> dict[int, tuple[int, float]]:
     """session → (resident bytes, CPU seconds) of the processes in those sessions."""
     out: dict[int, tuple[int, float]] = {}
-    for entry in os.scandir(PROC):
+    entries = list(os.scandir(PROC))  # (OSError, e.g. EMFILE: the caller skips this sample)
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         text = _read(Path(entry.path) / "stat")
@@ -163,7 +164,10 @@ class Meter:
     def sample_now(self) -> None:
         if not self.tracked:
             return
-        seen = sample(set(self.tracked))
+        try:
+            seen = sample(set(self.tracked))
+        except OSError:  # out of descriptors (EMFILE): this sample is skipped, the next one counts
+            return
         for pid, usage in list(self.tracked.items()):
             rss, cpu = seen.get(pid, (0, 0.0))
             usage.add(rss, cpu, high_water(pid))
