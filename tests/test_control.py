@@ -10,25 +10,11 @@ from typing import Any
 import pytest
 import trio
 
+from tests.said import Said
 from worker import control
 from worker.control import CONTROL_CAP, ControlChannel, Gate
 
 HELLO = b"\x00PF\x02\x01"
-
-
-class Said:
-    """Stands in for ``control.log``: what was said, as (event, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    warning = error = debug = info
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [fields for name, fields in self.lines if name == event]
 
 
 @pytest.fixture

@@ -91,6 +91,7 @@ def test_bad_job_variables_crash_their_own_runs_and_nothing_else(
     assert not any("Traceback" in str(e) for e in worker.events())
 
 
+@pytest.mark.no_engine_run
 async def test_a_bug_in_one_runs_task_crashes_that_run_only(
     prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

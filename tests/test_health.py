@@ -6,12 +6,12 @@ import os
 import resource
 import socket
 from functools import partial
-from typing import Any
 
 import httpx
 import pytest
 import trio
 
+from tests.said import Said
 from worker import control, health
 from worker.control import Gate
 
@@ -45,21 +45,6 @@ async def test_server_answers() -> None:
 
 # ---------------------------------------------------------------- what strangers' connections may cost
 # (issue 19: nothing capped or timed out idle connections)
-
-
-class Said:
-    """Stands in for ``control.log`` (the gate's): what was said, as (event, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    warning = error = debug = info
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [fields for name, fields in self.lines if name == event]
 
 
 @pytest.fixture

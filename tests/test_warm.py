@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.said import Said
 from worker.engine_server import run_path
 from worker.warm import Key, read_at_start, start_key
 
@@ -188,21 +189,6 @@ async def test_runs_arriving_at_once_share_one_server(tmp_path: Path) -> None:
 # (issue 19: a run per TZ value made a preloaded server per run, none ever retired)
 
 FORK_REQUEST: dict[str, Any] = {"argv": ENGINE, "cwd": "/", "env": {}, "stdout": None, "stderr": None}
-
-
-class Said:
-    """Stands in for ``warm.log``: what was said, as (event, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    warning = error = debug = info
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [fields for name, fields in self.lines if name == event]
 
 
 def fake_servers_alive(script: Path) -> list[int]:

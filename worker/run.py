@@ -218,11 +218,7 @@ class Runner:
         self.metrics.runs_deferred += 1
         if entry is None:
             return
-        message = decisions.DEFERRED.format(short)
-        try:
-            await self.reporter.finish(entry, run_log, "reschedule", message)
-        except Exception:  # the ledger itself may be what cannot be written: tell the API directly
-            await self._tell_directly(flow_run, run_log, StateType.SCHEDULED, "Scheduled", message)
+        await self._settle(flow_run, entry, run_log, "reschedule", decisions.DEFERRED.format(short))
 
     async def _internal_error(
         self, flow_run: FlowRun, entry: Entry | None, run_log: Any, exc: Exception
@@ -236,11 +232,18 @@ class Runner:
         self.metrics.runs_internal_errors += 1
         if entry is None:
             return
-        message = decisions.INTERNAL_ERROR.format(error)
+        await self._settle(flow_run, entry, run_log, "crash", decisions.INTERNAL_ERROR.format(error))
+
+    async def _settle(self, flow_run: FlowRun, entry: Entry, run_log: Any, kind: str, message: str) -> None:
+        """What a run that went wrong is owed, through the reporter; if even that fails (a
+        bug, on top of whatever brought us here), one direct proposal."""
         try:
-            await self.reporter.finish(entry, run_log, "crash", message)
+            await self.reporter.finish(entry, run_log, kind, message)
         except Exception:
-            await self._tell_directly(flow_run, run_log, StateType.CRASHED, "Crashed", message)
+            state, name = (
+                (StateType.SCHEDULED, "Scheduled") if kind == "reschedule" else (StateType.CRASHED, "Crashed")
+            )
+            await self._tell_directly(flow_run, run_log, state, name, message)
 
     async def _tell_directly(
         self, flow_run: FlowRun, run_log: Any, state: StateType, name: str, message: str

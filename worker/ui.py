@@ -73,6 +73,9 @@ LINES: Final[dict[str, tuple[int, str]]] = {
         WARNING,
         "Another worker finished this run first; its {restored_state} state restored",
     ),
+    "run.output_dropped": (WARNING, "Output not forwarded to the logs: {detail}"),
+    "run.internal_error": (ERROR, "Internal error in flow-worker while handling this run: {error}"),
+    "run.not_started": (WARNING, "Not started now, returned to the queue: {reason}"),
 }
 
 
