@@ -76,6 +76,12 @@ async def test_a_bad_job_variable_is_a_configuration_error_naming_it(
     assert len(str(caught.value)) < 600, "a message for the UI, not the value echoed back"
 
 
+async def test_a_secret_in_a_wrong_shape_is_not_echoed() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        await configure({"env": {"CREDS": {"password": "hunter2"}}})
+    assert "hunter2" not in str(caught.value)
+
+
 async def test_numbers_and_booleans_in_env_are_still_written_out() -> None:
     config = await configure({"env": {"N": 3, "B": True, "F": 1.5, "GONE": None}})
     assert (config.env["N"], config.env["B"], config.env["F"]) == ("3", "True", "1.5")

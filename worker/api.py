@@ -166,6 +166,10 @@ _ID_SEGMENT: Final = re.compile(
 )
 
 
+_SECRET_PATHS: Final = re.compile(r"/(block_documents|block_types|variables|csrf-token)(/|$)")
+"""Endpoints whose answers may carry secrets: never quoted in a message."""
+
+
 def excerpt(body: bytes, limit: int = EXCERPT) -> str:
     """A short, printable, one-line quote of a body (for a log line, never the whole page)."""
     text = " ".join(body[: limit * 4].decode("utf-8", "replace").split())
@@ -199,6 +203,8 @@ def unexpected_answer(response: httpx.Response, what: str) -> ProtocolError:
     content_type = response.headers.get("content-type") or "no content-type"
     quoted = excerpt(response.content)
     body = repr(quoted) if quoted else "an empty body"
+    if quoted and _SECRET_PATHS.search(path):  # a block's or variable's value, a CSRF token
+        body = f"a body of {len(response.content)} bytes (not quoted: it may hold a secret)"
     hint = None
     if is_html(response):
         hint = HTML_HINT

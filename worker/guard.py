@@ -17,6 +17,7 @@ run it supervised (issue 19). Now:
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -47,12 +48,13 @@ async def forever(
                 failures = 0
             failures += 1
             delay = backoff(failures - 1, 1.0, 60.0, 0.2, rng=rng)
-            log.error(
-                "loop.failed",
-                loop=name,
-                error=f"{type(exc).__name__}: {exc}",
-                failures=failures,
-                restart_in=round(delay, 1),
-                exc_info=exc,
-            )
+            with contextlib.suppress(Exception):  # (a log that cannot be written: the loop goes on)
+                log.error(
+                    "loop.failed",
+                    loop=name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    failures=failures,
+                    restart_in=round(delay, 1),
+                    exc_info=exc,
+                )
         await trio.sleep(delay)

@@ -159,9 +159,10 @@ def _to_env(value: Any) -> dict[str, str | None]:
     env: dict[str, str | None] = {}
     for k, v in value.items():
         if v is not None and not isinstance(v, str | int | float | bool):
-            shown = _describe(v)
-            shown = shown if len(shown) <= 100 else shown[:100] + "…"
-            raise ConfigurationError(f"job variable 'env.{k}' must be a string or null, got {shown}")
+            # the type only: the value may be a block's secret, and this goes to the UI
+            raise ConfigurationError(
+                f"job variable 'env.{k}' must be a string or null, got {type(v).__name__}"
+            )
         env[str(k)] = None if v is None else str(v)
     problem = next(limits.env_problems(env), None)
     if problem is not None:

@@ -52,6 +52,7 @@ import ctypes
 import errno
 import functools
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +60,8 @@ from typing import Any, Final
 
 import attrs
 import trio
+
+from worker import decisions
 
 LINES_PER_SECOND: Final = 200.0
 LINE_BURST: Final = 1000.0
@@ -354,10 +357,43 @@ class Follower:
         return self.run.budget
 
     async def run_until(self, exited: trio.Event, from_end: bool) -> None:
-        """Log the lines appended to the file until ``exited`` is set and all is consumed."""
+        """Log the lines appended to the file until ``exited`` is set and all is consumed.
+
+        Whatever goes wrong here costs the run its log lines, never the run: a bug is
+        said once (``run.output_failed``, with its traceback) and the following stops."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            await self._run_until(exited, from_end)
+        except Exception as exc:
+            self.run.log.warning(
+                "run.output_failed", stream=self.stream, error=f"{type(exc).__name__}: {exc}", exc_info=exc
+            )
+
+    async def _open(self, exited: trio.Event) -> int | None:
+        """The output file, read-only: never through a link, never blocking (a FIFO planted
+        in its place), only a regular file. Out of descriptors (``EMFILE``), tried again
+        every second until the run ends, said once. None: not to be followed."""
+        said = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                if decisions.shortage(exc) is None or exited.is_set():
+                    return None
+                if not said:
+                    said = True
+                    self.run.log.warning("run.output_not_followed", stream=self.stream, error=str(exc))
+                with trio.move_on_after(1.0):
+                    await exited.wait()
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+            self.run.log.warning("run.output_not_followed", stream=self.stream, error="not a regular file")
+            return None
+
+    async def _run_until(self, exited: trio.Event, from_end: bool) -> None:
+        fd = await self._open(exited)
+        if fd is None:
             return
         try:
             if from_end:
@@ -481,11 +517,12 @@ class Follower:
         truncate the file (module docstring: the disk)."""
         if self.end_at is not None:
             return
-        if self.punch and self.writer is None:
-            try:
-                self.writer = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-            except OSError:
-                self.punch = False
+        if self.writer is None:
+            try:  # the file already open, not whatever its path names now
+                self.writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                self.say_release_failed(exc)
+                return
         end = self.pos - self.pos % BLOCK
         if self.punch and self.writer is not None and end > self.released:
             try:
@@ -509,9 +546,11 @@ class Follower:
     async def truncate(self, fd: int, over_budget: bool) -> None:
         """Empty the consumed file (module docstring: the race). Under the budget only if
         nothing came since the last read; over it, what came is counted as dropped."""
+        if self.writer is None:
+            return
         try:
             late = await trio.to_thread.run_sync(
-                _truncate, self.path, fd, self.pos, over_budget, limiter=_releasers()
+                _truncate, self.writer, fd, self.pos, over_budget, limiter=_releasers()
             )
         except OSError as exc:
             self.say_release_failed(exc)
@@ -524,13 +563,13 @@ class Follower:
         self.pos = self.released = 0
 
 
-def _truncate(path: Path, fd: int, pos: int, over_budget: bool) -> int | None:
-    """Truncate ``path`` (read through ``fd`` up to ``pos``) to 0; return how much came
+def _truncate(writer: int, fd: int, pos: int, over_budget: bool) -> int | None:
+    """Truncate the file (open as ``writer``; read through ``fd`` up to ``pos``) to 0; return how much came
     after ``pos`` and was lost, or None (not truncated: under the budget, more came)."""
     late = os.fstat(fd).st_size - pos
     if late > 0 and not over_budget:
         return None
-    os.truncate(path, 0)  # waits for the file's lock while a writer holds it
+    os.ftruncate(writer, 0)  # waits for the file's lock while a writer holds it
     return max(late, 0)
 
 

@@ -252,6 +252,12 @@ class RunHandle(Supervised):
     def may_signal(self) -> bool:
         return self.process is not None
 
+    @property
+    def reaped(self) -> bool:
+        """Not started, or started and reaped (or found reaped by someone else)."""
+        proc = self.process
+        return proc is None or proc.returncode is not None or bool(getattr(proc, "gone", False))
+
     async def start(self, extra_env: dict[str, str] | None = None) -> int:
         """Spawn the child; raise :class:`StartError` with a message a user can act on
         (:class:`StartDeferred` when a local resource ran out). Nothing is left behind."""

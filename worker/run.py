@@ -66,6 +66,14 @@ CLAIM_CONCURRENCY: Final = 16
 """Claims in flight at once: a burst of due runs starts together without a request storm."""
 
 
+def _leaf(exc: Exception) -> Exception:
+    """The one exception inside nested single-exception groups (a nursery wraps what its
+    task raised), so it is classified and named by what it is."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 @attrs.define
 class InHand:
     """The runs this worker holds now, and whether it is stopping."""
@@ -195,11 +203,13 @@ class Runner:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
         except Exception as exc:
+            exc = _leaf(exc)
+            handle = self.in_hand.live.get(flow_run.id)
             short = decisions.shortage(exc)
-            if short is not None:
+            if short is not None and handle is None:  # not started: for later, or a peer
                 await self._defer(flow_run, entry, run_log, short)
-            else:
-                await self._internal_error(flow_run, entry, run_log, exc)
+            else:  # a started run is never put back in the queue: it may have run
+                await self._internal_error(flow_run, entry, run_log, exc, handle)
         finally:
             handle = self.in_hand.live.get(flow_run.id)
             peak = handle.usage.peak if handle is not None and handle.usage is not None else None
@@ -221,39 +231,41 @@ class Runner:
         await self._settle(flow_run, entry, run_log, "reschedule", decisions.DEFERRED.format(short))
 
     async def _internal_error(
-        self, flow_run: FlowRun, entry: Entry | None, run_log: Any, exc: Exception
+        self,
+        flow_run: FlowRun,
+        entry: Entry | None,
+        run_log: Any,
+        exc: BaseException,
+        handle: Supervised | None = None,
     ) -> None:
-        """A bug met while handling this run: the run is CRASHED with it (if it was ours),
-        the traceback goes to the worker's log, and the run is never taken again by this
-        worker (``shunned``), so a bug that one run's data triggers cannot loop."""
+        """A bug met while handling this run: the run is CRASHED with it (if it was ours;
+        a claim not yet recorded is resolved as a lost one), its process, if started, is
+        stopped and reaped first, the traceback goes to the worker's log, and the run is
+        never taken again by this worker (``shunned``): a bug that one run's data triggers
+        cannot loop."""
         error = f"{type(exc).__name__}: {exc}"[:500]
         run_log.error("run.internal_error", error=error, claimed=entry is not None, exc_info=exc)
         self.shunned[flow_run.id] = error
         self.metrics.runs_internal_errors += 1
+        if isinstance(handle, RunHandle) and not handle.reaped:
+            handle.stop(f"internal error in flow-worker: {error}", "relinquish")
+            try:
+                await handle.wait()
+            except Exception as again:
+                run_log.error("run.not_reaped", error=f"{type(again).__name__}: {again}"[:500])
         if entry is None:
             return
         await self._settle(flow_run, entry, run_log, "crash", decisions.INTERNAL_ERROR.format(error))
 
     async def _settle(self, flow_run: FlowRun, entry: Entry, run_log: Any, kind: str, message: str) -> None:
-        """What a run that went wrong is owed, through the reporter; if even that fails (a
-        bug, on top of whatever brought us here), one direct proposal."""
+        """What a run that went wrong is owed, through the reporter (which reads the run
+        before it writes). If even that fails (a bug on top of whatever brought us here),
+        the run is resolved later from its state, as a lost claim is."""
         try:
             await self.reporter.finish(entry, run_log, kind, message)
-        except Exception:
-            state, name = (
-                (StateType.SCHEDULED, "Scheduled") if kind == "reschedule" else (StateType.CRASHED, "Crashed")
-            )
-            await self._tell_directly(flow_run, run_log, state, name, message)
-
-    async def _tell_directly(
-        self, flow_run: FlowRun, run_log: Any, state: StateType, name: str, message: str
-    ) -> None:
-        """Last resort when the ledger cannot record what is owed: one direct proposal."""
-        try:
-            await self.client.set_flow_run_state(flow_run.id, state, name, message, force=True)
-            self.ledger.remove(flow_run.id)
         except Exception as exc:
-            run_log.error("run.not_reported", reason=f"{type(exc).__name__}: {exc}", owed=state.value)
+            run_log.error("run.not_reported", reason=f"{type(exc).__name__}: {exc}"[:500], owed=kind)
+            self.lost_claims[flow_run.id] = entry
 
     async def claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
         """Read the deployment, propose PENDING, verify the claim. None: not ours."""
@@ -292,28 +304,19 @@ class Runner:
             result = await self.client.set_flow_run_state(
                 flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
             )
-        except API_ERRORS:
-            # did the server write it? The reporter loop asks it once the API answers again.
-            self.lost_claims[flow_run.id] = entry
-            raise
-        claim = decisions.claim_outcome(result, transition_id)
-        if not claim.proceed:
-            self.ledger.remove(flow_run.id)
-            run_log.info("run.not_claimed", reason=claim.reason)
-            return None
-        try:
-            raced = not await self._undo_if_raced(flow_run, transition_id, run_log)
-        except API_ERRORS:
-            self.lost_claims[flow_run.id] = entry  # written on the server: resolved like a lost answer
-            raise
-        if raced:
-            return None
-        try:
+            claim = decisions.claim_outcome(result, transition_id)
+            if not claim.proceed:
+                self.ledger.remove(flow_run.id)
+                run_log.info("run.not_claimed", reason=claim.reason)
+                return None
+            if not await self._undo_if_raced(flow_run, transition_id, run_log):
+                return None
             entry = self.ledger.update(entry, phase="claimed")
-        except OSError as exc:  # ours, but not on record: hand it back at once, then say why
-            why = decisions.shortage(exc) or f"{type(exc).__name__}: {exc}"
-            message = decisions.DEFERRED.format(f"the ledger cannot be written: {why}")
-            await self._tell_directly(flow_run, run_log, StateType.SCHEDULED, "Scheduled", message)
+        except Exception:
+            # Proposed, perhaps written (a lost answer, a failed check, a ledger that cannot
+            # be written, a bug): the claim is resolved against the server by the reporter
+            # loop, as a lost answer is (back to SCHEDULED while it is still ours).
+            self.lost_claims[flow_run.id] = entry
             raise
         run_log.info("run.claimed", worker_name=self.settings.worker_name)
         self.metrics.runs_claimed += 1
@@ -409,6 +412,7 @@ class Runner:
             run_log.error("run.start_failed", error=str(exc))
             await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
             return
+        self.in_hand.live[flow_run.id] = handle  # at once: whatever happens next, it is watched
         if self.shortages and trio.current_time() - self.short_at > SHORT_QUIET:
             log.info("host.short_over", effect="due runs start again")
             self.shortages = Once()
@@ -433,7 +437,6 @@ class Runner:
                 effect="the run goes on; if the worker dies before it ends, it is not adopted",
             )
         entry = started
-        self.in_hand.live[flow_run.id] = handle
         submitted = self.uplink.add_event("prefect.worker.submitted-flow-run", related)
         run_log = run_log.bind(pid=pid)
         run_log.info(
@@ -448,8 +451,8 @@ class Runner:
         async def report_pid() -> None:  # beside the output's following: a flood never waits for the API
             try:
                 await self.client.set_infrastructure_pid(flow_run.id, pid)
-            except API_ERRORS as exc:
-                run_log.warning("run.pid_not_reported", error=str(exc))
+            except Exception as exc:  # (a bug here must not cost the run: it is only the UI's)
+                run_log.warning("run.pid_not_reported", error=f"{type(exc).__name__}: {exc}"[:500])
 
         try:
             returncode = await handle.wait(beside=report_pid)

@@ -290,7 +290,7 @@ class EngineServer:
                 if line is None:
                     raise Unavailable("the engine server is gone")
                 answer = json.loads(line)
-                if answer.get("id") != ident:
+                if not isinstance(answer, dict) or answer.get("id") != ident:
                     raise Unavailable(f"the engine server answered out of turn: {line[:200]!r}")
                 if "pid" not in answer:
                     error = str(answer.get("error", "no pid in the answer"))
@@ -306,8 +306,8 @@ class EngineServer:
                 raise Unavailable(f"the engine server did not answer within {ANSWER_TIMEOUT:g} s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise Unavailable(f"the engine server is gone ({exc})") from None
-            except ValueError as exc:
-                raise Unavailable(f"the engine server's answer is not JSON ({exc})") from None
+            except (ValueError, TypeError) as exc:
+                raise Unavailable(f"the engine server's answer is not what it should be ({exc})") from None
             finally:
                 if not finished:
                     if pid is not None:  # never told go: it exits, and the orphan reaper takes it
