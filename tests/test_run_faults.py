@@ -159,3 +159,28 @@ async def test_a_started_run_that_meets_a_fault_is_reaped_and_crashed_never_requ
     message = api.written[-1][1] or ""
     assert message.startswith("Flow run could not be supervised: internal error")
     assert run.id not in r.in_hand.live
+
+
+async def test_due_runs_wait_while_the_host_is_short(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """After a deferral, due runs stay SCHEDULED until a started run ends, or SHORT_HOLD."""
+    from worker.supervisor import SHORT_HOLD, Supervisor
+
+    ledger = Ledger(tmp_path / "state")
+    ledger.open()
+    supervisor = Supervisor(Settings(pool="pool", api_url="http://127.0.0.1:9/api"), FakeApi(), ledger)  # type: ignore[arg-type]
+    due = [flow_run("true")]
+    assert supervisor._while_short(due) == due, "no shortage: nothing held"
+    supervisor.runner.short_at = trio.current_time()
+    assert supervisor._while_short(due) == [] and supervisor.short_held == 1
+    supervisor.in_hand.live["deferred"] = None
+    supervisor.in_hand.release("deferred")  # a deferred run leaving eases nothing
+    assert not supervisor.wake.is_set() and supervisor._while_short(due) == []
+    await trio.sleep(1)
+    supervisor.in_hand.live["started"] = object()  # type: ignore[assignment]
+    supervisor.in_hand.release("started")  # a started run ended: look again now
+    assert supervisor.wake.is_set() and supervisor._while_short(due) == due
+    await trio.sleep(1)
+    supervisor.runner.short_at = trio.current_time()
+    assert supervisor._while_short(due) == []
+    await trio.sleep(SHORT_HOLD)
+    assert supervisor._while_short(due) == due, "at most SHORT_HOLD seconds"

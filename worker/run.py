@@ -87,8 +87,9 @@ class InHand:
     """Every run is being stopped: a child started now is stopped at once."""
     changed: trio.Event = attrs.Factory(trio.Event)
     """Set (and replaced) whenever a run leaves: ``--once`` re-polls then."""
-    released: Callable[[], None] = lambda: None
-    """Called whenever a run leaves (the supervisor re-polls if runs were held)."""
+    released: Callable[[bool], None] = lambda started: None
+    """Called whenever a run leaves, with whether its process had started (the supervisor
+    re-polls if runs were held)."""
 
     def watched(self) -> list[str]:
         """Runs whose process this worker watches and has not been asked to stop."""
@@ -102,10 +103,10 @@ class InHand:
             handle.cancel("flow run is CANCELLING")
 
     def release(self, run_id: str) -> None:
-        self.live.pop(run_id, None)
+        handle = self.live.pop(run_id, None)
         self.changed.set()
         self.changed = trio.Event()
-        self.released()
+        self.released(handle is not None)
 
 
 @attrs.define

@@ -73,6 +73,10 @@ from worker.usage import Meter
 log = structlog.get_logger("flow_worker")
 REPORT_SECONDS: Final = 5.0
 FINAL_REPORT_SECONDS: Final = 30.0
+SHORT_HOLD: Final = 30.0
+"""After a run was deferred for a shortage, how long due runs wait, unless a started run
+ends first: long enough to spare the API a claim-and-return per run and poll, short enough
+that a host with room again (a disk cleaned) starts its backlog within half a minute."""
 
 
 @attrs.define
@@ -103,6 +107,10 @@ class Supervisor:
     due_at: float = math.inf
     """trio time at which a run seen ahead of time (by the poll's look-ahead) becomes due."""
     once: Once = attrs.Factory(Once)
+    ended_at: float = -math.inf
+    """When a started run last ended (trio time): a shortage may have eased then."""
+    short_held: int = 0
+    """Due runs the last poll left SCHEDULED because the host was short (``_while_short``)."""
     liveness: Liveness = attrs.Factory(Liveness)
     """The poll and heartbeat loops' word, judged before each ``WATCHDOG=1`` (``liveness.py``)."""
 
@@ -307,7 +315,7 @@ class Supervisor:
         for flow_run, reason, level in found.not_taken:
             self._not_taken(flow_run.id, reason, level, flow_run_name=flow_run.name)
         self.due_at = trio.current_time() + found.due_in
-        admitted = self._admit(found.take)
+        admitted = self._admit(self._while_short(found.take))
         for flow_run in admitted:
             self.in_hand.live[flow_run.id] = None
             runs.start_soon(self.runner.run, flow_run)
@@ -350,9 +358,24 @@ class Supervisor:
         ids = set(taken)
         return [r for r in due if r.id in ids]
 
-    def _released(self) -> None:
-        """A run left: if runs were held for want of memory, poll now."""
-        if self.metrics.runs_held:
+    def _while_short(self, due: list[FlowRun]) -> list[FlowRun]:
+        """While the host is short of descriptors, memory or disk (a run was deferred, and
+        no started run has ended since), due runs stay SCHEDULED, for a peer or for this
+        worker's look ``SHORT_HOLD`` seconds later: a long shortage costs no claim and
+        return per run and poll (``Runner._defer``)."""
+        short_at = self.runner.short_at
+        if due and short_at >= self.ended_at and trio.current_time() - short_at < SHORT_HOLD:
+            self.short_held = len(due)
+            return []
+        self.short_held = 0
+        return due
+
+    def _released(self, started: bool) -> None:
+        """A run left: if runs were held for want of memory, or a started run ended while
+        runs were held for a shortage, poll now."""
+        if started:
+            self.ended_at = trio.current_time()
+        if self.metrics.runs_held or (started and self.short_held):
             self.wake.set()
 
     def known(self) -> set[str]:
