@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.idle_flood import STRANGERS, closed, flood
 from tests.said import Said
 from worker import control
 from worker.control import CONTROL_CAP, ControlChannel, Gate
@@ -45,14 +46,6 @@ async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
             await trio.sleep(0.01)
 
 
-async def closed(stream: trio.SocketStream) -> bool:
-    """True once the server closed it (EOF, or a reset)."""
-    try:
-        return await stream.receive_some(100) == b""
-    except trio.BrokenResourceError:
-        return True
-
-
 async def test_an_engine_with_its_token_gets_the_intent() -> None:
     channel = ControlChannel()
     async with trio.open_nursery() as nursery:
@@ -77,28 +70,12 @@ async def test_a_flood_of_idle_connections_is_capped_and_timed_out(said: Said) -
     channel = ControlChannel(gate=Gate("control", CONTROL_CAP, timeout))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(channel.serve)
-        began = trio.current_time()
-        strangers = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
-        connected_in = trio.current_time() - began
-        closed_after: list[float] = []
-
-        async def watch(stream: trio.SocketStream) -> None:
-            assert await closed(stream)
-            closed_after.append(trio.current_time() - began)
-
-        with trio.fail_after(timeout + 5):
-            async with trio.open_nursery() as watchers:
-                for stream in strangers:
-                    watchers.start_soon(watch, stream)
-                await trio.sleep(timeout / 3)
-                assert channel.gate.held == CONTROL_CAP
-                assert len(closed_after) == 200 - CONTROL_CAP, "past the cap: closed at once"
-        print(f"200 connections in {connected_in:.2f} s; closed after {sorted(closed_after)[-1]:.2f} s")
+        strangers = await flood(port, channel.gate, CONTROL_CAP)
         assert channel.gate.peak == CONTROL_CAP and channel.gate.held == 0
-        assert channel.gate.timed_out == CONTROL_CAP and channel.gate.refused == 200 - CONTROL_CAP
-        assert timeout - 0.1 < max(closed_after) < timeout + connected_in + 1
+        assert channel.gate.timed_out == CONTROL_CAP and channel.gate.refused == STRANGERS - CONTROL_CAP
+        assert timeout - 0.1 < max(strangers.closed_after) < timeout + strangers.connected_in + 1
         assert len(said.of("control.connections_capped")) == 1, "said once for the flood"
-        for stream in strangers:
+        for stream in strangers.streams:
             await stream.aclose()
 
         stream = await engine(port, channel.register("run-1"))

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from tests.idle_flood import flood
 from tests.said import Said
 from worker import control, health
 from worker.control import Gate
@@ -54,14 +55,6 @@ def said(monkeypatch: pytest.MonkeyPatch) -> Said:
     return recorder
 
 
-async def closed(stream: trio.SocketStream) -> bool:
-    """True once the server closed it (EOF, or a reset)."""
-    try:
-        return await stream.receive_some(100) == b""
-    except trio.BrokenResourceError:
-        return True
-
-
 async def get_health(port: int) -> httpx.Response:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         return await client.get("/health")
@@ -74,31 +67,18 @@ async def test_a_flood_of_idle_connections_is_capped_then_timed_out(said: Said) 
     gate = Gate("health", health.HEALTH_CAP, timeout)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(health.serve, gate=gate), "127.0.0.1", 0, lambda: True)
-        began = trio.current_time()
-        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
-        connected_in = trio.current_time() - began
-        closed_after: list[float] = []
 
-        async def watch(stream: trio.SocketStream) -> None:
-            assert await closed(stream)
-            closed_after.append(trio.current_time() - began)
+        async def refused_at_the_cap() -> None:
+            with pytest.raises(httpx.TransportError):
+                await get_health(port)  # at the cap: a new connection is closed at once too
 
-        with trio.fail_after(timeout + 5):
-            async with trio.open_nursery() as watchers:
-                for stream in idle:
-                    watchers.start_soon(watch, stream)
-                await trio.sleep(timeout / 3)
-                assert gate.held == health.HEALTH_CAP
-                assert len(closed_after) == 200 - health.HEALTH_CAP, "past the cap: closed at once"
-                with pytest.raises(httpx.TransportError):
-                    await get_health(port)  # at the cap: a new connection is closed at once too
-        print(f"200 connections in {connected_in:.2f} s; closed after {max(closed_after):.2f} s")
+        idle = await flood(port, gate, health.HEALTH_CAP, refused_at_the_cap)
         assert gate.peak == health.HEALTH_CAP and gate.held == 0 and gate.timed_out == health.HEALTH_CAP
-        assert timeout - 0.1 < max(closed_after) < timeout + connected_in + 1
+        assert timeout - 0.1 < max(idle.closed_after) < timeout + idle.connected_in + 1
         assert len(said.of("health.connections_capped")) == 1, "said once for the flood"
         r = await get_health(port)
         assert (r.status_code, r.json()) == (200, {"message": "OK"})
-        for stream in idle:
+        for stream in idle.streams:
             await stream.aclose()
         nursery.cancel_scope.cancel()
 
