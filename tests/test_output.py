@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.said import Said
 from worker import output
 from worker.output import (
     BYTES_PER_SECOND,
@@ -39,26 +40,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class ListLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
-
-    info = warning = error = debug = _add
-
-    def lines(self, stream: str | None = None) -> list[str]:
-        return [
-            kw["line"]
-            for e, kw in self.events
-            if e == "run.output" and (stream is None or kw["stream"] == stream)
-        ]
-
-    def dropped(self) -> list[dict[str, Any]]:
-        return [kw for e, kw in self.events if e == "run.output_dropped"]
 
 
 # ---------------------------------------------------------------- the budget (pure)
@@ -160,7 +141,7 @@ def test_tail_after_a_gap_drops_the_cut_line() -> None:
 
 
 def follower(tmp_path: Path, clock: Clock, **budget: Any) -> Follower:
-    run = RunOutput(ListLog(), Budget(clock, **budget))
+    run = RunOutput(Said(), Budget(clock, **budget))
     return Follower(tmp_path / "f", "stdout", run)
 
 
@@ -254,7 +235,7 @@ async def test_a_flood_is_followed_within_the_budget_without_starving_the_loop(t
     strictly: the CPU time of each of its steps (10 ms; about 1 ms measured)."""
     seconds = 4.0
     proc, written = flooder(tmp_path, seconds)
-    log = ListLog()
+    log = Said()
     run = RunOutput(log)
     paths = [(tmp_path / "out", "out"), (tmp_path / "err", "err")]
     exited = trio.Event()
@@ -347,7 +328,7 @@ async def test_under_the_budget_every_line_arrives_and_the_file_is_capped(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=fd)
     os.close(fd)
-    log = ListLog()
+    log = Said()
     exited = trio.Event()
     sizes: list[int] = []
     lengths: list[int] = []
@@ -373,7 +354,7 @@ async def test_under_the_budget_every_line_arrives_and_the_file_is_capped(
 async def test_adopted_output_is_followed_from_its_end(tmp_path: Path) -> None:
     path = tmp_path / "err"
     path.write_bytes(b"before the restart\n" * 1000)
-    log = ListLog()
+    log = Said()
     exited = trio.Event()
     run = RunOutput(log)
 
@@ -402,7 +383,7 @@ async def test_output_written_after_the_exit_by_a_leftover_does_not_hold_the_fol
     exited.set()
     try:
         with trio.fail_after(5):
-            await RunOutput(ListLog()).follow([(path, "out")], exited, from_end=False)
+            await RunOutput(Said()).follow([(path, "out")], exited, from_end=False)
     finally:
         proc.kill()
         proc.wait()

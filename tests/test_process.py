@@ -14,27 +14,15 @@ from typing import Any
 import pytest
 import trio
 
+from tests.said import Said
 from worker.job import ProcessJobConfiguration
 from worker.output import LINE_BURST, LINES_PER_SECOND
 from worker.process import RunHandle, StartDeferred, StartError
 
 
-class ListLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
-
-    info = warning = error = debug = _add
-
-    def lines(self) -> list[str]:
-        return [kw["line"] for e, kw in self.events if e == "run.output"]
-
-
-def handle(command: str, grace: float = 5.0, **cfg: Any) -> tuple[RunHandle, ListLog]:
+def handle(command: str, grace: float = 5.0, **cfg: Any) -> tuple[RunHandle, Said]:
     config = ProcessJobConfiguration(command=command, env=dict(os.environ), **cfg)
-    log = ListLog()
+    log = Said()
     return RunHandle("run-1", log, grace=grace, config=config, output_dir=Path(tempfile.mkdtemp())), log
 
 
