@@ -65,7 +65,12 @@ class StartError(RuntimeError):
 
 class StartDeferred(StartError):
     """The child could not be started for lack of a local resource (descriptors, memory,
-    disk, processes): not the run's fault; it may start later, or on a peer."""
+    disk, processes): not the run's fault; it may start later, or on a peer. ``short``
+    is what ran out (``decisions.shortage``)."""
+
+    def __init__(self, short: str, message: str) -> None:
+        super().__init__(message)
+        self.short = short
 
 
 @attrs.define(eq=False)
@@ -414,7 +419,7 @@ def start_error(exc: OSError, doing: str, program: str) -> StartError:
     :class:`StartDeferred` if a local resource ran out."""
     scarce = decisions.shortage(exc)
     if scarce is not None:
-        return StartDeferred(f"{scarce} ({doing}): {exc}")
+        return StartDeferred(scarce, f"{scarce} ({doing}): {exc}")
     if doing == "starting the process":
         if isinstance(exc, FileNotFoundError):
             return StartError(f"command not found: {program!r}")

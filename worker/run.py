@@ -208,7 +208,7 @@ class Runner:
             handle = self.in_hand.live.get(flow_run.id)
             short = decisions.shortage(exc)
             if short is not None and handle is None:  # not started: for later, or a peer
-                await self._defer(flow_run, entry, run_log, short)
+                await self._defer(flow_run, entry, run_log, short, short)
             else:  # a started run is never put back in the queue: it may have run
                 await self._internal_error(flow_run, entry, run_log, exc, handle)
         finally:
@@ -218,18 +218,19 @@ class Runner:
             self.control.unregister(flow_run.id)
             self.in_hand.release(flow_run.id)
 
-    async def _defer(self, flow_run: FlowRun, entry: Entry | None, run_log: Any, short: str) -> None:
+    async def _defer(
+        self, flow_run: FlowRun, entry: Entry | None, run_log: Any, short: str, why: str
+    ) -> None:
         """The host is short of something (``decisions.shortage``): the run is not started
         now. Unclaimed, it simply stays SCHEDULED; claimed, it goes back to SCHEDULED. Said
         once while the shortage lasts (a WARNING), then at DEBUG per run."""
-        kind = short.partition(" (")[0]  # (the details vary: a WARNING per kind)
-        self.short_at = trio.current_time()
-        self.shortages.say(kind, log, "warning", "host.short", short=short, effect=_DEFER_EFFECT)
-        run_log.debug("run.deferred", reason=short, claimed=entry is not None)
+        self.short_at = trio.current_time()  # (a WARNING per kind: the details vary)
+        self.shortages.say(short, log, "warning", "host.short", short=why, effect=_DEFER_EFFECT)
+        run_log.debug("run.deferred", reason=why, claimed=entry is not None)
         self.metrics.runs_deferred += 1
         if entry is None:
             return
-        await self._settle(flow_run, entry, run_log, "reschedule", decisions.DEFERRED.format(short))
+        await self._settle(flow_run, entry, run_log, "reschedule", decisions.DEFERRED.format(why))
 
     async def _internal_error(
         self,
@@ -407,7 +408,7 @@ class Runner:
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
         except StartDeferred as exc:
-            await self._defer(flow_run, entry, run_log, str(exc))
+            await self._defer(flow_run, entry, run_log, exc.short, str(exc))
             return
         except (StartError, ConfigurationError) as exc:
             run_log.error("run.start_failed", error=str(exc))
