@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import FLOWS, Api, PrefectServer, wait_for  # noqa: E402
-from worker.usage import tree, tree_pss  # noqa: E402  (the worker's own /metrics measures)
+from worker.process.usage import tree, tree_pss  # noqa: E402  (the worker's own /metrics measures)
 
 BIN = Path(sys.executable).parent
 # flow-worker as it is deployed: its own venv, without prefect (bench/compare builds it);

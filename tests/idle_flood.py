@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from worker.control import Gate
+from worker.host.gate import Gate
 
 STRANGERS = 200
 

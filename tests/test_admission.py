@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from worker import admission, memory, settings, usage
-from worker.admission import MIB, Book
-from worker.metrics import Metrics
+from worker.host import memory, settings
+from worker.host.metrics import Metrics
+from worker.process import usage
+from worker.rules import admission
+from worker.rules.admission import MIB, Book
 
 GIB = 1024 * MIB
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Api, WorkerProcess, flow_worker, wait_for
-from worker import memory
-from worker.admission import MIB
+from worker.host import memory
+from worker.rules.admission import MIB
 
 FAST = {"FLOW_WORKER_QUERY_SECONDS": "1", "FLOW_WORKER_HEARTBEAT_SECONDS": "5"}
 RUN_MIB = 195

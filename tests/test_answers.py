@@ -18,9 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import serve_websocket
 
-from worker import events
-from worker.api import CALL_DEADLINE, HTML_HINT, ApiNoAnswer, ApiNotFound, ApiUnavailable, PrefectClient
-from worker.models import (
+from worker.host.settings import Settings
+from worker.prefect import events
+from worker.prefect.answers import HTML_HINT, ApiNoAnswer, ApiNotFound, ApiUnavailable
+from worker.prefect.api import PrefectClient
+from worker.prefect.outage import REPEAT_SECONDS, Outage
+from worker.prefect.session import CALL_DEADLINE
+from worker.rules.models import (
     Deployment,
     Flow,
     FlowRun,
@@ -32,9 +36,7 @@ from worker.models import (
     WorkPool,
     structure,
 )
-from worker.outage import REPEAT_SECONDS, Outage
-from worker.retry import RetryPolicy
-from worker.settings import Settings
+from worker.rules.retry import RetryPolicy
 
 RUN = "0b3c1f36-5b0c-4e5e-9a44-6a0f3a6d1e11"
 Handler = Callable[[httpx.Request], Any]

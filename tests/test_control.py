@@ -12,8 +12,10 @@ import trio
 
 from tests.idle_flood import STRANGERS, closed, flood
 from tests.said import Said
-from worker import control
-from worker.control import CONTROL_CAP, ControlChannel, Gate
+from worker.host import gate
+from worker.host.gate import Gate
+from worker.runs import control
+from worker.runs.control import CONTROL_CAP, ControlChannel
 
 HELLO = b"\x00PF\x02\x01"
 
@@ -22,6 +24,7 @@ HELLO = b"\x00PF\x02\x01"
 def said(monkeypatch: pytest.MonkeyPatch) -> Said:
     recorder = Said()
     monkeypatch.setattr(control, "log", recorder)
+    monkeypatch.setattr(gate, "log", recorder)
     return recorder
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker import decisions
-from worker.models import OrchestrationResult, SetStateStatus, State, StateType
+from worker.rules import decisions
+from worker.rules.models import OrchestrationResult, SetStateStatus, State, StateType
 
 
 def result(status: str, state_type: StateType, reason: str = "", tid: str = "x") -> OrchestrationResult:

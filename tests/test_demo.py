@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
-from worker.logs import CONSOLE_WIDTH, ConsoleLine
+from worker.host.logs import CONSOLE_WIDTH, ConsoleLine
 
 
 def test_demo_completes_with_short_console_lines() -> None:

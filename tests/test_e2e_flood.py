@@ -9,7 +9,7 @@ While `yes` floods its output for 30 s:
 * the output file holds on disk at most ``output.FILE_CAP`` plus what `yes` writes in
   ``REACTION`` (output.py: a flood holds its rate times the worker's reaction), and the
   worker's log grows by no more than the output budget's worth of lines
-  (``output.LINES_PER_SECOND``, burst ``output.LINE_BURST``).
+  (``budget.LINES_PER_SECOND``, burst ``budget.LINE_BURST``).
 
 The numbers measured are printed (``-s``). On 2 shared cores `yes` takes one; the bounds
 are the issue's, not loosened.
@@ -29,7 +29,8 @@ import httpx
 import pytest
 
 from tests.conftest import Api, WorkerProcess, free_port, wait_for
-from worker import output
+from worker.process import output
+from worker.rules import budget
 
 FLOOD_SECONDS = 30
 FLOOD = f"timeout {FLOOD_SECONDS} yes"
@@ -206,10 +207,10 @@ def test_a_flood_beside_a_sleeping_run_costs_the_worker_nothing(
     assert len(ages) >= FLOOD_SECONDS / 2 and max(ages) <= 2 * HEARTBEAT, "heartbeats on time"
     assert rss_growth <= RSS_GROWTH
     assert disk <= output.FILE_CAP + rate * REACTION
-    budget_lines = output.LINE_BURST + output.LINES_PER_SECOND * flood_seconds
+    budget_lines = budget.LINE_BURST + budget.LINES_PER_SECOND * flood_seconds
     assert logged <= budget_lines
     assert log_growth <= budget_lines * RECORD + LOG_SLACK
     assert dropped and all(
         d["detail"].endswith("dropped: over the output budget (200 lines/s, 256 KiB/s)") for d in dropped
     )
-    assert len(dropped) <= flood_seconds / output.REPORT_SECONDS + 2, "said per episode, not per line"
+    assert len(dropped) <= flood_seconds / budget.REPORT_SECONDS + 2, "said per episode, not per line"

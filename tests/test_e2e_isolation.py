@@ -26,11 +26,11 @@ import pytest
 import trio
 
 from tests.conftest import FLOWS, Api, PrefectServer, WorkerProcess, wait_for
-from worker import settings as settings_mod
-from worker.api import PrefectClient
-from worker.ledger import Ledger
-from worker.run import Runner
-from worker.supervisor import Supervisor
+from worker.books.ledger import Ledger
+from worker.host import settings as settings_mod
+from worker.prefect.api import PrefectClient
+from worker.runs.run import Runner
+from worker.service.supervisor import Supervisor
 
 FAST = {
     "FLOW_WORKER_QUERY_SECONDS": "1",
@@ -141,7 +141,7 @@ async def test_a_bug_in_one_runs_task_crashes_that_run_only(
     assert "KeyError: 'injected fault'" in final["state"]["message"]
     assert [api.state_type(r) for r in neighbours] == ["COMPLETED"] * 3
     assert pendings(api, doomed) == 1, "a run that met a bug is not claimed again"
-    assert doomed in supervisor.runner.shunned
+    assert doomed in supervisor.runner.faults.shunned
     assert supervisor.metrics.runs_internal_errors == 1
 
 

@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import BIN, Api, PrefectServer, WorkerProcess, wait_for
 from tests.flaky_proxy import FlakyProxy
-from worker import reaper
-from worker.ledger import Entry, Ledger
+from worker.books.ledger import Entry, Ledger
+from worker.process import reaper
 
 FAST = {
     "FLOW_WORKER_QUERY_SECONDS": "1",

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from worker import fleet, settings
-from worker.fleet import Fence, Reclaim
-from worker.models import FlowRun, State, StateType, WorkerRecord
-from worker.reclaim import check_seconds
+from worker.fleet.reclaim import check_seconds
+from worker.host import settings
+from worker.rules import fleet
+from worker.rules.fleet import Fence, Reclaim
+from worker.rules.models import FlowRun, State, StateType, WorkerRecord
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.UTC)
 ME = "host-b pool"
@@ -217,8 +218,8 @@ class FakeClient:
 async def test_the_fence_waits_for_a_heartbeat_then_checks_the_claim(autojump_clock: Any) -> None:
     import trio
 
-    from worker.metrics import Metrics
-    from worker.reclaim import Fencer
+    from worker.fleet.reclaim import Fencer
+    from worker.host.metrics import Metrics
 
     ours = run(StateType.PENDING, owner=ME, transition="claim-a")
     client = FakeClient(ours)

@@ -216,7 +216,7 @@ def test_a_dead_hosts_runs_are_resolved_by_its_peers(fleet: Fleet, on_lost: str)
 
 
 def _seconds_between(earlier: str, later: str) -> float:
-    from worker.decisions import parse_time
+    from worker.rules.decisions import parse_time
 
     a, b = parse_time(earlier), parse_time(later)
     assert a is not None and b is not None

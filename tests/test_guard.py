@@ -10,7 +10,7 @@ import structlog
 import trio
 import trio.testing
 
-from worker import guard
+from worker.service import guard
 
 
 async def test_a_failing_loop_is_restarted_with_a_growing_pause(

@@ -13,8 +13,8 @@ import trio
 
 from tests.idle_flood import flood
 from tests.said import Said
-from worker import control, health
-from worker.control import Gate
+from worker.host import gate, health
+from worker.host.gate import Gate
 
 
 def test_rule_uses_total_seconds() -> None:
@@ -51,7 +51,7 @@ async def test_server_answers() -> None:
 @pytest.fixture
 def said(monkeypatch: pytest.MonkeyPatch) -> Said:
     recorder = Said()
-    monkeypatch.setattr(control, "log", recorder)
+    monkeypatch.setattr(gate, "log", recorder)
     return recorder
 
 

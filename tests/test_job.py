@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from worker import templating
-from worker.job import (
+from worker.rules import templating
+from worker.rules.job import (
     ConfigurationError,
     ProcessJobConfiguration,
     ProcessVariables,
     merge_job_variables,
 )
-from worker.models import Deployment, Flow, FlowRun, WorkPool
+from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "job_cases.json").read_text())
 CASES = FIXTURES["cases"]

@@ -12,8 +12,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import templating
-from worker.job import ConfigurationError, ProcessJobConfiguration
+from worker.rules import templating
+from worker.rules.job import ConfigurationError, ProcessJobConfiguration
 
 names = st.sampled_from(
     [*ProcessJobConfiguration.FIELDS, "x", "env.FOO", "a.b", "default", "$ref", "block_document_id"]

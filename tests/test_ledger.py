@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from worker import decisions
-from worker.decisions import Action
-from worker.ledger import Entry, Ledger, LedgerError, Report, default_state_dir
-from worker.models import StateType
+from worker.books.ledger import Entry, Ledger, LedgerError, Report, default_state_dir
+from worker.rules import decisions
+from worker.rules.decisions import Action
+from worker.rules.models import StateType
 
 
 def entry(phase: str = "started", **kw: object) -> Entry:

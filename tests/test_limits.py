@@ -21,10 +21,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker import decisions, limits
-from worker.job import ConfigurationError, ProcessJobConfiguration
-from worker.models import FlowRun
-from worker.process import RunHandle, StartError
+from worker.process.handle import StartError
+from worker.process.spawned import RunHandle
+from worker.rules import decisions, limits
+from worker.rules.job import ConfigurationError, ProcessJobConfiguration
+from worker.rules.models import FlowRun
 
 TEMPLATE = ProcessJobConfiguration.default_base_job_template()
 FLOW_RUN = FlowRun(id="00000000-0000-0000-0000-000000000001", name="r")
@@ -38,7 +39,7 @@ class NoBlocks:
         return None
 
     async def read_variable_value(self, name: str) -> Any:
-        from worker import templating
+        from worker.rules import templating
 
         return templating.MISSING
 

@@ -1,4 +1,4 @@
-"""Liveness (``worker/liveness.py``): the verdict as a pure function on a fake clock, the
+"""Liveness (``worker/service/liveness.py``): the verdict as a pure function on a fake clock, the
 watchdog task, the status line, and the supervisor's poll and heartbeat loops against an
 API that hangs, on trio's autojump clock (minutes of API hang in milliseconds)."""
 
@@ -14,17 +14,17 @@ import pytest
 import structlog
 import trio
 
-from worker import liveness
-from worker.api import ApiUnavailable
-from worker.ledger import Ledger
-from worker.liveness import CALL_SECONDS, SLACK, Liveness, Step, overdue
-from worker.metrics import Metrics
-from worker.outage import Outage
-from worker.run import InHand
-from worker.settings import Settings
-from worker.status import SLOW_CALL_SECONDS, Status
-from worker.supervisor import Supervisor
-from worker.systemd import Notifier
+from worker.books.ledger import Ledger
+from worker.host.metrics import Metrics
+from worker.host.settings import Settings
+from worker.host.systemd import Notifier
+from worker.prefect.answers import ApiUnavailable
+from worker.prefect.outage import Outage
+from worker.runs.inhand import InHand
+from worker.service import liveness
+from worker.service.liveness import CALL_SECONDS, SLACK, Liveness, Step, overdue
+from worker.service.status import SLOW_CALL_SECONDS, Status
+from worker.service.supervisor import Supervisor
 
 # ---------------------------------------------------------------- the verdict: a pure function
 
@@ -230,7 +230,7 @@ async def serve_loops(sup: Supervisor, seconds: float) -> dict[str, Step]:
 
     async def poll() -> None:
         async with trio.open_nursery() as runs:
-            await sup.liveness.judged("poll", sup.poll_loop)(runs)
+            await sup.liveness.judged("poll", sup.poller.poll_loop)(runs)
 
     async with trio.open_nursery() as loops:
         loops.start_soon(sup.liveness.watch, sup.notifier, sup.status.line)
@@ -305,7 +305,7 @@ async def test_the_drain_retires_the_poll_loop_and_the_pings_go_on(
     async def poll() -> None:
         async with trio.open_nursery() as runs:
             with sup.poll_scope:
-                await sup.liveness.judged("poll", sup.poll_loop)(runs)
+                await sup.liveness.judged("poll", sup.poller.poll_loop)(runs)
 
     async with trio.open_nursery() as loops:
         loops.start_soon(sup.liveness.watch, sup.notifier, sup.status.line)

@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from tests.said import Said
-from worker.job import ProcessJobConfiguration
-from worker.output import LINE_BURST, LINES_PER_SECOND
-from worker.process import RunHandle, StartDeferred, StartError
+from worker.process.handle import StartDeferred, StartError
+from worker.process.spawned import RunHandle
+from worker.rules.budget import LINE_BURST, LINES_PER_SECOND
+from worker.rules.job import ProcessJobConfiguration
 
 
 def handle(command: str, grace: float = 5.0, **cfg: Any) -> tuple[RunHandle, Said]:

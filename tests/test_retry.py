@@ -7,7 +7,7 @@ import random
 
 import httpx
 
-from worker.retry import RetryPolicy, backoff, jittered, parse_retry_after
+from worker.rules.retry import RetryPolicy, backoff, jittered, parse_retry_after
 
 
 def test_policy_is_immutable_and_counts() -> None:

@@ -24,18 +24,20 @@ from typing import Any
 import pytest
 import trio
 
-from worker import decisions, reaper
-from worker.control import ControlChannel
-from worker.job import ProcessJobConfiguration
-from worker.ledger import Ledger
-from worker.metrics import Metrics
-from worker.models import FlowRun, OrchestrationResult, SetStateStatus, State, StateType, WorkPool
-from worker.outage import Outage
-from worker.reclaim import Fencer
-from worker.reconcile import Reconciler
-from worker.reporter import Reporter
-from worker.run import InHand, Runner
-from worker.settings import Settings
+from worker.books.ledger import Ledger
+from worker.books.reporter import Reporter
+from worker.fleet.reclaim import Fencer
+from worker.host.metrics import Metrics
+from worker.host.settings import Settings
+from worker.prefect.outage import Outage
+from worker.process import reaper
+from worker.rules import decisions
+from worker.rules.job import ProcessJobConfiguration
+from worker.rules.models import FlowRun, OrchestrationResult, SetStateStatus, State, StateType, WorkPool
+from worker.runs.control import ControlChannel
+from worker.runs.inhand import InHand
+from worker.runs.reconcile import Reconciler
+from worker.runs.run import Runner
 
 
 class FakeApi:
@@ -110,7 +112,7 @@ async def test_a_bug_after_the_claim_was_proposed_returns_the_run_to_the_queue(
     r.in_hand.live[run.id] = None
     await r.run(run)
     assert api.state is StateType.PENDING and "run-1" in reconciler.pending, "resolved later, not forgotten"
-    assert "run-1" in r.shunned and r.metrics.runs_internal_errors == 1
+    assert "run-1" in r.faults.shunned and r.metrics.runs_internal_errors == 1
     assert await reconciler.resolve_pending()
     assert api.state is StateType.SCHEDULED, "back in the queue, for a peer"
 
@@ -129,7 +131,7 @@ async def test_a_claimed_run_the_host_cannot_start_goes_back_to_the_queue(
     r.in_hand.live[run.id] = None
     await r.run(run)
     assert api.state is StateType.SCHEDULED
-    assert r.metrics.runs_deferred == 1 and not r.shunned
+    assert r.metrics.runs_deferred == 1 and not r.faults.shunned
     assert [t for t, _ in api.written] == [StateType.PENDING, StateType.SCHEDULED]
 
 
@@ -163,24 +165,25 @@ async def test_a_started_run_that_meets_a_fault_is_reaped_and_crashed_never_requ
 
 async def test_due_runs_wait_while_the_host_is_short(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     """After a deferral, due runs stay SCHEDULED until a started run ends, or SHORT_HOLD."""
-    from worker.supervisor import SHORT_HOLD, Supervisor
+    from worker.service.poller import SHORT_HOLD
+    from worker.service.supervisor import Supervisor
 
     ledger = Ledger(tmp_path / "state")
     ledger.open()
     supervisor = Supervisor(Settings(pool="pool", api_url="http://127.0.0.1:9/api"), FakeApi(), ledger)  # type: ignore[arg-type]
     due = [flow_run("true")]
-    assert supervisor._while_short(due) == due, "no shortage: nothing held"
-    supervisor.runner.short_at = trio.current_time()
-    assert supervisor._while_short(due) == [] and supervisor.short_held == 1
+    assert supervisor.poller._while_short(due) == due, "no shortage: nothing held"
+    supervisor.runner.faults.short_at = trio.current_time()
+    assert supervisor.poller._while_short(due) == [] and supervisor.poller.short_held == 1
     supervisor.in_hand.live["deferred"] = None
     supervisor.in_hand.release("deferred")  # a deferred run leaving eases nothing
-    assert not supervisor.wake.is_set() and supervisor._while_short(due) == []
+    assert not supervisor.poller.wake.is_set() and supervisor.poller._while_short(due) == []
     await trio.sleep(1)
     supervisor.in_hand.live["started"] = object()  # type: ignore[assignment]
     supervisor.in_hand.release("started")  # a started run ended: look again now
-    assert supervisor.wake.is_set() and supervisor._while_short(due) == due
+    assert supervisor.poller.wake.is_set() and supervisor.poller._while_short(due) == due
     await trio.sleep(1)
-    supervisor.runner.short_at = trio.current_time()
-    assert supervisor._while_short(due) == []
+    supervisor.runner.faults.short_at = trio.current_time()
+    assert supervisor.poller._while_short(due) == []
     await trio.sleep(SHORT_HOLD)
-    assert supervisor._while_short(due) == due, "at most SHORT_HOLD seconds"
+    assert supervisor.poller._while_short(due) == due, "at most SHORT_HOLD seconds"

@@ -15,12 +15,17 @@ import pytest
 import structlog
 import trio
 
-from worker import decisions, reaper
-from worker.api import ApiUnavailable
-from worker.ledger import Entry, Ledger, Report
-from worker.logs import Once
-from worker.metrics import Metrics
-from worker.models import (
+from worker.books.ledger import Entry, Ledger, Report
+from worker.books.reporter import Reporter
+from worker.host.logs import Once
+from worker.host.metrics import Metrics
+from worker.host.settings import Settings
+from worker.prefect.answers import ApiUnavailable
+from worker.prefect.outage import PROBE_SECONDS, Outage
+from worker.process import reaper
+from worker.process.spawned import RunHandle
+from worker.rules import decisions
+from worker.rules.models import (
     FlowRun,
     OrchestrationResult,
     ProtocolError,
@@ -29,12 +34,8 @@ from worker.models import (
     StateType,
     structure,
 )
-from worker.outage import PROBE_SECONDS, Outage
-from worker.process import RunHandle
-from worker.reconcile import Reconciler
-from worker.reporter import Reporter
-from worker.run import InHand
-from worker.settings import Settings
+from worker.runs.inhand import InHand
+from worker.runs.reconcile import Reconciler
 
 LOG = structlog.get_logger()
 NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
@@ -343,7 +344,7 @@ def test_a_crash_message_carries_the_stderr_tail() -> None:
 
 
 async def test_stderr_tail_keeps_the_newest_lines_within_bounds(tmp_path: Path) -> None:
-    from worker.process import STDERR_TAIL_BYTES, STDERR_TAIL_LINES
+    from worker.rules.budget import STDERR_TAIL_BYTES, STDERR_TAIL_LINES
 
     script = tmp_path / "noisy.py"
     script.write_text(

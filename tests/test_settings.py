@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import SettingsError, load, validated
+from worker.host.settings import SettingsError, load, validated
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:

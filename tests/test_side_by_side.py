@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import BIN, Api, PrefectServer, flow_worker, wait_for
-from worker.ui import slug
+from worker.prefect.ui import slug
 
 KINDS = {
     "submitting": re.compile(r"^Worker '.+' submitting flow run '[0-9a-f-]+'"),

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import Api, PrefectServer, WorkerProcess, wait_for
 from tests.strange_proxy import FAMILIES, StrangeProxy
-from worker.outage import REPEAT_SECONDS
+from worker.prefect.outage import REPEAT_SECONDS
 
 FAST = {
     "FLOW_WORKER_QUERY_SECONDS": "1",

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from worker import events, ui
-from worker.api import ApiNotFound, ApiUnavailable, describe, is_certificate_error, tls_context
-from worker.settings import Settings, SettingsError, validated
+from worker.host.settings import Settings, SettingsError, validated
+from worker.prefect import events, ui
+from worker.prefect.answers import ApiNotFound, ApiUnavailable, describe, is_certificate_error
+from worker.prefect.session import tls_context
 
 CLOUD = "https://api.prefect.cloud/api/accounts/0ff44498-d380-4d7b-bd68-9b52da03823f/workspaces/c5ee4d60-dd3c-4e8b-a1e3-5d2b5c1e2a11"
 

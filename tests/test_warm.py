@@ -19,8 +19,8 @@ import trio
 import trio.testing
 
 from tests.said import Said
-from worker.engine_server import run_path
-from worker.warm import Key, read_at_start, start_key
+from worker.process.engine_server import run_path
+from worker.process.startkey import Key, read_at_start, start_key
 
 ENGINE = [sys.executable, "-m", "prefect.engine"]
 
@@ -124,7 +124,7 @@ async def test_a_conversation_gone_wrong_retires_the_server(
     (Noise before the ready message is skipped.)"""
     import trio
 
-    from worker import reaper, warm
+    from worker.process import reaper, warm
 
     monkeypatch.setattr(warm, "ANSWER_TIMEOUT", 0.5)
     script = tmp_path / "fake_server.py"
@@ -151,7 +151,7 @@ async def test_runs_arriving_at_once_share_one_server(tmp_path: Path) -> None:
     """However many first runs of a key ask at once, one server is started for them."""
     import trio
 
-    from worker import warm
+    from worker.process import warm
 
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
@@ -224,7 +224,7 @@ class Fakes:
     async def use(self, tz: str) -> Any:
         """A run of start key ``tz`` forks from its server (the fake answers that the fork
         failed, which leaves the server as a real fork would: used, and idle again)."""
-        from worker import reaper, warm
+        from worker.process import reaper, warm
 
         server = await self.held(tz)
         with reaper.CHILDREN.spawning(), pytest.raises(warm.Unavailable, match="no memory"):
@@ -233,7 +233,7 @@ class Fakes:
 
     async def held(self, tz: str) -> Any:
         """The server a run of ``tz`` is handed, not yet forked from (so it is busy)."""
-        from worker import warm
+        from worker.process import warm
 
         server = await self.starts.server_for(ENGINE, {"PATH": os.environ["PATH"], "TZ": tz}, "/")
         assert isinstance(server, warm.EngineServer), server
@@ -253,7 +253,7 @@ class Fakes:
 async def fake_starts(tmp_path: Path, mode: str = "failed-fork") -> AsyncIterator[Fakes]:
     """``WarmStarts`` serving, its servers the fake (ready at once); a task samples how
     many are alive in /proc."""
-    from worker import warm
+    from worker.process import warm
 
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
@@ -288,7 +288,7 @@ async def test_thirty_start_keys_never_make_more_servers_than_the_cap(tmp_path: 
     """30 runs one after another, each with its own TZ: each forks warm, from a server of
     its own, but never more than ``MAX_SERVERS`` are alive; the least recently used is
     retired for the next, by EOF, and reaped."""
-    from worker import warm
+    from worker.process import warm
 
     async with fake_starts(tmp_path) as fakes:
         for i in range(30):
@@ -314,7 +314,7 @@ async def test_thirty_start_keys_at_once_past_the_cap_start_cold_said_once(tmp_p
     """30 first runs of 30 keys at once: servers busy preloading for their first runs are
     never retired, so ``MAX_SERVERS`` runs wait for a server and the rest start cold,
     with the reason said once."""
-    from worker import warm
+    from worker.process import warm
 
     answers: list[object] = []
     async with fake_starts(tmp_path) as fakes:
@@ -340,7 +340,7 @@ async def test_thirty_start_keys_at_once_past_the_cap_start_cold_said_once(tmp_p
 
 
 async def test_the_least_recently_used_idle_server_makes_room(tmp_path: Path) -> None:
-    from worker import warm
+    from worker.process import warm
 
     assert warm.MAX_SERVERS == 4, "the scenario below is written for a cap of 4"
     async with fake_starts(tmp_path) as fakes:
@@ -385,7 +385,7 @@ async def test_a_server_idle_for_a_while_is_retired(
 ) -> None:
     """Retired ``IDLE_RETIRE`` after its last fork (each fork starts the wait again); a
     server a run holds is not; the next run of the key starts a new one."""
-    from worker import warm
+    from worker.process import warm
 
     mock_clock.rate = 1.0  # real time flows (the fakes start and exit), and jumps skip minutes
     async with fake_starts(tmp_path) as fakes:
@@ -423,7 +423,7 @@ async def test_failed_preloads_neither_count_against_the_cap_nor_pile_up(
     """A key whose preload failed answers its runs cold at once (no new preload each
     time); such dead servers hold no place under the cap, and only the last
     ``REMEMBERED`` are kept."""
-    from worker import warm
+    from worker.process import warm
 
     monkeypatch.setattr(warm, "REMEMBERED", 6)  # fewer fake starts, the same rule
     keys = warm.MAX_SERVERS + warm.REMEMBERED + 10

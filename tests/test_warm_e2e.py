@@ -247,7 +247,7 @@ def test_thirty_time_zones_never_make_more_engine_servers_than_the_cap(
     ``MAX_SERVERS`` are alive at any time: the least recently used idle one is retired
     (by EOF, reaped) to make room, or the run starts cold; runs forked from a retired
     server go on, and every run completes."""
-    from worker.warm import MAX_SERVERS
+    from worker.process.warm import MAX_SERVERS
 
     zones = [f"Etc/GMT+{i}" for i in range(12)] + [f"Etc/GMT-{i}" for i in range(1, 15)]
     zones += ["UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo"]

@@ -72,8 +72,8 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 
 async def _amain(settings: Any, ledger: Any) -> int:
-    from worker.api import PrefectClient
-    from worker.supervisor import Supervisor
+    from worker.prefect.api import PrefectClient
+    from worker.service.supervisor import Supervisor
 
     client = PrefectClient.from_settings(settings)
     try:
@@ -86,9 +86,10 @@ async def _amain(settings: Any, ledger: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import structlog
 
-    from worker import logs
-    from worker import settings as settings_mod
-    from worker.ledger import Ledger, LedgerError, default_state_dir
+    from worker.books.ledger import Ledger, LedgerError, default_state_dir
+    from worker.host import logs
+    from worker.host import settings as settings_mod
+    from worker.prefect import ui
 
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, taps=[ui.TAP])
     before, after = raise_open_files_limit()
     structlog.get_logger("flow_worker").debug("worker.open_files_limit", before=before, after=after)
     if install_policy is not None:

@@ -1,0 +1,278 @@
+"""A fleet's two loops: reclaim a lost peer's runs, and fence this worker after a gap.
+
+The decisions are the tables in ``fleet.py``; this module does the I/O around them.
+
+* :class:`Reclaimer` — every ``check_seconds`` (jittered, so peers do not act in step):
+  read the pool's workers (with the server's clock) and its PENDING, RUNNING and
+  CANCELLING runs, and resolve each run ``fleet.reclaim_verdict`` says is lost. The
+  proposal's transition id is derived from the state it replaces (``uuid5``), so a
+  second peer proposing the same transition is rejected by the server; a reclaim that
+  displaced a state newer than the one read is undone (``fleet.reclaim_raced``).
+* :class:`Fencer` — remembers when the last heartbeat got through. After a gap of
+  ``FENCE_SHARE * reclaim_after`` it checks, once the API answers, every run it holds
+  (``fleet.fence_verdict``): runs a peer resolved are stopped with the ``relinquish``
+  intent and reported to no one; claimed runs wait for that check before they start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import random
+import uuid
+from collections.abc import Callable, Container, Mapping
+from typing import Any, Final
+
+import attrs
+import structlog
+import trio
+
+from worker.books.reporter import run_logger
+from worker.host.logs import Once
+from worker.host.metrics import Metrics
+from worker.host.settings import Settings
+from worker.prefect.api import PrefectClient
+from worker.prefect.outage import API_ERRORS, Outage
+from worker.process.handle import Supervised
+from worker.rules import fleet
+from worker.rules.fleet import Reclaim
+from worker.rules.models import FlowRun, StateType, WorkerRecord
+from worker.rules.retry import jittered
+
+log = structlog.get_logger("flow_worker")
+
+RECLAIM_NAMESPACE: Final = uuid.UUID("5b0f3c1e-0d7a-4f55-9d38-f10e3a1c1a1d")
+"""Transition ids of reclaims are ``uuid5(RECLAIM_NAMESPACE, "<run id>/<state id>")``:
+every peer derives the same id for the same transition, and the server refuses a
+transition that the run has just made ("This run has already made this state transition")."""
+
+_PROPOSALS: Final = {
+    Reclaim.RESCHEDULE: (StateType.SCHEDULED, "Scheduled", False),
+    Reclaim.CRASH: (StateType.CRASHED, "Crashed", False),
+    Reclaim.CANCEL: (StateType.CANCELLED, "Cancelled", True),
+}
+
+
+MIN_CHECK_SECONDS: Final = 2.0
+"""A worker with a very short poll interval still does not ask about its peers more than
+every 2 s: that traffic would compete with claims on a busy (SQLite) server."""
+
+
+def check_seconds(settings: Settings) -> float:
+    """How often the pool's workers are looked at: every half poll interval (one small
+    request; at least ``MIN_CHECK_SECONDS``), so a lost peer's runs are resolved within
+    ``reclaim_after`` plus one poll interval, request times included; never less often
+    than ``reclaim_after``."""
+    return min(max(settings.query_seconds / 2, MIN_CHECK_SECONDS), settings.reclaim_after)
+
+
+SWEEP_EVERY: Final = 10
+"""The pool's runs are read when a worker of the pool has just gone silent for longer
+than ``reclaim_after`` (within the last ``SWEEP_EVERY`` checks), and otherwise every
+``SWEEP_EVERY`` checks: for runs whose state changed after their owner went silent, and
+owners the pool has no record of."""
+
+
+@attrs.define
+class Reclaimer:
+    settings: Settings
+    client: PrefectClient
+    outage: Outage
+    metrics: Metrics
+    ours: Callable[[], Container[str]]
+    """The runs this worker holds, owes or has in its ledger: never reclaimed by it."""
+    unlabelled: Callable[[], bool] = lambda: False
+    """True once the server is known to have no run labels (before Prefect 3.1)."""
+    rng: random.Random = attrs.Factory(random.Random)
+    once: Once = attrs.Factory(Once)
+
+    @property
+    def pool(self) -> str:
+        assert self.settings.pool is not None
+        return self.settings.pool
+
+    async def loop(self, synced: trio.Event) -> None:
+        if self.settings.reclaim_after <= 0 or self.settings.once:
+            return  # off; and --once drains and exits, it does not keep watch
+        await synced.wait()
+        interval = check_seconds(self.settings)
+        for count in itertools.count():
+            await trio.sleep(jittered(interval, self.rng, spread=0.2))
+            if self.unlabelled():  # no owner can be known: every run would be "unowned"
+                log.info("reclaim.off", reason="the server has no run labels (Prefect before 3.1)")
+                return
+            try:
+                await self.check(sweep=count % SWEEP_EVERY == 0)
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "reclaim")
+            except Exception as exc:  # a bug here must never stop the supervision of runs
+                self.once.say(("bug", type(exc)), log, "exception", "reclaim.failed", error=repr(exc))
+
+    async def check(self, sweep: bool = True) -> int:
+        """One look at the pool; returns how many runs this worker resolved. Its runs
+        are read only if a worker has just gone silent (``fleet.newly_silent``) or ``sweep``.
+
+        The pool's runs are read in one page-by-page sweep, which may be seconds old by
+        the time a lost run's turn comes (a server under load): so a run found lost is
+        judged again on a fresh read of the pool's workers and of the run itself, right
+        before anything is written.
+        """
+        workers, now = await self.client.read_workers(self.pool)
+        window = SWEEP_EVERY * check_seconds(self.settings) * 1.2  # (the loop's jitter)
+        if not sweep and not fleet.newly_silent(workers, now, self.settings.reclaim_after, window):
+            return 0
+        runs = await self.client.pool_flow_runs(self.pool, fleet.WATCHED)
+        ours = self.ours()
+        lost = []
+        for flow_run in runs:
+            verdict = self._judge(flow_run, workers, now, ours)
+            if verdict.action is Reclaim.UNOWNED:
+                self.once.say(
+                    ("unowned", flow_run.id),
+                    log,
+                    "info",
+                    "reclaim.unowned",
+                    flow_run_id=flow_run.id,
+                    flow_run_name=flow_run.name,
+                    reason=verdict.reason,
+                )
+            elif verdict.action is not Reclaim.LEAVE:
+                lost.append(flow_run)
+        if not lost:
+            return 0
+        resolved = 0
+        workers, now = await self.client.read_workers(self.pool)
+        for stale in lost:
+            fresh = await self.client.read_flow_run(stale.id)
+            if fresh is None or fresh.state is None or stale.state is None:
+                continue
+            if fresh.state.id != stale.state.id:
+                continue  # it moved on since the sweep
+            verdict = self._judge(fresh, workers, now, self.ours())
+            if verdict.action in _PROPOSALS:
+                resolved += await self.resolve(fresh, verdict, fleet.owner(fresh))
+        return resolved
+
+    def _judge(
+        self, flow_run: FlowRun, workers: list[WorkerRecord], now: datetime.datetime, ours: Container[str]
+    ) -> fleet.ReclaimVerdict:
+        name = fleet.owner(flow_run)
+        record = next((w for w in workers if w.name == name), None) if name else None
+        return fleet.reclaim_verdict(
+            flow_run,
+            record,
+            now,
+            self.settings.worker_name,
+            flow_run.id in ours,
+            self.settings.reclaim_after,
+            self.settings.on_lost,
+        )
+
+    async def resolve(self, flow_run: FlowRun, verdict: fleet.ReclaimVerdict, lost: str | None) -> int:
+        """Write the verdict's state, once across all peers; 1 if this worker did it."""
+        assert flow_run.state is not None
+        read = flow_run.state
+        state_type, name, force = _PROPOSALS[verdict.action]
+        transition_id = str(uuid.uuid5(RECLAIM_NAMESPACE, f"{flow_run.id}/{read.id}"))
+        details: dict[str, Any] = {}
+        if state_type is StateType.SCHEDULED:
+            details = {"scheduled_time": datetime.datetime.now(datetime.UTC).isoformat()}
+        elif state_type is StateType.CANCELLED:
+            details = dict(read.state_details)
+        result = await self.client.set_flow_run_state(
+            flow_run.id,
+            state_type,
+            name,
+            verdict.reason,
+            force=force,
+            state_details=details,
+            transition_id=transition_id,
+        )
+        run_log = run_logger(flow_run.id, flow_run.name, self.pool)
+        if result.status.value != "ACCEPT":
+            run_log.debug("reclaim.not_needed", status=result.status.value, reason=result.reason)
+            return 0
+        history = await self.client.read_flow_run_states(flow_run.id)
+        displaced = fleet.reclaim_raced(history, transition_id, read.id)
+        if displaced is not None:
+            await self.client.restore_state(flow_run.id, displaced)
+            run_log.warning("reclaim.raced", restored_state=displaced.type.value)
+            return 0
+        self.metrics.runs_reclaimed[verdict.action.value] += 1
+        run_log.warning(
+            "run.reclaimed",
+            action=verdict.action.value,
+            lost_worker=lost,
+            was=read.type.value,
+            silent_seconds=None if verdict.silent is None else round(verdict.silent, 1),
+            message=verdict.reason,
+        )
+        return 1
+
+
+@attrs.define
+class Fencer:
+    """Whether this worker's peers may have taken its runs, and the check that says."""
+
+    settings: Settings
+    client: PrefectClient
+    metrics: Metrics
+    last_beat: float = attrs.Factory(trio.current_time)
+    """trio time at which the last heartbeat that got through was *sent* (start-up counts
+    as one): the server recorded it no earlier, so no peer has seen us silent for longer
+    than the time since then."""
+    gap_ended: float = -math.inf
+    """trio time at which the last gap ended (its heartbeat got through)."""
+    heard: trio.Event = attrs.Factory(trio.Event)
+    """Set (and replaced) whenever a heartbeat gets through."""
+
+    @property
+    def threshold(self) -> float:
+        after = self.settings.reclaim_after
+        return fleet.FENCE_SHARE * after if after > 0 else math.inf
+
+    def fenced(self) -> bool:
+        """No heartbeat has got through for longer than the threshold, now."""
+        return trio.current_time() - self.last_beat > self.threshold
+
+    def beat(self, sent_at: float) -> bool:
+        """A heartbeat sent at trio time ``sent_at`` got through. True if it ends a gap
+        (from the previous one's sending to this one's answer): the runs must be checked."""
+        now = trio.current_time()
+        gap = now - self.last_beat > self.threshold
+        self.last_beat = max(self.last_beat, sent_at)
+        if gap:
+            self.gap_ended = now
+            log.warning("fence.gap_ended", threshold_seconds=self.threshold)
+        self.heard.set()
+        self.heard = trio.Event()
+        return gap
+
+    async def still_ours(self, run_id: str, transition_id: str | None, claimed_at: float) -> str:
+        """Before starting a run claimed at trio time ``claimed_at``: "" if it is still
+        ours, else why not. Waits for the API while this worker is fenced."""
+        if not self.fenced() and self.gap_ended < claimed_at:
+            return ""  # no gap since the claim: nobody could have taken it
+        if self.fenced():
+            log.warning("fence.waiting", flow_run_id=run_id, threshold_seconds=self.threshold)
+        while self.fenced():
+            await self.heard.wait()
+        current = await self.client.read_flow_run(run_id)
+        verdict = fleet.fence_verdict(False, current, self.settings.worker_name, transition_id)
+        return verdict.reason if verdict.verdict is fleet.Fence.LOST else ""
+
+    async def check_live(self, live: Mapping[str, Supervised | None]) -> None:
+        """After a gap: stop each started run a peer has resolved (report nothing)."""
+        started = {run_id: h for run_id, h in live.items() if h is not None}
+        if not started:
+            return
+        current = {r.id: r for r in await self.client.filter_flow_runs(started)}
+        for run_id, handle in started.items():
+            verdict = fleet.fence_verdict(
+                True, current.get(run_id), self.settings.worker_name, handle.claim, handle.owner
+            )
+            if verdict.verdict is fleet.Fence.LOST and not handle.lost:
+                self.metrics.runs_lost += 1
+                handle.log.warning("run.lost_to_peer", pid=handle.pid, reason=verdict.reason)
+                handle.lose(verdict.reason)

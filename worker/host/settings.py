@@ -1,0 +1,420 @@
+"""One frozen :class:`Settings`, from a TOML file < environment < command-line flags.
+
+Every setting has one key (its name in the TOML file), the environment variables that
+set it (``FLOW_WORKER_<KEY>`` always, plus the ``PREFECT_*`` name Prefect's worker
+reads, where there is one), and a flag where ``prefect worker start`` has one. Values
+are converted by one cattrs converter with strict hooks (``"false"`` is false, ``"3.5"``
+is not an int), one key at a time, so an error names the key, the value and where it
+came from: ``/etc/flow-worker/p.toml line 4: 'limit' = "two": expected an integer``.
+
+This is the only module that reads the environment; everything else gets ``Settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import attrs
+import cattrs
+
+
+class SettingsError(ValueError):
+    """A setting is missing or bad: the user's configuration, not the worker, is at fault."""
+
+
+LogFormat = Literal["auto", "console", "json"]
+
+
+def _positive(inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _port(inst: Any, attr: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+
+
+def _worker_name(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and ("/" in value or "%" in value or not value.strip()):
+        raise ValueError("a worker name must be non-empty and contain neither '/' nor '%'")
+
+
+def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("auto", "console", "json", "journald"):
+        raise ValueError("must be one of 'auto', 'console', 'json', 'journald'")
+
+
+def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("crash", "reschedule"):
+        raise ValueError("must be 'crash' or 'reschedule'")
+
+
+def _on_lost(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("crash", "reschedule"):
+        raise ValueError("must be 'crash' or 'reschedule'")
+
+
+def _not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError("must be 0 (off) or more")
+
+
+def _memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        from worker.rules.admission import parse_reserve
+
+        parse_reserve(value)
+
+
+def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
+    return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
+
+
+@attrs.frozen
+class Settings:
+    """Everything flow-worker can be told. Defaults are Prefect's worker's unless noted."""
+
+    api_url: str | None = _setting(
+        None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api"
+    )
+    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer")
+    api_auth_string: str | None = _setting(
+        None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
+    )
+    api_ssl_cert_file: str | None = _setting(
+        None, env=["PREFECT_API_SSL_CERT_FILE"], doc="CA bundle for an HTTPS API; default: the system's"
+    )
+    api_tls_insecure_skip_verify: bool = _setting(
+        False, env=["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"], doc="do not verify the API's certificate"
+    )
+    client_custom_headers: str | None = _setting(
+        None,
+        env=["PREFECT_CLIENT_CUSTOM_HEADERS"],
+        doc='JSON object of extra HTTP headers, e.g. {"X-Env": "prod"}',
+    )
+    api_request_timeout: float = _setting(
+        60.0,
+        env=["PREFECT_API_REQUEST_TIMEOUT"],
+        validator=_positive,
+        doc="seconds per HTTP request",
+    )
+    pool: str | None = _setting(None, doc="the work pool to serve (required)")
+    work_queues: tuple[str, ...] = _setting((), doc="queue names; empty means every queue of the pool")
+    name: str | None = _setting(
+        None,
+        validator=_worker_name,
+        doc="worker name; default '<hostname> <pool>' under systemd, else 'ProcessWorker <uuid>'",
+    )
+    limit: int | None = _setting(
+        None, validator=_positive, doc="most flow runs at once; unset means no limit, as Prefect"
+    )
+    prefetch_seconds: float = _setting(10.0, env=["PREFECT_WORKER_PREFETCH_SECONDS"])
+    query_seconds: float = _setting(10.0, env=["PREFECT_WORKER_QUERY_SECONDS"], validator=_positive)
+    heartbeat_seconds: float = _setting(30.0, env=["PREFECT_WORKER_HEARTBEAT_SECONDS"], validator=_positive)
+    cancel_poll_seconds: float = _setting(
+        10.0, validator=_positive, doc="how often CANCELLING runs are looked for"
+    )
+    cancel_grace_seconds: float = _setting(
+        30.0, validator=_positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
+    )
+    create_pool_if_not_found: bool = _setting(True)
+    events: bool = _setting(
+        True, doc="subscribe to the server's event stream for instant pickup and cancellation"
+    )
+    once: bool = _setting(False, doc="drain what is due now, wait for it, exit")
+    with_healthcheck: bool = _setting(False)
+    webserver_host: str = _setting(
+        "127.0.0.1",
+        env=["PREFECT_WORKER_WEBSERVER_HOST"],
+        doc="differs from Prefect's 0.0.0.0: loopback unless asked",
+    )
+    webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=_port)
+    log_format: str = _setting("auto", validator=_log_format, doc="console on a TTY, JSON lines otherwise")
+    log_level: str = _setting("INFO", doc="DEBUG, INFO, WARNING, ERROR")
+    state_dir: str | None = _setting(
+        None, doc="ledger of owned runs; default $STATE_DIRECTORY, else ~/.local/state/flow-worker/POOL"
+    )
+    drain_timeout: float = _setting(
+        600.0, validator=_positive, doc="on SIGTERM, how long running flows may finish before being stopped"
+    )
+    on_stop: str = _setting(
+        "crash", validator=_on_stop, doc="runs still going when the drain ends: 'crash' or 'reschedule'"
+    )
+    reclaim_after: float = _setting(
+        300.0,
+        validator=_not_negative,
+        doc="seconds a worker of the pool may be silent before its runs are reclaimed; 0: never",
+    )
+    on_lost: str = _setting(
+        "crash",
+        validator=_on_lost,
+        doc="a lost worker's RUNNING runs: 'crash' them, or 'reschedule' them (idempotent flows)",
+    )
+    memory_reserve: str | None = _setting(
+        None,
+        validator=_memory_reserve,
+        doc="memory to keep free when admitting runs: a size (512M, 2G) or a share (10%); 0: off; "
+        "default 10% of RAM (or of the cgroup's limit), at least 256M",
+    )
+    python: str | None = _setting(
+        None,
+        doc="interpreter for the default 'python -m prefect.engine' command; default: the worker's own",
+    )
+    warm_start: bool = _setting(
+        False,
+        doc="fork engine-command runs from a preloaded Prefect (faster starts, shared memory); "
+        "anything it cannot do exactly as a cold start starts cold",
+    )
+    log_to_api: bool = _setting(
+        True,
+        env=["PREFECT_LOGGING_TO_API_ENABLED"],
+        doc="send the worker's lines about a run to the run's logs in the Prefect UI",
+    )
+    base_job_template: str | None = _setting(
+        None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
+    )
+
+    service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
+    """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
+
+    @property
+    def worker_name(self) -> str:
+        """The name given; else, under systemd, ``<hostname> <pool>`` (stable across
+        restarts, unique per host and pool, so peers recognise its runs after a restart);
+        else Prefect's default, fixed for this Settings object."""
+        if self.name:
+            return self.name
+        if self.service_host and self.pool:  # --once (the drain timer) beside the daemon: its own name
+            return f"{self.service_host} {self.pool}" + (" once" if self.once else "")
+        return _DEFAULT_NAME
+
+    def child_prefect_env(self) -> dict[str, str]:
+        """Prefect settings that were set explicitly, as env vars for flow-run processes."""
+        env = {"PREFECT_API_URL": self.api_url} if self.api_url else {}
+        if self.api_key:
+            env["PREFECT_API_KEY"] = self.api_key
+        if self.api_auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.api_auth_string
+        if self.api_ssl_cert_file:
+            env["PREFECT_API_SSL_CERT_FILE"] = self.api_ssl_cert_file
+        if self.api_tls_insecure_skip_verify:
+            env["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
+        if self.client_custom_headers:
+            env["PREFECT_CLIENT_CUSTOM_HEADERS"] = self.client_custom_headers
+        return env
+
+    def custom_headers(self) -> dict[str, str]:
+        """``client_custom_headers`` as a dict (checked by :func:`validated`)."""
+        return dict(json.loads(self.client_custom_headers)) if self.client_custom_headers else {}
+
+
+attrs.resolve_types(Settings)
+_DEFAULT_NAME: Final = f"ProcessWorker {uuid.uuid4()}"
+FIELDS: Final = {f.name: f for f in attrs.fields(Settings) if not f.metadata.get("internal")}
+"""The settings a user can set (``service_host`` is read off the environment, not set)."""
+
+# ---------------------------------------------------------------- strict conversion
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+_converter = cattrs.Converter()
+
+
+def _to_bool(value: Any, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _to_int(value: Any, _: type) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError("expected an integer")
+
+
+def _to_float(value: Any, _: type) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError("expected a number")
+
+
+def _to_str(value: Any, _: type) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("expected a string")
+
+
+def _to_strs(value: Any, _: type) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("expected a list of strings")
+
+
+_converter.register_structure_hook(bool, _to_bool)
+_converter.register_structure_hook(int, _to_int)
+_converter.register_structure_hook(float, _to_float)
+_converter.register_structure_hook(str, _to_str)
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strs)
+
+
+@attrs.frozen
+class Sourced:
+    """A raw value and where it came from, for error messages."""
+
+    value: Any
+    source: str
+
+
+def _convert(key: str, raw: Sourced) -> Any:
+    field = FIELDS[key]
+    try:
+        if raw.value is None or (raw.value == "" and field.default is None):
+            return None
+        target: Any = field.type
+        if isinstance(target, types.UnionType):  # X | None: None was handled above
+            target = next(a for a in typing.get_args(target) if a is not type(None))
+        value = _converter.structure(raw.value, target)
+        if field.validator is not None:
+            field.validator(None, field, value)
+        return value
+    except Exception as exc:
+        reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
+        raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
+
+
+def _toml_line(text: str, key: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def read_file(path: Path) -> dict[str, Sourced]:
+    """Raw values from a TOML file (flat keys, as the field names)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, Sourced] = {}
+    for key, value in data.items():
+        line = _toml_line(text, key)
+        where = f"{path} line {line}" if line else str(path)
+        if key not in FIELDS:
+            known = ", ".join(sorted(FIELDS))
+            raise SettingsError(f"{where}: unknown key {key!r} (known keys: {known})")
+        out[key] = Sourced(value, where)
+    return out
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Sourced]:
+    """Raw values from ``FLOW_WORKER_*`` (unknown names rejected) and Prefect's names."""
+    out: dict[str, Sourced] = {}
+    for key, field in FIELDS.items():
+        for var in field.metadata["env"]:
+            if var in environ:
+                out[key] = Sourced(environ[var], f"environment variable {var}")
+    for var, value in environ.items():
+        if var.startswith("FLOW_WORKER_"):
+            key = var.removeprefix("FLOW_WORKER_").lower()
+            if key not in FIELDS:
+                raise SettingsError(f"environment variable {var}: unknown setting {key!r}")
+            out[key] = Sourced(value, f"environment variable {var}")
+    return out
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> Settings:
+    """Merge file < env < flags and validate. ``flags`` holds only flags that were given."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Sourced] = {}
+    if config_path is None and environ.get("FLOW_WORKER_CONFIG"):
+        config_path = Path(environ["FLOW_WORKER_CONFIG"])
+    if config_path is not None:
+        # "-/etc/flow-worker/p.toml": read it if it exists (systemd's EnvironmentFile=- idiom)
+        optional = str(config_path).startswith("-")
+        config_path = Path(str(config_path).removeprefix("-"))
+        if not (optional and not config_path.exists()):
+            raw.update(read_file(config_path))
+    raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
+    for key, value in flags.items():
+        if key not in FIELDS:
+            raise SettingsError(f"unknown setting {key!r}")
+        raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
+    values = {key: _convert(key, sourced) for key, sourced in raw.items()}
+    if environ.get("INVOCATION_ID"):  # systemd sets it for every service it starts
+        values["service_host"] = socket.gethostname()
+    return Settings(**values)
+
+
+def validated(settings: Settings) -> Settings:
+    """Check what a run needs beyond types: an API URL and a pool."""
+    if not settings.api_url:
+        raise SettingsError(
+            "PREFECT_API_URL is not set: point it at your Prefect server, "
+            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+        )
+    if not settings.pool:
+        raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
+    if settings.base_job_template is not None:
+        read_job_template(settings.base_job_template)
+    if settings.client_custom_headers:
+        try:
+            headers = json.loads(settings.client_custom_headers)
+        except ValueError as exc:
+            raise SettingsError(
+                f"client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) is not JSON: {exc}"
+            ) from None
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise SettingsError(
+                "client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) must be a JSON object of strings, "
+                'e.g. {"X-Env": "prod"}'
+            )
+    if settings.api_ssl_cert_file and not Path(settings.api_ssl_cert_file).is_file():
+        raise SettingsError(
+            f"api_ssl_cert_file (PREFECT_API_SSL_CERT_FILE): no such file {settings.api_ssl_cert_file}"
+        )
+    return settings
+
+
+def read_job_template(path: str) -> dict[str, Any]:
+    """A base job template file, as ``prefect work-pool create --base-job-template`` takes it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"base_job_template: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SettingsError(f"base_job_template: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not {"job_configuration", "variables"} <= data.keys():
+        raise SettingsError(
+            f"base_job_template: {path} must be a JSON object with 'job_configuration' and 'variables'"
+        )
+    return data

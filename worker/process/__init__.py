@@ -1,0 +1,11 @@
+"""Child processes: spawn, watch, kill, reap; their output and their cost; warm starts.
+
+A run's process as the operating system sees it: the handles and their kill policy
+(``handle``; ``spawned``, ``adopted``, ``forked``: one per kind of child), the true exit
+status, the reaper of re-parented orphans and the leftover sweep (``reaper``), output
+followed within a budget (``output``), the cost of a process tree (``usage``), and the
+preloaded engine servers of ``warm_start`` (``warm``; ``engine_server`` runs in the flow's
+interpreter, stdlib and Prefect only).
+
+May import: ``worker.host``, ``worker.rules``. Knows nothing of the Prefect API.
+"""

@@ -1,0 +1,66 @@
+"""The labels Prefect's worker gives a run (its worker and pool), so the UI shows who runs it
+and peers know its owner; a label write that failed is tried again for live runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import structlog
+
+from worker.host.settings import Settings
+from worker.prefect.answers import ApiRefused
+from worker.prefect.api import PrefectClient
+from worker.prefect.outage import API_ERRORS
+from worker.rules.models import FlowRun, WorkPool
+from worker.runs.inhand import InHand
+
+log = structlog.get_logger("flow_worker")
+
+
+@attrs.define
+class Labeller:
+    """One per worker (the ``Runner``'s)."""
+
+    client: PrefectClient
+    settings: Settings
+    in_hand: InHand
+    unlabelled: dict[str, FlowRun]
+    """Live runs whose labels could not be set yet (shared with ``Reconciler.unlabelled``)."""
+    unsupported: bool = False
+    """The server has no labels endpoint (before 3.1): said once, never tried again."""
+
+    async def label(self, flow_run: FlowRun, run_log: Any, pool: WorkPool) -> None:
+        """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.
+        A server without the labels endpoint (before 3.1) is said once, not per run."""
+        if self.unsupported:
+            return
+        labels = {
+            "prefect.worker.name": self.settings.worker_name,
+            "prefect.worker.type": "process",
+            "prefect.work-pool.name": pool.name,
+            "prefect.work-pool.id": pool.id,
+        }
+        try:
+            await self.client.update_labels(flow_run.id, labels)
+            self.unlabelled.pop(flow_run.id, None)
+        except ApiRefused as exc:
+            self.unsupported = True
+            log.info(
+                "api.labels_unsupported", error=str(exc), effect="runs are not labelled with their worker"
+            )
+        except API_ERRORS as exc:
+            if flow_run.id not in self.unlabelled:
+                run_log.warning("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
+            self.unlabelled[flow_run.id] = flow_run
+
+    async def relabel(self, pool: WorkPool | None) -> None:
+        """Try again to label the live runs whose labels could not be set (or, adopted,
+        carry a previous worker's name)."""
+        if pool is None:
+            return  # not synced yet: the pool's id is part of the labels
+        for run_id, flow_run in list(self.unlabelled.items()):
+            if run_id not in self.in_hand.live:
+                self.unlabelled.pop(run_id, None)
+            else:
+                await self.label(flow_run, log.bind(flow_run_id=run_id), pool)

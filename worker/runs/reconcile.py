@@ -1,0 +1,184 @@
+"""Runs a previous worker left in the ledger: adopted, reported, or returned to the queue.
+
+Before its first poll the worker reads the ledger (``ledger.py``). An entry whose
+process still runs (same pid, start time and boot id) is *adopted*: watched like a
+spawned run, still cancellable, reported when it ends. Every other entry is *resolved*
+against the server by ``decisions.reconcile``: a report still owed is delivered, a lost
+process is CRASHED, a claim that never started goes back to SCHEDULED, the rest is
+forgotten. Claims whose answer was lost in an outage (``pending``) are resolved the
+same way once the API answers again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from worker.books.ledger import Entry, Ledger, boot_id
+from worker.books.reporter import Reporter, run_logger
+from worker.host.settings import Settings
+from worker.prefect.api import PrefectClient
+from worker.prefect.outage import API_ERRORS, Outage
+from worker.process import reaper
+from worker.process.adopted import AdoptedHandle
+from worker.process.usage import Meter
+from worker.rules import decisions
+from worker.rules.admission import Book
+from worker.rules.models import FlowRun
+from worker.runs.inhand import InHand
+
+log = structlog.get_logger("flow_worker")
+
+
+@attrs.define
+class Reconciler:
+    settings: Settings
+    client: PrefectClient
+    ledger: Ledger
+    reporter: Reporter
+    outage: Outage
+    in_hand: InHand
+    meter: Meter = attrs.Factory(Meter)
+    book: Book = attrs.Factory(Book)
+    unlabelled: dict[str, FlowRun] = attrs.Factory(dict)
+    """Runs to label with this worker's name (``Runner.relabel``, shared)."""
+    pending: dict[str, Entry] = attrs.Factory(dict)
+    """Claims whose answer was lost: resolved against the server like a restart's ledger."""
+
+    @property
+    def pool(self) -> str:
+        return self.reporter.pool
+
+    async def reconcile(self, runs: trio.Nursery) -> None:
+        """Before the first poll: adopt, report or return every run a previous worker owned."""
+        entries, bad = self.ledger.entries()
+        for problem in bad:
+            log.error("ledger.unreadable", problem=problem)
+        mine = [e for e in entries if e.pool == self.pool]
+        if not mine:
+            return
+        log.info("ledger.reconciling", runs=len(mine))
+        this_boot = boot_id()
+        todo = []
+        for entry in mine:
+            alive = (
+                entry.phase == "started"
+                and entry.pid is not None
+                and entry.boot_id == this_boot
+                and reaper.is_same_process(entry.pid, entry.start_time)
+            )
+            if alive and entry.report is None:
+                self.adopt(entry, runs)
+            else:
+                todo.append(entry)
+        while todo:
+            try:
+                await self.resolve(todo[0])
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "reconcile")
+                await self.outage.pause(self.outage.delay())
+                continue
+            except Exception as exc:  # one entry's bug costs that entry (kept for the next start)
+                self._bug(todo[0], exc)
+            todo.pop(0)
+
+    async def resolve(self, entry: Entry) -> None:
+        """Settle one entry whose process is not running (see ``decisions.reconcile``)."""
+        run_log = run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
+        if entry.report is not None:
+            self.reporter.owed[entry.flow_run_id] = entry
+            await self.reporter.deliver(entry, run_log)
+            return
+        current = await self.client.read_flow_run(entry.flow_run_id)
+        state = current.state if current is not None else None
+        decision = decisions.reconcile(
+            entry.phase,
+            False,
+            False,
+            state.type if state else None,
+            state.state_details.get("transition_id") if state else None,
+            entry.transition_id,
+            entry.pid,
+        )
+        run_log.info(
+            "ledger.entry",
+            phase=entry.phase,
+            run_state=str(state.type) if state else None,
+            action=decision.action.value,
+        )
+        if decision.action is decisions.Action.FORGET:
+            self.ledger.remove(entry.flow_run_id)
+            return
+        kind = "reschedule" if decision.action is decisions.Action.RESCHEDULE else "crash"
+        await self.reporter.finish(entry, run_log, kind, decision.message)
+
+    async def resolve_pending(self) -> bool:
+        """Resolve the claims whose answer was lost; False if the API failed (retry later)."""
+        for entry in list(self.pending.values()):
+            try:
+                await self.resolve(entry)
+            except API_ERRORS as exc:
+                self.outage.failed(exc, "report")
+                return False
+            except Exception as exc:
+                self._bug(entry, exc)
+            self.pending.pop(entry.flow_run_id, None)
+        return True
+
+    def _bug(self, entry: Entry, exc: Exception) -> None:
+        """A bug met while settling one entry: said with its traceback; the others go on."""
+        run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).error(
+            "run.internal_error", error=f"{type(exc).__name__}: {exc}"[:500], phase=entry.phase, exc_info=exc
+        )
+
+    def adopt(self, entry: Entry, runs: trio.Nursery) -> None:
+        """Watch a previous worker's live process as one of ours (it counts against --limit)."""
+        run_log = run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).bind(pid=entry.pid)
+        handle = AdoptedHandle(
+            entry.flow_run_id,
+            run_log,
+            grace=self.settings.cancel_grace_seconds,
+            adopted_pid=entry.pid or 0,
+            adopted_pgid=entry.pgid,
+            start_time=entry.start_time,
+            output_dir=self.ledger.directory / "output",
+            claim=entry.transition_id,
+            owner=entry.worker_name,
+        )
+        self.in_hand.live[entry.flow_run_id] = handle
+        handle.usage = self.meter.track(entry.pid or 0)
+        self.book.book(entry.flow_run_id, None)
+        if entry.worker_name != self.settings.worker_name:  # e.g. a fresh default name
+            # peers judge the owner by the label: name this worker, or they see it silent
+            self.unlabelled[entry.flow_run_id] = FlowRun(id=entry.flow_run_id, name=entry.flow_run_name)
+        run_log.info("run.adopted", started_at=entry.started_at)
+        runs.start_soon(self._watch_adopted, entry, handle, run_log)
+
+    async def _watch_adopted(self, entry: Entry, handle: AdoptedHandle, run_log: Any) -> None:
+        try:
+            await handle.wait()
+            self.meter.untrack(entry.pid or 0)
+            run_log.info("run.exited", returncode=None, stopped=handle.stop_requested, adopted=True)
+            kind, message = decisions.run_outcome(
+                handle.cancel_requested,
+                handle.stop_requested,
+                None,
+                self.settings.on_stop,
+                adopted=True,
+                stderr_tail=handle.stderr_tail(),
+                lost=handle.lost,
+            )
+            await self.reporter.finish(entry, run_log, kind, message)
+        except Exception as exc:  # a bug costs this run (CRASHED with it), never the worker
+            self._bug(entry, exc)
+            why = decisions.INTERNAL_ERROR.format(f"{type(exc).__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):
+                await self.reporter.finish(entry, run_log, "crash", why)
+        finally:
+            self.meter.untrack(entry.pid or 0)
+            self.book.finished(entry.flow_run_id, None, None)
+            self.in_hand.release(entry.flow_run_id)
