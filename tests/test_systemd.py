@@ -13,6 +13,7 @@ otherwise leave the time idle, and :func:`test_hung_api_is_not_a_restart` judges
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +41,8 @@ HANG_WATCHDOG: Final = 10
 """The hung-API worker's WatchdogSec: shorter than one hung call (45 s), so the test fails
 if the watchdog is fed only between API calls."""
 HANG_SAMPLE_SECONDS: Final = 3.0
+EXPOSURE_MAX: Final = 3.5
+"""The most ``systemd-analyze security`` may rate either shipped unit (issue 24)."""
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +235,15 @@ def test_service_under_real_systemd(
         return [int(n) for n in line.split()[3:5]]
 
     assert open_files(show(box, "MainPID")) == [min(65536, open_files("1")[1])] * 2
+    # ---- the hardening is in force on the worker, so on its runs (issue 24)
+    status = box.sh(f"cat /proc/{show(box, 'MainPID')}/status").splitlines()
+    said = {k: v.strip() for k, v in (line.split(":", 1) for line in status)}
+    assert {k: said[k] for k in ("NoNewPrivs", "Seccomp", "CapBnd", "Umask")} == {
+        "NoNewPrivs": "1",
+        "Seccomp": "2",
+        "CapBnd": "0000000000000000",
+        "Umask": "0027",
+    }
 
     # ---- runs: one COMPLETED, one CRASHED (a command that is not an engine: a warning)
     good = api.run(deployment(api))
@@ -312,6 +324,16 @@ def test_service_under_real_systemd(
     assert show(box, "ActiveState") == "inactive"
     assert any(e.get("FLOW_WORKER_EVENT") == "worker.stopping" for e in journal(box, "-u", UNIT))
 
+    # ---- the drain unit, as hardened: `flow-worker --once` runs what is due, then exits
+    drain = f"flow-worker-drain@{POOL}.service"
+    drained = api.run(deployment(api))
+    started = box.run("systemctl", "start", drain, timeout=180, check=False)
+    tail = box.run("journalctl", "-u", drain, "-n", "40", "--no-pager", check=False).stdout
+    assert started.returncode == 0, f"{started.stderr}\n{tail}"
+    assert api.wait_final(drained, 30)["state_type"] == "COMPLETED", tail
+    assert show(box, "Result", drain) == "success"
+    assert box.sh(f"stat -c %a /var/lib/flow-worker/{POOL}-drain").strip() == "700"
+
 
 def test_hung_api_is_not_a_restart(hung_api: Hang, prefect_server: PrefectServer, api: Api) -> None:
     """Issue 19: the API accepts connections and never answers for 3 minutes while a run is
@@ -351,3 +373,17 @@ def test_hung_api_is_not_a_restart(hung_api: Hang, prefect_server: PrefectServer
     assert api.wait_final(hang.run_id, 120)["state_type"] == "COMPLETED", story
     assert show(box, "NRestarts", HANG_UNIT) == before["NRestarts"]
     assert show(box, "MainPID", HANG_UNIT) == before["MainPID"]
+
+
+@pytest.mark.parametrize("unit", ["flow-worker@.service", "flow-worker-drain@.service"])
+def test_units_are_hardened(installed: Container, unit: str) -> None:
+    """Issue 24: ``systemd-analyze security --offline=yes`` rates each installed unit at most
+    EXPOSURE_MAX (7.7 and 8.6 before), with the container's systemd: bookworm's 252, the
+    one the package is built for. A failure lists the exposed settings."""
+    path = f"/lib/systemd/system/{unit}"
+    out = installed.run("systemd-analyze", "security", "--offline=yes", "--no-pager", path, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) ", out.stdout)
+    assert out.returncode == 0 and found, out.stdout + out.stderr
+    exposed = "\n".join(line for line in out.stdout.splitlines() if re.search(r" \d\.\d$", line))
+    print(f"{unit}: {found.group(1)}")
+    assert float(found.group(1)) <= EXPOSURE_MAX, f"{unit} rated {found.group(1)}:\n{exposed}"

@@ -11,9 +11,9 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import systemd
-from worker.logs import JournaldRenderer
-from worker.metrics import Metrics
+from worker.host import systemd
+from worker.host.logs import JournaldRenderer
+from worker.host.metrics import Metrics
 
 
 def datagram_socket(path: Path) -> socket.socket:
@@ -130,9 +130,66 @@ def test_units_allow_enough_open_files(unit: str) -> None:
 
 
 def test_watchdog_outlasts_the_api_deadline_and_is_pinged_often() -> None:
-    from worker import liveness
+    from worker.service import liveness
 
     service = unit_settings("flow-worker@.service")
     watchdog = float(service["WatchdogSec"].removesuffix("s"))
     assert liveness.API_DEADLINE < watchdog  # issue 19: every API call ends within WatchdogSec
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+
+
+HARDENING = (
+    "NoNewPrivileges",
+    "CapabilityBoundingSet",
+    "AmbientCapabilities",
+    "RestrictSUIDSGID",
+    "UMask",
+    "PrivateTmp",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateMounts",
+    "ProtectClock",
+    "ProtectKernelLogs",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectControlGroups",
+    "ProtectHostname",
+    "ProtectProc",
+    "PrivateIPC",
+    "KeyringMode",
+    "RestrictRealtime",
+    "LockPersonality",
+    "SystemCallArchitectures",
+    "SystemCallFilter",
+    "SystemCallErrorNumber",
+    "RestrictAddressFamilies",
+)
+
+
+def test_the_drain_unit_is_hardened_as_the_daemon() -> None:
+    """Issue 24: the same restrictions in both units (the README has one table for both);
+    the score of each is checked under real systemd (tests/test_systemd.py)."""
+    daemon, drain = unit_settings("flow-worker@.service"), unit_settings("flow-worker-drain@.service")
+    assert {k: drain.get(k) for k in HARDENING} == {k: daemon.get(k) for k in HARDENING}
+    assert all(k in daemon for k in HARDENING)
+    assert drain["StateDirectoryMode"] == daemon["StateDirectoryMode"] == "0700"
+
+
+@pytest.mark.parametrize("unit", ["flow-worker@.service", "flow-worker-drain@.service"])
+def test_hardening_leaves_what_the_worker_and_its_runs_need(unit: str) -> None:
+    """What the units must not forbid (the README says why each is left out): runs outlive
+    a worker restart (KillMode=process; RemoveIPC would empty the user's /dev/shm under
+    them); the worker reads /proc/meminfo and the boot id (ProcSubset=pid), calls setrlimit
+    (@resources), prctl, pidfd_open, waitid and kill (@process, @signal), and its runs'
+    /proc entries (ProtectProc hides other users' only)."""
+    settings = unit_settings(unit)
+    assert settings["KillMode"] == "process"
+    assert settings.get("RemoveIPC", "no") == "no"
+    assert settings.get("ProcSubset", "all") == "all"
+    assert settings.get("ProtectProc") == "invisible"
+    denied = settings["SystemCallFilter"]
+    assert denied.startswith("~")
+    assert not {"@resources", "@privileged", "@process", "@signal", "@system-service"} & set(
+        denied[1:].split()
+    )
+    assert "Delegate" not in settings  # with cgroups v2 (a later issue), not before
