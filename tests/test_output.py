@@ -18,6 +18,7 @@ from tests.said import Said
 from worker.process import output
 from worker.process.output import FILE_CAP, Follower, RunOutput
 from worker.rules.budget import (
+    BYTE_BURST,
     BYTES_PER_SECOND,
     LINE_BURST,
     LINES_PER_SECOND,
@@ -70,7 +71,7 @@ def test_budget_holds_long_lines_by_bytes() -> None:
     budget = Budget(clock)
     line = 64 * 1024
     admitted = sum(budget.admit(line) for _ in range(100))
-    assert admitted == budget.BYTE_BURST // line  # 16 lines of 64 KiB, not 100
+    assert admitted == BYTE_BURST // line  # 16 lines of 64 KiB, not 100
     clock.now += 1.0
     assert sum(budget.admit(line) for _ in range(100)) == BYTES_PER_SECOND // line
     assert budget.lines.level(clock.now) > 900, "a refused line takes no line token"
