@@ -136,6 +136,9 @@ def test_sigkill_then_restart_adopts_or_reports_every_run(
         ),
     )
 
+    for stream in ("out", "err"):  # what the lost run printed before the worker died
+        (state_dir / "output" / f"{lost}.{stream}").write_text("the lost flow's output\n")
+
     second = start_worker("--pool", pool_name, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
     wait_for(
         lambda: second.saw("run.adopted", flow_run_id=adopted), 10, what="the running flow to be adopted"
@@ -146,6 +149,7 @@ def test_sigkill_then_restart_adopts_or_reports_every_run(
     assert api.wait_final(pending, 120)["state_type"] == "COMPLETED"  # rescheduled, then run
     assert api.wait_final(adopted, 120)["state_type"] == "COMPLETED"
     wait_for(lambda: not list((state_dir / "runs").glob("*.json")), 20, what="the ledger to empty")
+    assert not list((state_dir / "output").iterdir()), "resolved (reported or adopted): no output is kept"
 
 
 def test_adopted_runs_count_against_the_limit(

@@ -107,10 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    ledger = Ledger(
-        Path(settings.state_dir) if settings.state_dir else default_state_dir(os.environ, settings.pool or "")
-    )
     try:
+        where = settings.state_dir
+        ledger = Ledger(Path(where) if where else default_state_dir(os.environ, settings.pool or ""))
         ledger.open()
     except LedgerError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)

@@ -312,7 +312,7 @@ class Runner:
             grace=self.settings.cancel_grace_seconds,
             send_intent=self.control.send_intent,
             config=config,
-            output_dir=self.ledger.directory / "output",
+            output_dir=self.ledger.output_dir,
             claim=entry.transition_id,
             meter=self.meter,
             warm=self.warm,
