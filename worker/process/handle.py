@@ -42,7 +42,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import attrs
 import trio
@@ -96,6 +96,8 @@ class Supervised:
     output: RunOutput = attrs.Factory(lambda self: RunOutput(self.log), takes_self=True)
     """Its output followed into the log within a budget, and the stderr tail (``output.py``)."""
     _stop_event: trio.Event = attrs.Factory(trio.Event)
+    ADOPTED: ClassVar[bool] = False
+    """Left by a previous worker: no descendant of this one (``reaper.sweep_run``)."""
 
     @property
     def pid(self) -> int | None:
@@ -193,8 +195,8 @@ class Supervised:
             remove_output(self.output_dir, self.run_id)
 
     def sweep(self) -> None:
-        """Kill what is left of the run (after its leader is gone)."""
-        victims = reaper.sweep_run(self.run_id, self.pgid)
+        """Kill what is left of the run (after its leader is gone), in this worker's tree."""
+        victims = reaper.sweep_run(self.run_id, self.pgid, adopted=self.ADOPTED)
         if victims:
             self.log.info("run.swept", pids=victims)
 
