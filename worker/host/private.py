@@ -10,6 +10,10 @@
   explicitly (``chmod``/``fchmod``), not left to the umask.
 * **No symbolic link is followed** when a file is opened (``O_NOFOLLOW``): a link planted
   at an output path or a ledger entry is refused, its target untouched.
+* **Files holding a secret setting that group or others can read** are said at start
+  (:func:`exposed_secrets`): the TOML file the settings came from, and the unit's
+  ``EnvironmentFile=`` (``/etc/flow-worker/POOL.env``), which systemd reads, not the
+  worker: the worker looks at its mode, and at which secrets it names if it can read it.
 
 Errors say which path and why, never a file's content.
 """
@@ -19,12 +23,20 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from worker.rules.secrecy import SECRET_SETTINGS, SECRET_VARIABLES
+
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
+ENV_DIR: Final = Path("/etc/flow-worker")
+"""Where the units' ``EnvironmentFile=/etc/flow-worker/POOL.env`` is."""
+_TOML_SECRET: Final = re.compile(rf"^\s*({'|'.join(sorted(SECRET_SETTINGS))})\s*=", re.M)
+_ENV_SECRET: Final = re.compile(rf"^\s*(?:export\s+)?({'|'.join(sorted(SECRET_VARIABLES))})\s*=\s*\S", re.M)
 
 
 class PrivacyError(RuntimeError):
@@ -157,3 +169,31 @@ def read_private(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _exposed(path: Path, names: re.Pattern[str], unread: list[str]) -> tuple[str, int, list[str]] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not st.st_mode & 0o044:
+        return None
+    try:
+        held = sorted(set(names.findall(path.read_text(errors="replace"))))
+    except OSError:  # its group may read it, this user not: what the environment got, likely from it
+        held = unread
+    return (str(path), stat.S_IMODE(st.st_mode), held) if held else None
+
+
+def exposed_secrets(
+    config_file: str | None, pool: str | None, environ: Mapping[str, str]
+) -> list[tuple[str, int, list[str]]]:
+    """Each file holding a secret setting that its group or others can read: (path, mode,
+    the secrets it names). The TOML file read (``config_file``), and ``ENV_DIR/POOL.env``."""
+    found = []
+    if config_file:
+        found.append(_exposed(Path(config_file), _TOML_SECRET, []))
+    if pool:
+        in_env = sorted(name for name in SECRET_VARIABLES if environ.get(name))
+        found.append(_exposed(ENV_DIR / f"{pool}.env", _ENV_SECRET, in_env))
+    return [one for one in found if one is not None]

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 
-from worker.rules import limits, templating
+from worker.rules import limits, secrecy, templating
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
 from worker.rules.variables import ProcessVariables
 
@@ -129,6 +129,9 @@ class ProcessJobConfiguration:
     working_dir: Path | None = None
     command_configured: bool = False
     """Whether the user set ``command`` (else the engine command was generated)."""
+    hidden: frozenset[str] = attrs.field(default=frozenset(), repr=False)
+    """What the configuration may have taken from blocks and ``{{ $NAME }}`` references:
+    masked wherever the command, or a message built from it, is said (:meth:`mask`)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "command",
@@ -232,9 +235,13 @@ class ProcessJobConfiguration:
         client: Resolver,
         environ: Mapping[str, str] | None = None,
     ) -> ProcessJobConfiguration:
-        """Template → configuration: values, then blocks, then variables, then validation."""
-        populated = cls.populate(base_job_template, values, os.environ if environ is None else environ)
+        """Template → configuration: values, then blocks, then variables, then validation.
+        What came from blocks and ``{{ $NAME }}`` is remembered (``hidden``) and masked in
+        the errors said about it."""
+        environ = os.environ if environ is None else environ
+        hidden = secrecy.hidden_values([base_job_template, values], environ, ())
         try:
+            populated = cls.populate(base_job_template, values, environ)
             refs = templating.block_references(populated)
             by_name: dict[tuple[str, str], Any] = {}
             for slug, name in sorted(refs.by_name):
@@ -246,6 +253,7 @@ class ProcessJobConfiguration:
                 data = await client.read_block_document_by_id(block_id)
                 if data is not None:
                     by_id[block_id] = data
+            hidden |= secrecy.hidden_values((), environ, [*by_name.values(), *by_id.values()])
             populated = templating.resolve_blocks(populated, by_name, by_id)
             found: dict[str, Any] = {}
             for var in sorted(templating.variable_references(populated)):
@@ -253,11 +261,17 @@ class ProcessJobConfiguration:
                 if value is not templating.MISSING:
                     found[var] = value
             populated = templating.resolve_variables(populated, found)
-        except templating.TemplateError as exc:
-            raise ConfigurationError(str(exc)) from None
-        if not isinstance(populated, dict):
-            raise ConfigurationError("the work pool's 'job_configuration' is not an object")
-        return cls.from_dict(populated)
+            if not isinstance(populated, dict):
+                raise ConfigurationError("the work pool's 'job_configuration' is not an object")
+            config = cls.from_dict(populated)
+        except (templating.TemplateError, ConfigurationError) as exc:
+            raise ConfigurationError(secrecy.mask(str(exc), hidden)) from None
+        config.hidden = hidden
+        return config
+
+    def mask(self, text: str) -> str:
+        """``text`` with what came from blocks and ``{{ $NAME }}`` masked (``********``)."""
+        return secrecy.mask(text, self.hidden)
 
     def prepare_for_flow_run(
         self,
