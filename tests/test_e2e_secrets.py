@@ -1,6 +1,7 @@
 """Issue 24 with a real server and real runs: a block's secret and a ``{{ $ENV }}`` value in
 a run's command stay out of the worker's log and the run's logs in the UI; a config file
-holding a secret that others can read is said."""
+holding a secret that others can read is said; a run's environment holds none of the
+service manager's variables nor ``FLOW_WORKER_*``, started cold or warm."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Api, WorkerProcess, free_port, wait_for
+from worker.rules.childenv import SERVICE_MANAGER
 from worker.rules.job import ProcessJobConfiguration
 
 FAST = {"FLOW_WORKER_QUERY_SECONDS": "1", "FLOW_WORKER_CANCEL_POLL_SECONDS": "1"}
@@ -94,3 +96,47 @@ def test_templated_secrets_stay_out_of_the_log_and_the_ui(
     everything = "\n".join([worker.log_path.read_text(), *lines, json.dumps(final), metrics])
     for secret in (from_block, from_env, api_key):
         assert secret not in everything
+
+
+@pytest.mark.parametrize("start", ["cold", "warm"])
+def test_a_run_inherits_none_of_the_service_managers_variables(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path, start: str
+) -> None:
+    manager = {
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),  # nobody listens: the worker's datagrams go nowhere
+        "WATCHDOG_PID": "1",  # not the worker's: no watchdog
+        "WATCHDOG_USEC": "60000000",
+        "LISTEN_FDS": "0",
+        "LISTEN_PID": "1",
+        "LISTEN_FDNAMES": "none",
+        "INVOCATION_ID": uuid.uuid4().hex,
+        "JOURNAL_STREAM": "0:0",
+        "STATE_DIRECTORY": str(tmp_path / "state-directory"),
+        "RUNTIME_DIRECTORY": str(tmp_path / "runtime"),
+        "CREDENTIALS_DIRECTORY": str(tmp_path / "credentials"),
+        "MANAGERPID": "1",
+        "SYSTEMD_EXEC_PID": "1",
+        "MAINPID": "1",
+    }
+    assert set(manager) <= SERVICE_MANAGER
+    out = tmp_path / "environment.json"
+    dep = api.deployment(pool_name, entrypoint="hello.py:environment", flow_name="environment")
+    worker = start_worker(
+        "--pool",
+        pool_name,
+        FW_TEST_KEPT="kept",
+        FLOW_WORKER_WARM_START="true" if start == "warm" else "false",
+        **manager,
+        **FAST,
+    )
+    run_id = api.run(dep, {"out": str(out)})
+    assert api.wait_final(run_id, 120)["state_type"] == "COMPLETED"
+    assert worker.saw("run.started", start=start)
+    seen = json.loads(out.read_text())
+    for environment in (seen["environ"], seen["started"]):
+        assert not {name for name in environment if name in manager or name.startswith("FLOW_WORKER_")}
+        assert environment["FW_TEST_KEPT"] == "kept", "the rest is inherited, as Prefect's worker does"
+    environ = seen["environ"]
+    assert environ["PREFECT__FLOW_RUN_ID"] == run_id and environ["PREFECT_API_URL"]
+    if start == "cold":  # the engine takes them out of os.environ; a warm run's /proc has its server's
+        assert {"PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"} <= set(seen["started"])

@@ -1,6 +1,7 @@
 """Secrets stay secret (issue 24): a secret setting in a wrong shape is named by key and
 source, never quoted; templated values are masked where a command is said; files holding
-a secret that others can read are found."""
+a secret that others can read are found. A run's environment holds none of the service
+manager's variables, nor the worker's settings."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from hypothesis import strategies as st
 from worker import cli
 from worker.host import private
 from worker.host.settings import FIELDS, SettingsError, load
-from worker.rules import secrecy, templating
+from worker.rules import childenv, secrecy, templating
 from worker.rules.job import ConfigurationError, ProcessJobConfiguration
+from worker.rules.models import FlowRun
 
 SECRET = "s3cr3t-VALUE-4242"
 """Every wrong-shaped secret below holds this (or is this number), so one check finds any echo."""
@@ -223,3 +225,28 @@ async def test_a_configuration_error_masks_what_it_quotes() -> None:
 
 def test_mask_takes_the_longest_first_and_leaves_short_values() -> None:
     assert secrecy.mask("a abc abcdef abcdefgh", {"abcdef", "abcdefgh", "abc"}) == "a abc ******** ********"
+
+
+# ---------------------------------------------------------------- the run's environment
+
+
+def test_a_run_inherits_neither_the_service_managers_variables_nor_the_workers_settings() -> None:
+    worker_env = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        **{name: "x" for name in childenv.SERVICE_MANAGER},
+        "FLOW_WORKER_STATE_DIR": "/var/lib/flow-worker/p",
+        "FLOW_WORKER_API_KEY": SECRET,
+    }
+    config = ProcessJobConfiguration(command="true", env={"FLOW_WORKER_CHOSEN": "by the job", "FOO": "bar"})
+    config.prepare_for_flow_run(
+        FlowRun("run-1", "r"), environ=worker_env, settings_env={"PREFECT_API_URL": "http://x/api"}
+    )
+    assert config.env == {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "PREFECT_API_URL": "http://x/api",
+        "PREFECT__FLOW_RUN_ID": "run-1",
+        "FLOW_WORKER_CHOSEN": "by the job",
+        "FOO": "bar",
+    }

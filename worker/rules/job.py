@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 
-from worker.rules import limits, secrecy, templating
+from worker.rules import childenv, limits, secrecy, templating
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
 from worker.rules.variables import ProcessVariables
 
@@ -289,11 +289,12 @@ class ProcessJobConfiguration:
 
         ``env`` layers, later winning: the worker's explicit Prefect settings
         (``settings_env``), the run and attribution variables, the job's ``env``; all
-        laid over ``environ`` (the worker's environment). Unlike Prefect, a job ``env``
+        laid over ``environ`` (the worker's environment) less the service manager's
+        variables and ``FLOW_WORKER_*`` (``childenv.py``). Unlike Prefect, a job ``env``
         value of ``null`` *removes* an inherited variable instead of being ignored
         (pain point: PROTOCOL §7 item 11).
         """
-        base = dict(os.environ if environ is None else environ)
+        base = childenv.inherited(os.environ if environ is None else environ)
         attribution: dict[str, str] = {"PREFECT__FLOW_RUN_ID": flow_run.id}
         if worker_name is not None:
             attribution["PREFECT__WORKER_NAME"] = worker_name
