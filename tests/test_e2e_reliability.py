@@ -35,7 +35,7 @@ def wait_state(api: Api, run_id: str, state: str, timeout: float = 90) -> None:
 
 
 def run_processes(run_id: str) -> list[int]:
-    return reaper.run_processes(run_id, None)
+    return reaper.run_processes(run_id, None, anywhere=True)
 
 
 def test_sigterm_drains_running_flows_to_completed(
@@ -136,6 +136,9 @@ def test_sigkill_then_restart_adopts_or_reports_every_run(
         ),
     )
 
+    for stream in ("out", "err"):  # what the lost run printed before the worker died
+        (state_dir / "output" / f"{lost}.{stream}").write_text("the lost flow's output\n")
+
     second = start_worker("--pool", pool_name, FLOW_WORKER_STATE_DIR=str(state_dir), **FAST)
     wait_for(
         lambda: second.saw("run.adopted", flow_run_id=adopted), 10, what="the running flow to be adopted"
@@ -146,6 +149,7 @@ def test_sigkill_then_restart_adopts_or_reports_every_run(
     assert api.wait_final(pending, 120)["state_type"] == "COMPLETED"  # rescheduled, then run
     assert api.wait_final(adopted, 120)["state_type"] == "COMPLETED"
     wait_for(lambda: not list((state_dir / "runs").glob("*.json")), 20, what="the ledger to empty")
+    assert not list((state_dir / "output").iterdir()), "resolved (reported or adopted): no output is kept"
 
 
 def test_adopted_runs_count_against_the_limit(
@@ -190,6 +194,39 @@ def test_cancel_kills_setsid_escapees(
     )
     assert api.wait_final(run_id, 60)["state_type"] == "CANCELLED"
     wait_for(lambda: not run_processes(run_id), 10, what="every process of the run to be gone")
+
+
+@pytest.mark.no_engine_run
+def test_the_sweep_spares_a_process_outside_the_worker_that_carries_the_run_id(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Issue 24: a crashed run's leftovers are swept in the worker's tree only; a process
+    elsewhere with the run's id (a second worker's rescheduled copy, say) lives on."""
+    worker = start_worker("--pool", pool_name, **FAST)
+    dep = api.deployment(pool_name, job_variables={"command": "sh -c 'setsid sleep 301 & sleep 5; exit 3'"})
+    run_id = api.run(dep)
+
+    def escapee() -> int | None:
+        for pid in run_processes(run_id):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"301"]:
+                return pid
+        return None
+
+    inside = wait_for(escapee, 60, 0.05, "the run's setsid sleep")
+    facts = reaper.process_facts(inside)
+    assert facts is not None
+    start = facts.start_time
+    outsider = subprocess.Popen(["sleep", "300"], env={**os.environ, "PREFECT__FLOW_RUN_ID": run_id})
+    try:
+        assert api.state_type(run_id) == "PENDING", "started before the run ended (and was swept)"
+        assert api.wait_final(run_id, 60)["state_type"] == "CRASHED"
+        wait_for(lambda: not reaper.is_same_process(inside, start), 10, what="the escapee in the tree swept")
+        (swept,) = [e for e in worker.events() if e.get("event") == "run.swept"]
+        assert inside in swept["pids"] and outsider.pid not in swept["pids"]
+        assert outsider.poll() is None, "the process outside the worker's tree lives on"
+    finally:
+        outsider.kill()
+        outsider.wait()
 
 
 def test_cancellation_runs_the_flows_on_cancellation_hook(

@@ -12,10 +12,10 @@ from worker.rules import templating
 from worker.rules.job import (
     ConfigurationError,
     ProcessJobConfiguration,
-    ProcessVariables,
     merge_job_variables,
 )
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
+from worker.rules.variables import ProcessVariables
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "job_cases.json").read_text())
 CASES = FIXTURES["cases"]

@@ -251,6 +251,30 @@ async def test_reconcile_resolves_each_entry_of_a_dead_worker(tmp_path: Path) ->
     assert left == ["theirs"], "another pool's entries are not ours to touch"
 
 
+async def test_output_files_are_gone_once_the_reconcile_path_resolved_their_run(tmp_path: Path) -> None:
+    """Issue 24: the output of a run resolved after a restart (reported, rescheduled,
+    forgotten) is removed, and so are output files the ledger no longer knows of; those of
+    an entry that stays (another pool's) are kept."""
+    client = FakeClient(StateType.RUNNING)
+    reporter = make_reporter(tmp_path, client)
+    lost = entry("lost", pid=os.getpid(), start_time=1, boot_id="another boot")
+    owed = entry("owed", report=Report(kind="crash", message="boom", transition_id="t"))
+    never = entry("never", phase="claimed", transition_id="mine")
+    theirs = Entry("theirs", "n", "other-pool", "w", "claimed")
+    for e in (lost, owed, never, theirs):
+        reporter.ledger.write(e)
+    output = reporter.ledger.output_dir
+    for run_id in ("lost", "owed", "never", "theirs", "stray"):
+        for stream in ("out", "err"):
+            (output / f"{run_id}.{stream}").write_text(f"{run_id}: the flow's output, maybe a secret\n")
+    settings = Settings(pool="pool", api_url="http://127.0.0.1:9/api")
+    reconciler = Reconciler(settings, client, reporter.ledger, reporter, reporter.outage, InHand())  # type: ignore[arg-type]
+    async with trio.open_nursery() as runs:
+        await reconciler.reconcile(runs)
+    assert [e.flow_run_id for e in reporter.ledger.entries()[0]] == ["theirs"]
+    assert sorted(p.name for p in output.iterdir()) == ["theirs.err", "theirs.out"]
+
+
 # ---------------------------------------------------------------- outage: the probe ends the pause
 
 

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import structlog
 
     from worker.books.ledger import Ledger, LedgerError, default_state_dir
-    from worker.host import logs
+    from worker.host import logs, private
     from worker.host import settings as settings_mod
     from worker.prefect import ui
 
@@ -107,15 +107,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    ledger = Ledger(
-        Path(settings.state_dir) if settings.state_dir else default_state_dir(os.environ, settings.pool or "")
-    )
     try:
+        where = settings.state_dir
+        ledger = Ledger(Path(where) if where else default_state_dir(os.environ, settings.pool or ""))
         ledger.open()
     except LedgerError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_format, settings.log_level, taps=[ui.TAP])
+    for path, mode, names in private.exposed_secrets(settings.config_file, settings.pool, os.environ):
+        structlog.get_logger("flow_worker").warning(
+            "config.secret_readable",
+            path=path,
+            mode=f"{mode:04o}",
+            secrets=",".join(names),
+            detail=f"{path} holds {', '.join(names)} and its group or others can read it: "
+            f"chmod 600 {path} (owned by the user that reads it), or keep secrets in the unit's "
+            "EnvironmentFile= (mode 0600)",
+        )
     before, after = raise_open_files_limit()
     structlog.get_logger("flow_worker").debug("worker.open_files_limit", before=before, after=after)
     if install_policy is not None:

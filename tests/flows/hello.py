@@ -114,3 +114,14 @@ def introspect(out: str) -> None:
     }
     with open(out, "w") as f:
         f.write(json.dumps(record))
+
+
+@flow
+def environment(out: str) -> None:
+    """Writes the run's environment: ``os.environ``, and what the process was started with
+    (``/proc/self/environ``: a warm run's is its engine server's)."""
+    with open("/proc/self/environ", "rb") as f:
+        entries = [entry.decode(errors="replace") for entry in f.read().split(b"\0") if b"=" in entry]
+    started = dict(entry.split("=", 1) for entry in entries)
+    with open(out, "w") as f:
+        f.write(json.dumps({"environ": dict(os.environ), "started": started}))

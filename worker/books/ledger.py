@@ -15,6 +15,10 @@ phase          meaning (what a restarted worker does, see ``decisions.reconcile`
 
 The file is removed once the run needs nothing more. ``state_dir/ledger.lock`` is held
 (``flock``) for the worker's lifetime, so two workers never share one ledger.
+
+The state directory is private (``host/private.py``): refused if another user owns it or
+could write in it; ``runs/`` and ``output/`` are 0700, every file 0600, whatever the
+umask; no file is opened through a symbolic link.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any, Final
 
 import attrs
 import cattrs
+
+from worker.host import private
 
 BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
 _converter = cattrs.Converter(forbid_extra_keys=False)
@@ -78,10 +84,21 @@ def boot_id() -> str:
 
 
 def default_state_dir(environ: dict[str, str] | os._Environ[str], pool: str) -> Path:
-    """``$STATE_DIRECTORY`` under systemd, else the per-user state dir, per pool."""
+    """``$STATE_DIRECTORY`` under systemd, else the per-user state dir, per pool. Without
+    ``HOME`` (nor ``XDG_STATE_HOME``) there is no per-user directory: :class:`LedgerError`
+    (a guess could be a shared directory, or another one at the next start, which would
+    not find the runs this one leaves)."""
     if environ.get("STATE_DIRECTORY"):
         return Path(environ["STATE_DIRECTORY"].split(":")[0])
-    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "/tmp")) / ".local" / "state")
+    base = environ.get("XDG_STATE_HOME") or (
+        str(Path(environ["HOME"]) / ".local" / "state") if environ.get("HOME") else None
+    )
+    if base is None:
+        raise LedgerError(
+            "no state directory: HOME is not set, so there is no per-user one; set state_dir "
+            "(--state-dir, FLOW_WORKER_STATE_DIR or state_dir in the config file), or run under "
+            "systemd with StateDirectory= ($STATE_DIRECTORY)"
+        )
     return Path(base) / "flow-worker" / pool
 
 
@@ -94,13 +111,24 @@ class Ledger:
     def runs_dir(self) -> Path:
         return self.directory / "runs"
 
+    @property
+    def output_dir(self) -> Path:
+        """Where the runs' stdout and stderr files are (``handle.output_files``)."""
+        return self.directory / "output"
+
     def open(self) -> None:
-        """Create the directory and take the lock; :class:`LedgerError` says why not."""
+        """Create (or check) the directory and take the lock; :class:`LedgerError` says why not."""
         try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.directory / "ledger.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self.directory = private.state_dir(self.directory)
+            private.private_dir(self.runs_dir)
+            private.private_dir(self.output_dir)
+            fd = private.open_private(self.directory / "ledger.lock", os.O_RDWR | os.O_CREAT)
+        except private.PrivacyError as exc:
+            raise LedgerError(str(exc)) from None
         except OSError as exc:
-            raise LedgerError(f"cannot use state directory {self.directory}: {exc.strerror}") from None
+            named = str(exc.filename) if exc.filename else str(self.directory)
+            where = f" ({named})" if named != str(self.directory) else ""
+            raise LedgerError(f"cannot use state directory {self.directory}: {exc.strerror}{where}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,7 +154,7 @@ class Ledger:
         path = self._path(entry.flow_run_id)
         tmp = path.with_suffix(".tmp")
         data = json.dumps(_converter.unstructure(entry), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = private.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -163,7 +191,7 @@ class Ledger:
         bad: list[str] = []
         for path in sorted(self.runs_dir.glob("*.json")):
             try:
-                good.append(_converter.structure(json.loads(path.read_text()), Entry))
+                good.append(_converter.structure(json.loads(private.read_private(path)), Entry))
             except (OSError, ValueError, cattrs.BaseValidationError) as exc:
                 aside = path.with_suffix(f".bad-{int(time.time())}")
                 path.rename(aside)

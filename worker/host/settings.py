@@ -5,7 +5,8 @@ set it (``FLOW_WORKER_<KEY>`` always, plus the ``PREFECT_*`` name Prefect's work
 reads, where there is one), and a flag where ``prefect worker start`` has one. Values
 are converted by one cattrs converter with strict hooks (``"false"`` is false, ``"3.5"``
 is not an int), one key at a time, so an error names the key, the value and where it
-came from: ``/etc/flow-worker/p.toml line 4: 'limit' = "two": expected an integer``.
+came from: ``/etc/flow-worker/p.toml line 4: 'limit' = "two": expected an integer``. A
+secret setting's value is never shown, in an error or in ``repr`` (``rules/secrecy.py``).
 
 This is the only module that reads the environment; everything else gets ``Settings``.
 """
@@ -26,6 +27,8 @@ from typing import Any, Final, Literal
 
 import attrs
 import cattrs
+
+from worker.rules import secrecy
 
 
 class SettingsError(ValueError):
@@ -77,8 +80,15 @@ def _memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) ->
         parse_reserve(value)
 
 
-def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
-    return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
+def _setting(
+    default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "", secret: bool = False
+) -> Any:
+    return attrs.field(
+        default=default,
+        validator=validator,
+        repr=secrecy.masked_repr if secret else True,
+        metadata={"env": tuple(env), "doc": doc},
+    )
 
 
 @attrs.frozen
@@ -88,9 +98,12 @@ class Settings:
     api_url: str | None = _setting(
         None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api"
     )
-    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer")
+    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer", secret=True)
     api_auth_string: str | None = _setting(
-        None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
+        None,
+        env=["PREFECT_API_AUTH_STRING"],
+        doc="user:password, sent as Basic; wins over api_key",
+        secret=True,
     )
     api_ssl_cert_file: str | None = _setting(
         None, env=["PREFECT_API_SSL_CERT_FILE"], doc="CA bundle for an HTTPS API; default: the system's"
@@ -101,7 +114,8 @@ class Settings:
     client_custom_headers: str | None = _setting(
         None,
         env=["PREFECT_CLIENT_CUSTOM_HEADERS"],
-        doc='JSON object of extra HTTP headers, e.g. {"X-Env": "prod"}',
+        doc='JSON object of extra HTTP headers, e.g. {"X-Env": "prod"} (in the file: also a table)',
+        secret=True,
     )
     api_request_timeout: float = _setting(
         60.0,
@@ -187,6 +201,8 @@ class Settings:
 
     service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
     """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
+    config_file: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
+    """The TOML file the settings were read from, if any (checked for secrets others can read)."""
 
     @property
     def worker_name(self) -> str:
@@ -289,18 +305,25 @@ class Sourced:
 
 def _convert(key: str, raw: Sourced) -> Any:
     field = FIELDS[key]
+    secret = key in secrecy.SECRET_SETTINGS
     try:
         if raw.value is None or (raw.value == "" and field.default is None):
             return None
         target: Any = field.type
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
-        value = _converter.structure(raw.value, target)
+        given = secrecy.headers_text(raw.value) if key == "client_custom_headers" else raw.value
+        value = _converter.structure(given, target)
+        problem = secrecy.setting_problem(key, value) if secret else None
+        if problem is not None:
+            raise ValueError(problem)
         if field.validator is not None:
             field.validator(None, field, value)
         return value
     except Exception as exc:
         reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
+        if secret:  # the key and where it was given, never the value
+            raise SettingsError(f"{raw.source}: {key!r} (a secret, not shown): {reason}") from None
         raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
 
 
@@ -364,12 +387,13 @@ def load(
         config_path = Path(str(config_path).removeprefix("-"))
         if not (optional and not config_path.exists()):
             raw.update(read_file(config_path))
+            raw["config_file"] = Sourced(str(config_path), str(config_path))
     raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
     for key, value in flags.items():
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {key!r}")
         raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
-    values = {key: _convert(key, sourced) for key, sourced in raw.items()}
+    values = {key: _convert(key, sourced) if key in FIELDS else sourced.value for key, sourced in raw.items()}
     if environ.get("INVOCATION_ID"):  # systemd sets it for every service it starts
         values["service_host"] = socket.gethostname()
     return Settings(**values)
@@ -386,18 +410,12 @@ def validated(settings: Settings) -> Settings:
         raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
     if settings.base_job_template is not None:
         read_job_template(settings.base_job_template)
-    if settings.client_custom_headers:
-        try:
-            headers = json.loads(settings.client_custom_headers)
-        except ValueError as exc:
-            raise SettingsError(
-                f"client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) is not JSON: {exc}"
-            ) from None
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise SettingsError(
-                "client_custom_headers (PREFECT_CLIENT_CUSTOM_HEADERS) must be a JSON object of strings, "
-                'e.g. {"X-Env": "prod"}'
-            )
+    for key in sorted(secrecy.SECRET_SETTINGS):  # (checked by load already; Settings may be built directly)
+        value = getattr(settings, key)
+        problem = secrecy.setting_problem(key, value) if isinstance(value, str) else None
+        if problem is not None:
+            names = ", ".join(FIELDS[key].metadata["env"])
+            raise SettingsError(f"{key} ({names}; a secret, not shown): {problem}")
     if settings.api_ssl_cert_file and not Path(settings.api_ssl_cert_file).is_file():
         raise SettingsError(
             f"api_ssl_cert_file (PREFECT_API_SSL_CERT_FILE): no such file {settings.api_ssl_cert_file}"

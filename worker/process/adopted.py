@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import ClassVar
 
 import attrs
 import trio
@@ -21,6 +22,7 @@ class AdoptedHandle(Supervised):
     state afterwards instead.
     """
 
+    ADOPTED: ClassVar[bool] = True
     adopted_pid: int = 0
     adopted_pgid: int | None = None
     start_time: int | None = None

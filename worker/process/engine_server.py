@@ -273,7 +273,7 @@ def _become_run(request: dict[str, Any], base: list[str]) -> None:
     os.dup2(null, 0)
     for fd, path in ((1, request.get("stdout")), (2, request.get("stderr"))):
         if path:
-            target = os.open(path, os.O_WRONLY | os.O_APPEND)
+            target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)  # made 0600 by the worker
             os.dup2(target, fd)
             os.close(target)
         else:

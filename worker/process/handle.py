@@ -26,7 +26,9 @@ Policy, stated once:
   per second, a size cap on the files, the stderr tail); otherwise to /dev/null. Files,
   not pipes: a pipe dies with the worker, and a flow that prints after a worker restart
   would then fail on EPIPE; a file outlives the worker, and the worker that adopts the
-  run goes on following it. The files are removed when the run ends.
+  run goes on following it. The files are 0600, opened without following a symbolic link
+  (``host/private.py``), and removed when the run ends, or when the run is resolved after
+  a restart (``reconcile.py``).
 * **Start errors.** Whatever stops a spawn is a :class:`StartError` whose message names
   the cause (a bad environment variable, a command not found, …), and nothing is left
   behind (descriptors, the temporary directory, the output files). A lack of a local
@@ -40,7 +42,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import attrs
 import trio
@@ -94,6 +96,8 @@ class Supervised:
     output: RunOutput = attrs.Factory(lambda self: RunOutput(self.log), takes_self=True)
     """Its output followed into the log within a budget, and the stderr tail (``output.py``)."""
     _stop_event: trio.Event = attrs.Factory(trio.Event)
+    ADOPTED: ClassVar[bool] = False
+    """Left by a previous worker: no descendant of this one (``reaper.sweep_run``)."""
 
     @property
     def pid(self) -> int | None:
@@ -179,9 +183,7 @@ class Supervised:
             await task()
 
     def output_paths(self) -> list[tuple[Path, str]]:
-        if self.output_dir is None:
-            return []
-        return [(self.output_dir / f"{self.run_id}.{name}", name) for name in ("out", "err")]
+        return output_files(self.output_dir, self.run_id) if self.output_dir is not None else []
 
     def stderr_tail(self) -> str:
         """The last lines the process wrote to stderr (at most ``STDERR_TAIL_LINES`` lines and
@@ -189,14 +191,28 @@ class Supervised:
         return self.output.stderr_tail()
 
     def remove_output(self) -> None:
-        for path, _ in self.output_paths():
-            path.unlink(missing_ok=True)
+        if self.output_dir is not None:
+            remove_output(self.output_dir, self.run_id)
 
     def sweep(self) -> None:
-        """Kill what is left of the run (after its leader is gone)."""
-        victims = reaper.sweep_run(self.run_id, self.pgid)
+        """Kill what is left of the run (after its leader is gone), in this worker's tree."""
+        victims = reaper.sweep_run(self.run_id, self.pgid, adopted=self.ADOPTED)
         if victims:
             self.log.info("run.swept", pids=victims)
+
+
+def output_files(directory: Path, run_id: str) -> list[tuple[Path, str]]:
+    """A run's output files in ``directory``, with their stream (``out``, ``err``)."""
+    return [(directory / f"{run_id}.{name}", name) for name in ("out", "err")]
+
+
+def remove_output(directory: Path, run_id: str) -> None:
+    """Remove a run's output files (the flow's output may hold secrets: it is not kept)."""
+    for path, _ in output_files(directory, run_id):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # (e.g. the directory is gone): nothing left to remove, or nothing to be done
 
 
 def pidfd_open(pid: int) -> int | None:

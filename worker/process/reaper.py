@@ -14,7 +14,15 @@
   ends, and the reaper waits until no spawn is in flight before it looks.
 * :func:`sweep_run` kills what is left of a finished run: its process group and every
   process carrying its ``PREFECT__FLOW_RUN_ID`` (which a ``setsid`` escapes the group
-  with but keeps in its environment).
+  with but keeps in its environment), **within this worker's tree only**: a process
+  whose parents lead up to the worker (the subreaper: a run's orphans are re-parented
+  to it). A process elsewhere that carries the run's id (a second worker on the host, the
+  drain timer's, running a rescheduled copy of the run) is never touched. A run adopted
+  after a restart is no descendant of the new worker: under systemd its leftovers are
+  found in the worker's own unit cgroup (``KillMode=process`` keeps them there), and
+  elsewhere only its recorded process group is swept. Each process is signalled through
+  a pidfd opened after its identity (pid and start time) was checked again, so a pid
+  reused meanwhile is never hit.
 
 Facts about processes come from ``/proc``; :func:`process_facts` reads one.
 """
@@ -24,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -162,27 +170,101 @@ def carries_run(pid: int, flow_run_id: str) -> bool:
     return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
 
 
-def run_processes(flow_run_id: str, pgid: int | None) -> list[int]:
-    """Live processes that belong to the run: in its group, or carrying its run id."""
+def descends(pid: int, root: int, parents: Mapping[int, int]) -> bool:
+    """Whether ``root`` is among ``pid``'s ancestors, following ``parents`` (pid → parent pid)."""
+    seen: set[int] = set()
+    while pid not in seen:
+        seen.add(pid)
+        pid = parents.get(pid, 0)
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def cgroup(pid: int | str) -> str | None:
+    """The process's cgroup (v2), or None."""
+    try:
+        lines = (PROC / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
+def own_unit() -> str | None:
+    """This worker's cgroup when the worker is a systemd service's main process (started by
+    the service manager, in ``…/NAME.service``): only that unit's processes live there.
+    None elsewhere (a login session, a container, a test run inside some service)."""
+    path = cgroup("self")
+    manager = os.getppid() == 1 or os.environ.get("MANAGERPID") == str(os.getppid())
+    return path if manager and path is not None and path.endswith(".service") else None
+
+
+def _in_unit(pid: int, unit: str | None) -> bool:
+    path = cgroup(pid) if unit is not None else None
+    return path is not None and (path == unit or path.startswith(f"{unit}/"))
+
+
+def _run_facts(
+    flow_run_id: str, pgid: int | None, root: int | None, adopted: bool = False
+) -> list[ProcessFacts]:
+    """The run's live processes (in its group, or carrying its id) within ``root``'s tree
+    (None: anywhere), or this worker's unit; for an adopted run outside a unit, its group."""
     me = os.getpid()
+    unit = own_unit() if root is not None else None
+    every = {pid: facts for pid in _all_pids() if (facts := process_facts(pid)) is not None}
+    parents = {pid: facts.ppid for pid, facts in every.items()}
     found = []
-    for pid in _all_pids():
-        if pid == me:
+    for pid, facts in every.items():
+        if pid == me or facts.state == "Z":
             continue
-        facts = process_facts(pid)
-        if facts is None or facts.state == "Z":
+        in_group = pgid is not None and facts.pgid == pgid
+        if not (in_group or carries_run(pid, flow_run_id)):
             continue
-        if (pgid is not None and facts.pgid == pgid) or carries_run(pid, flow_run_id):
-            found.append(pid)
+        if (
+            root is None
+            or descends(pid, root, parents)
+            or _in_unit(pid, unit)
+            or (adopted and unit is None and in_group)  # a group id is not reused while it has members
+        ):
+            found.append(facts)
     return found
 
 
-def sweep_run(flow_run_id: str, pgid: int | None) -> list[int]:
-    """SIGKILL every process left of a finished run (its leader had its grace already)."""
-    victims = run_processes(flow_run_id, pgid)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return victims
+def run_processes(flow_run_id: str, pgid: int | None, *, anywhere: bool = False) -> list[int]:
+    """Live processes that belong to the run (in its group, or carrying its run id) in
+    this worker's tree (or unit); ``anywhere``: on the whole host (what tests look at)."""
+    return [facts.pid for facts in _run_facts(flow_run_id, pgid, None if anywhere else os.getpid())]
+
+
+def signal_if_same(facts: ProcessFacts, sig: signal.Signals) -> bool:
+    """Signal the process ``facts`` describe if it is still that one (pid and start time):
+    through a pidfd opened before the check, so a pid reused meanwhile is never hit."""
+    try:
+        fd: int | None = os.pidfd_open(facts.pid)
+    except ProcessLookupError:
+        return False
+    except (OSError, AttributeError):
+        fd = None  # no pidfd (an old kernel): the check, then kill(), a short window
+    try:
+        now = process_facts(facts.pid)
+        if now is None or now.state == "Z" or now.start_time != facts.start_time:
+            return False
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(facts.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def sweep_run(flow_run_id: str, pgid: int | None, adopted: bool = False) -> list[int]:
+    """SIGKILL every process left of a finished run (its leader had its grace already)
+    within this worker's tree or unit (``adopted``: or its recorded group, outside a unit)."""
+    victims = _run_facts(flow_run_id, pgid, os.getpid(), adopted)
+    return [facts.pid for facts in victims if signal_if_same(facts, signal.SIGKILL)]

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import trio
 
+from worker.host import private
 from worker.process import reaper
 from worker.process.forked import ForkedChild
 from worker.process.handle import NotYet, StartDeferred, StartError, Supervised, peek_status, pidfd_open
@@ -73,9 +74,8 @@ class RunHandle(Supervised):
                 cwd = self.tmpdir
             doing = "opening the output files"
             for path, _ in self.output_paths():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-                files.append(os.open(path, flags, 0o600))
+                private.private_dir(path.parent)
+                files.append(private.open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
             out: int = files[0] if files else subprocess.DEVNULL
             err: int = files[1] if files else subprocess.DEVNULL
             doing = "starting the process"

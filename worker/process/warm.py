@@ -52,6 +52,7 @@ import trio
 from worker.host.logs import Once
 from worker.process import reaper
 from worker.process.startkey import Key, start_key
+from worker.rules import childenv
 
 log = structlog.get_logger("flow_worker")
 
@@ -301,8 +302,10 @@ class WarmStarts:
     lazily, retired when idle or to make room, stopped with the worker."""
 
     enabled: bool = False
-    environ: Mapping[str, str] = attrs.Factory(lambda: dict(os.environ))
-    """What a server's environment starts from (its start-time variables are the key's)."""
+    environ: Mapping[str, str] = attrs.Factory(lambda: childenv.inherited(os.environ))
+    """What a server's environment starts from (its start-time variables are the key's): the
+    worker's, less the service manager's variables and ``FLOW_WORKER_*`` (``childenv.py``),
+    as a cold run's; a forked run's ``/proc/PID/environ`` is the server's."""
     servers: dict[Key, EngineServer] = attrs.Factory(dict)
     """By key, the least recently used first."""
     once: Once = attrs.Factory(Once)

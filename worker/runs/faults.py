@@ -84,6 +84,8 @@ class Faults:
                 await handle.wait()
             except Exception as again:
                 run_log.error("run.not_reaped", error=f"{type(again).__name__}: {again}"[:500])
+        if isinstance(handle, RunHandle) and handle.reaped:
+            handle.remove_output()  # (its own wait removes them; this is for a wait that failed)
         if entry is None:
             return
         await self.settle(flow_run, entry, run_log, "crash", decisions.INTERNAL_ERROR.format(error))

@@ -13,6 +13,7 @@ and ``/health`` say so, and the worker keeps serving runs with their own ``comma
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Final
@@ -22,6 +23,7 @@ import structlog
 import trio
 
 from worker.process import reaper
+from worker.rules import childenv
 
 log = structlog.get_logger("flow_worker")
 FIND_PREFECT: Final = (
@@ -67,7 +69,11 @@ class InterpreterCheck:
         try:
             with reaper.CHILDREN.spawning():  # its exit status is its own, never an orphan's
                 proc = await trio.lowlevel.open_process(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    argv,
+                    env=childenv.inherited(os.environ),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
                 )
                 reaper.CHILDREN.spawned.add(proc.pid)
         except OSError as exc:

@@ -6,7 +6,8 @@ spawned run, still cancellable, reported when it ends. Every other entry is *res
 against the server by ``decisions.reconcile``: a report still owed is delivered, a lost
 process is CRASHED, a claim that never started goes back to SCHEDULED, the rest is
 forgotten. Claims whose answer was lost in an outage (``pending``) are resolved the
-same way once the API answers again.
+same way once the API answers again. A resolved entry's output files are removed, as
+are output files the ledger no longer knows of.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.process import reaper
 from worker.process.adopted import AdoptedHandle
+from worker.process.handle import remove_output
 from worker.process.usage import Meter
 from worker.rules import decisions
 from worker.rules.admission import Book
@@ -58,6 +60,7 @@ class Reconciler:
         entries, bad = self.ledger.entries()
         for problem in bad:
             log.error("ledger.unreadable", problem=problem)
+        self._remove_stray_output({e.flow_run_id for e in entries})
         mine = [e for e in entries if e.pool == self.pool]
         if not mine:
             return
@@ -87,7 +90,9 @@ class Reconciler:
             todo.pop(0)
 
     async def resolve(self, entry: Entry) -> None:
-        """Settle one entry whose process is not running (see ``decisions.reconcile``)."""
+        """Settle one entry whose process is not running (see ``decisions.reconcile``); its
+        output files go (nobody follows them any more, and a flow's output may hold secrets)."""
+        remove_output(self.ledger.output_dir, entry.flow_run_id)
         run_log = run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
         if entry.report is not None:
             self.reporter.owed[entry.flow_run_id] = entry
@@ -129,6 +134,18 @@ class Reconciler:
             self.pending.pop(entry.flow_run_id, None)
         return True
 
+    def _remove_stray_output(self, held: set[str]) -> None:
+        """Output files of runs the ledger no longer holds (a worker that died between the
+        two removals): before anything starts, nobody writes them."""
+        try:
+            found = list(self.ledger.output_dir.iterdir())
+        except OSError:
+            return
+        for path in found:
+            run_id, _, stream = path.name.rpartition(".")
+            if stream in ("out", "err") and run_id not in held:
+                remove_output(self.ledger.output_dir, run_id)
+
     def _bug(self, entry: Entry, exc: Exception) -> None:
         """A bug met while settling one entry: said with its traceback; the others go on."""
         run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).error(
@@ -145,7 +162,7 @@ class Reconciler:
             adopted_pid=entry.pid or 0,
             adopted_pgid=entry.pgid,
             start_time=entry.start_time,
-            output_dir=self.ledger.directory / "output",
+            output_dir=self.ledger.output_dir,
             claim=entry.transition_id,
             owner=entry.worker_name,
         )

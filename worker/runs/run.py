@@ -312,7 +312,7 @@ class Runner:
             grace=self.settings.cancel_grace_seconds,
             send_intent=self.control.send_intent,
             config=config,
-            output_dir=self.ledger.directory / "output",
+            output_dir=self.ledger.output_dir,
             claim=entry.transition_id,
             meter=self.meter,
             warm=self.warm,
@@ -320,11 +320,12 @@ class Runner:
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
         except StartDeferred as exc:
-            await self.faults.defer(flow_run, entry, run_log, exc.short, str(exc))
+            await self.faults.defer(flow_run, entry, run_log, exc.short, config.mask(str(exc)))
             return
-        except (StartError, ConfigurationError) as exc:
-            run_log.error("run.start_failed", error=str(exc))
-            await self.reporter.finish(entry, run_log, "crash", decisions.START_FAILED.format(exc))
+        except (StartError, ConfigurationError) as exc:  # (it may quote the command: masked)
+            run_log.error("run.start_failed", error=config.mask(str(exc)))
+            why = decisions.START_FAILED.format(config.mask(str(exc)))
+            await self.reporter.finish(entry, run_log, "crash", why)
             return
         self.in_hand.live[flow_run.id] = handle  # at once: whatever happens next, it is watched
         self.faults.started()
@@ -351,10 +352,10 @@ class Runner:
         entry = started
         submitted = self.uplink.add_event("prefect.worker.submitted-flow-run", related)
         run_log = run_log.bind(pid=pid)
-        run_log.info(
+        run_log.info(  # what came from blocks and {{ $NAME }} masked: this goes to the journal and the UI
             "run.started",
-            command=config.command,
-            cwd=str(config.working_dir or handle.tmpdir),
+            command=config.mask(config.command or ""),
+            cwd=config.mask(str(config.working_dir or handle.tmpdir)),
             start=handle.started_as,
         )
         if self.in_hand.stopped_runs:
