@@ -27,6 +27,8 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from worker.host.strict import converter
+
 
 class SettingsError(ValueError):
     """A setting is missing or bad: the user's configuration, not the worker, is at fault."""
@@ -224,60 +226,6 @@ _DEFAULT_NAME: Final = f"ProcessWorker {uuid.uuid4()}"
 FIELDS: Final = {f.name: f for f in attrs.fields(Settings) if not f.metadata.get("internal")}
 """The settings a user can set (``service_host`` is read off the environment, not set)."""
 
-# ---------------------------------------------------------------- strict conversion
-
-_TRUE: Final = {"1", "true", "yes", "on"}
-_FALSE: Final = {"0", "false", "no", "off"}
-_converter = cattrs.Converter()
-
-
-def _to_bool(value: Any, _: type) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
-
-
-def _to_int(value: Any, _: type) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise ValueError("expected an integer")
-
-
-def _to_float(value: Any, _: type) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError("expected a number")
-
-
-def _to_str(value: Any, _: type) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError("expected a string")
-
-
-def _to_strs(value: Any, _: type) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ValueError("expected a list of strings")
-
-
-_converter.register_structure_hook(bool, _to_bool)
-_converter.register_structure_hook(int, _to_int)
-_converter.register_structure_hook(float, _to_float)
-_converter.register_structure_hook(str, _to_str)
-_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strs)
-
 
 @attrs.frozen
 class Sourced:
@@ -295,7 +243,7 @@ def _convert(key: str, raw: Sourced) -> Any:
         target: Any = field.type
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
-        value = _converter.structure(raw.value, target)
+        value = converter.structure(raw.value, target)
         if field.validator is not None:
             field.validator(None, field, value)
         return value
