@@ -1,4 +1,6 @@
-"""One frozen :class:`Settings`, from a TOML file < environment < command-line flags.
+"""One frozen :class:`Settings`, from Prefect's own sources < a TOML file < environment <
+command-line flags (Prefect's sources: its profile, ``prefect.toml``, ``.env``, read by
+``prefect_sources.py``; a ``--profile`` profile wins over the environment, as in Prefect).
 
 Every setting has one key (its name in the TOML file), the environment variables that
 set it (``FLOW_WORKER_<KEY>`` always, plus the ``PREFECT_*`` name Prefect's worker
@@ -79,8 +81,11 @@ def _memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) ->
         parse_reserve(value)
 
 
-def _setting(default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "") -> Any:
-    return attrs.field(default=default, validator=validator, metadata={"env": tuple(env), "doc": doc})
+def _setting(
+    default: Any, *, env: Sequence[str] = (), validator: Any = None, doc: str = "", secret: bool = False
+) -> Any:
+    meta = {"env": tuple(env), "doc": doc, "secret": secret}
+    return attrs.field(default=default, validator=validator, metadata=meta)
 
 
 @attrs.frozen
@@ -90,9 +95,12 @@ class Settings:
     api_url: str | None = _setting(
         None, env=["PREFECT_API_URL"], doc="Prefect API, e.g. http://127.0.0.1:4200/api"
     )
-    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer")
+    api_key: str | None = _setting(None, env=["PREFECT_API_KEY"], doc="sent as Bearer", secret=True)
     api_auth_string: str | None = _setting(
-        None, env=["PREFECT_API_AUTH_STRING"], doc="user:password, sent as Basic; wins over api_key"
+        None,
+        env=["PREFECT_API_AUTH_STRING"],
+        doc="user:password, sent as Basic; wins over api_key",
+        secret=True,
     )
     api_ssl_cert_file: str | None = _setting(
         None, env=["PREFECT_API_SSL_CERT_FILE"], doc="CA bundle for an HTTPS API; default: the system's"
@@ -189,6 +197,10 @@ class Settings:
 
     service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
     """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
+    prefect_env: tuple[tuple[str, str], ...] = attrs.field(default=(), metadata={"internal": True})
+    """Prefect settings set in its own sources (profile, prefect.toml, .env), for the flows."""
+    prefect_read: tuple[str, ...] = attrs.field(default=(), metadata={"internal": True})
+    """Which of Prefect's sources were read, for messages."""
 
     @property
     def worker_name(self) -> str:
@@ -202,8 +214,11 @@ class Settings:
         return _DEFAULT_NAME
 
     def child_prefect_env(self) -> dict[str, str]:
-        """Prefect settings that were set explicitly, as env vars for flow-run processes."""
-        env = {"PREFECT_API_URL": self.api_url} if self.api_url else {}
+        """Prefect settings that were set explicitly, as env vars for flow-run processes:
+        every one set in Prefect's sources (not in the environment), and the API's."""
+        env = dict(self.prefect_env)
+        if self.api_url:
+            env["PREFECT_API_URL"] = self.api_url
         if self.api_key:
             env["PREFECT_API_KEY"] = self.api_key
         if self.api_auth_string:
@@ -233,6 +248,8 @@ class Sourced:
 
     value: Any
     source: str
+    label: str | None = None
+    """The key as the source names it (``PREFECT_API_URL``, ``api.url``); default: the setting's."""
 
 
 def _convert(key: str, raw: Sourced) -> Any:
@@ -249,7 +266,8 @@ def _convert(key: str, raw: Sourced) -> Any:
         return value
     except Exception as exc:
         reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
-        raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
+        shown = "(hidden)" if field.metadata.get("secret") else repr(raw.value)
+        raise SettingsError(f"{raw.source}: {raw.label or repr(key)} = {shown}: {reason}") from None
 
 
 def _toml_line(text: str, key: str) -> int | None:
@@ -300,10 +318,38 @@ def load(
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
     config_path: Path | None = None,
+    *,
+    start_dir: Path | None = None,
+    user_home: Path | None = None,
+    profile: str | None = None,
 ) -> Settings:
-    """Merge file < env < flags and validate. ``flags`` holds only flags that were given."""
-    environ = os.environ if environ is None else environ
+    """Merge Prefect's sources < file < env < flags and validate. ``flags`` holds only flags
+    that were given; ``profile`` is ``--profile`` (its values win over the environment).
+    Prefect's sources are read in ``start_dir`` (default: the current directory), with
+    ``~/.prefect`` under ``user_home`` (default: ``environ``'s ``HOME``; the user's home
+    directory when ``environ`` is the process's own)."""
+    from worker.host import prefect_sources
+
+    if environ is None:
+        environ = os.environ
+        user_home = user_home or (Path(environ["HOME"]) if environ.get("HOME") else Path.home())
+    elif user_home is None and environ.get("HOME"):
+        user_home = Path(environ["HOME"])
+    try:
+        prefect = prefect_sources.read(environ, start_dir or Path.cwd(), user_home, profile)
+    except prefect_sources.SourceError as exc:
+        raise SettingsError(str(exc)) from None
     raw: dict[str, Sourced] = {}
+    overriding: dict[str, Sourced] = {}
+    for key, field in FIELDS.items():
+        for var in field.metadata["env"]:
+            if var in prefect.values:
+                found = prefect.values[var]
+                into = overriding if var in prefect.overriding else raw
+                value = found.value  # a TOML table of custom headers → its JSON, as Prefect passes it
+                if isinstance(value, dict) and var in prefect_sources.DICT_SETTINGS:
+                    value = prefect_sources.env_string(value)
+                into[key] = Sourced(value, found.where, found.key)
     if config_path is None and environ.get("FLOW_WORKER_CONFIG"):
         config_path = Path(environ["FLOW_WORKER_CONFIG"])
     if config_path is not None:
@@ -313,22 +359,27 @@ def load(
         if not (optional and not config_path.exists()):
             raw.update(read_file(config_path))
     raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
+    raw.update(overriding)
     for key, value in flags.items():
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {key!r}")
         raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
-    values = {key: _convert(key, sourced) for key, sourced in raw.items()}
+    values: dict[str, Any] = {key: _convert(key, sourced) for key, sourced in raw.items()}
     if environ.get("INVOCATION_ID"):  # systemd sets it for every service it starts
         values["service_host"] = socket.gethostname()
+    values["prefect_env"] = tuple(sorted(prefect.child_env(environ).items()))
+    values["prefect_read"] = prefect.read
     return Settings(**values)
 
 
 def validated(settings: Settings) -> Settings:
     """Check what a run needs beyond types: an API URL and a pool."""
     if not settings.api_url:
+        read = "; read: " + ", ".join(settings.prefect_read) if settings.prefect_read else ""
         raise SettingsError(
-            "PREFECT_API_URL is not set: point it at your Prefect server, "
-            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+            "PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api in the environment, or `prefect config set "
+            f"PREFECT_API_URL=…` as the worker's user (or api_url in the config file){read}"
         )
     if not settings.pool:
         raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")
