@@ -206,6 +206,8 @@ class ProcessJobConfiguration:
     working_dir: Path | None = None
     command_configured: bool = False
     """Whether the user set ``command`` (else the engine command was generated)."""
+    pull_steps: Any = None
+    """The deployment's: where they leave the flow decides its ``PYTHONPATH`` (``launch.py``)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "command",
@@ -407,6 +409,7 @@ class ProcessJobConfiguration:
             if rendered is not templating.MISSING:
                 self.name = rendered
         self.name = self.name or flow_run.name
+        self.pull_steps = deployment.pull_steps if deployment is not None else None
         self.command_configured = self.command is not None
         if self.command is None:
             self.command = shlex.join([python or sys.executable, "-m", "prefect.engine"])
