@@ -30,11 +30,14 @@ FIND_PREFECT: Final = (
     "import importlib.util, json, os, site, sys, sysconfig\n"
     "if importlib.util.find_spec('prefect') is None:\n"
     "    sys.exit('ModuleNotFoundError: No module named prefect')\n"
-    "p = sysconfig.get_paths()\n"
-    "s = [p.get('purelib'), p.get('platlib'), *site.getsitepackages(), site.getusersitepackages()]\n"
-    "r = lambda ds: sorted({os.path.realpath(d) for d in ds if isinstance(d, str) and d})\n"
-    "v = sys.version_info\n"
-    "print(json.dumps([r([p.get('stdlib'), p.get('platstdlib')]), r(s), f'python{v[0]}{v[1]}.zip']))\n"
+    "try:\n"  # where its own directories are: never a reason to refuse the interpreter
+    "    p = sysconfig.get_paths()\n"
+    "    s = [p.get('purelib'), p.get('platlib'), *site.getsitepackages(), site.getusersitepackages()]\n"
+    "    r = lambda ds: sorted({os.path.realpath(d) for d in ds if isinstance(d, str) and d})\n"
+    "    v = sys.version_info\n"
+    "    print(json.dumps([r([p.get('stdlib'), p.get('platstdlib')]), r(s), f'python{v[0]}{v[1]}.zip']))\n"
+    "except Exception:\n"
+    "    pass\n"
 )
 """What the child runs: finds prefect without importing it (~20 ms, not the ~1.5 CPU-s of
 ``import prefect``, which would slow the first runs on a small host), and says where the
