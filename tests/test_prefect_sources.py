@@ -417,3 +417,15 @@ def test_any_value_of_a_setting_is_taken_or_named(
         return
     # taken; or an empty string (unset), or a table in prefect.toml (a section there, as for Prefect)
     assert getattr(s, key) is not None or value == "" or (isinstance(value, dict) and file == "prefect.toml")
+
+
+def test_a_profile_asked_for_must_exist(tmp_path: Path) -> None:
+    env = {"PREFECT_HOME": str(tmp_path / "home")}
+    with pytest.raises(
+        SettingsError, match=rf"--profile 'prod': there is no profiles file \(no {tmp_path}/home/"
+    ):
+        load({}, env, start_dir=tmp_path, profile="prod")
+    write(tmp_path / "home" / "profiles.toml", '[profiles.dev]\nPREFECT_API_URL = "http://dev/api"\n')
+    with pytest.raises(SettingsError, match=r"no profile 'prod' \(selected\); its profiles: 'dev'"):
+        load({}, env, start_dir=tmp_path, profile="prod")
+    assert load({}, env, start_dir=tmp_path, profile="dev").api_url == "http://dev/api"

@@ -353,7 +353,14 @@ def read(
         if chosen[0] is not None:
             read_files.insert(0, f"profile {chosen[0]!r} in {where}")
     elif profile is not None:
-        raise SourceError(f"--profile {profile!r}: there is no profiles file ({where or 'test mode'})")
+        looked = (
+            f"no {where}"
+            if where
+            else "in test mode"
+            if test_mode(environ)
+            else "no ~/.prefect/profiles.toml"
+        )
+        raise SourceError(f"--profile {profile!r}: there is no profiles file ({looked})")
     values: dict[str, Found] = {}
     if profile is None:
         values.update(chosen[1])

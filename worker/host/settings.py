@@ -332,11 +332,11 @@ def load(
 
     if environ is None:
         environ = os.environ
-        user_home = user_home or (Path(environ["HOME"]) if environ.get("HOME") else Path.home())
+        user_home = user_home or (Path(environ["HOME"]) if environ.get("HOME") else _home())
     elif user_home is None and environ.get("HOME"):
         user_home = Path(environ["HOME"])
     try:
-        prefect = prefect_sources.read(environ, start_dir or Path.cwd(), user_home, profile)
+        prefect = prefect_sources.read(environ, start_dir or _cwd(), user_home, profile)
     except prefect_sources.SourceError as exc:
         raise SettingsError(str(exc)) from None
     raw: dict[str, Sourced] = {}
@@ -370,6 +370,20 @@ def load(
     values["prefect_env"] = tuple(sorted(prefect.child_env(environ).items()))
     values["prefect_read"] = prefect.read
     return Settings(**values)
+
+
+def _home() -> Path | None:
+    try:  # the user's entry in the password database
+        return Path.home()
+    except (RuntimeError, KeyError):  # an uid without one (a container's)
+        return None
+
+
+def _cwd() -> Path:
+    try:
+        return Path.cwd()
+    except OSError:  # removed since: relative paths then find nothing, as for Prefect
+        return Path()
 
 
 def validated(settings: Settings) -> Settings:
