@@ -138,7 +138,8 @@ def test_the_uv_launch_and_its_conditions(tmp_path: Path) -> None:
     )
     off = {**env, "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "false"}
     assert launch.prepare(ENGINE, off, str(root), steps, None).argv == ENGINE
-    assert launch.prepare(ENGINE, {**env, "PATH": "/nonexistent"}, str(root), steps, None).argv == ENGINE
+    no_uv = launch.prepare(ENGINE, {**env, "PATH": "/nonexistent"}, str(root), steps, None)
+    assert no_uv.argv == ENGINE and no_uv.note == launch.NO_UV.format(root / "pyproject.toml")
     unfollowed = launch.prepare(ENGINE, env, str(root), [{"prefect.deployments.steps.git_clone": {}}], None)
     assert unfollowed.argv == ENGINE and unfollowed.note == launch.UNFOLLOWED
     (root / "pyproject.toml").write_text('[project]\nname = "p"\ndependencies = ["mylib"]\n')

@@ -24,6 +24,12 @@ UNFOLLOWED = (
 )
 
 
+NO_UV = (
+    "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES is set and {} declares prefect, but uv is not on the "
+    "run's PATH: started with the worker's interpreter"
+)
+
+
 @attrs.frozen
 class Launch:
     """What to start: the command and environment; ``note``: why ``uv run`` was asked for
@@ -81,5 +87,5 @@ def prepare(
         return Launch(list(argv), env)
     uv = shutil.which("uv", path=env.get("PATH", os.defpath))
     if uv is None:
-        return Launch(list(argv), env)
+        return Launch(list(argv), env, NO_UV.format(root / "pyproject.toml"))
     return Launch(workspace.uv_run(uv, str(root)), env)
