@@ -117,14 +117,17 @@ def uv_project(root: Path) -> Path:
     subprocess.run(
         [str(BIN / "uv"), "venv", "-q", "--python", str(BIN / "python"), str(root / ".venv")], check=True
     )
-    site = subprocess.run(
-        [str(BIN / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (root / ".venv" / "lib" / "python3.11" / "site-packages" / "_worker_venv.pth").write_text(site + "\n")
+    (purelib(root / ".venv" / "bin" / "python") / "_worker_venv.pth").write_text(
+        f"{purelib(BIN / 'python')}\n"
+    )
     return root
+
+
+def purelib(python: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(
+        subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    )
 
 
 def deploy(api: Api, pool: str, root: Path, entrypoint: str, env: dict[str, str] | None = None) -> str:
