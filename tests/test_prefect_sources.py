@@ -107,10 +107,11 @@ def test_prefect_toml_tables_are_sections_but_dict_settings() -> None:
     assert ps.env_string(["b", "a"]) == "a,b" and ps.env_string(2.5) == "2.5"
 
 
-SECRET = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30).map(
-    lambda s: f"k3Y{s}z"
-)
-"""A secret (marked so that it cannot be mistaken for a part of the path)."""
+SECRET = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\"'#\\[]"), max_size=30
+).map(lambda s: f"k3Y{s}z")
+"""A secret (marked so that it cannot be mistaken for a part of the path; without the quotes,
+``#`` and brackets that could close the broken lines below)."""
 BROKEN = st.sampled_from(
     [
         'PREFECT_API_KEY = "{s}',  # never closed
