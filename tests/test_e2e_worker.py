@@ -221,8 +221,9 @@ def test_no_api_url_is_a_usage_error(prefect_server: PrefectServer) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "flow-worker: PREFECT_API_URL is not set: point it at your Prefect server, "
-        "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+        "flow-worker: PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api in the environment, or `prefect config set "
+        "PREFECT_API_URL=…` as the worker's user (or api_url in the config file)"
     ]
 
 

@@ -99,7 +99,7 @@ def test_nothing_prefects_worker_leaves_is_missing(
         **env,
         FLOW_WORKER_STATE_DIR=str(tmp_path / "s"),
     )
-    assert fw.returncode == 1, fw.stderr[-2000:]  # the `exit 3` run crashed
+    assert fw.returncode == prefect.returncode == 0, fw.stderr[-2000:]  # `exit 3` crashed: 0 as Prefect
 
     for their_id, our_id in zip(theirs, ours, strict=True):
         their_run, our_run = api.flow_run(their_id), api.flow_run(our_id)

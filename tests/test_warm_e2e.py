@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from tests.conftest import Api, PrefectServer, WorkerProcess, flow_worker, wait_for
+from tests.conftest import FLOWS, Api, PrefectServer, WorkerProcess, flow_worker, wait_for
 
 
 def events_of(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -64,8 +64,8 @@ def test_a_deployments_logging_level_and_pythonpath_reach_the_run_warm_as_cold(
         )
     cold, warm_ = records["cold"], records["warm"]
     print(json.dumps(records, indent=1))
-    for record in (cold, warm_):
-        assert record["env"] == env
+    for record in (cold, warm_):  # PYTHONPATH as Prefect 3.9.1 sets it: the flow's directory first
+        assert record["env"] == {**env, "PYTHONPATH": os.pathsep.join([str(FLOWS), str(probe_dir)])}
         assert record["probe"] == "from PYTHONPATH"
         assert record["settings_logging_level"] == "DEBUG"
         assert record["prefect_logger_level"] == 10
@@ -80,7 +80,7 @@ def test_a_deployments_logging_level_and_pythonpath_reach_the_run_warm_as_cold(
 
     assert path(cold) == path(warm_)
     start = path(cold).index("<start>")
-    assert path(cold)[start + 1] == str(probe_dir), "PYTHONPATH right after the start directory"
+    assert path(cold)[start + 1 : start + 3] == [str(FLOWS), str(probe_dir)], "PYTHONPATH after the start"
     assert (cold["argv"], cold["main"]) == (warm_["argv"], warm_["main"])
 
 

@@ -2,7 +2,14 @@
 to an exit code.
 
 Exit codes: 0 all good (with ``--once``: every child exited 0), 1 a run crashed or
-could not start (``--once``), 2 usage or configuration error.
+could not start (``--once``; with Prefect's ``--run-once`` that is 0, as Prefect's worker
+exits), 2 usage or configuration error.
+
+Every flag of ``prefect worker start`` (3.9.1) is accepted with Prefect's meaning:
+``-n -p -q --empty-work-queue -t --prefetch-seconds --[no-]run-once -l
+--[no-]with-healthcheck --install-policy --base-job-template
+--[no-]create-pool-if-not-found --profile --[no-]prompt``; a ``--type`` other than
+``process`` is refused with one line that says why.
 """
 
 from __future__ import annotations
@@ -36,12 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for Prefect's compatibility; a process worker has nothing to install",
     )
     p.add_argument("-q", "--work-queue", dest="work_queues", action="append", help="queue name (repeatable)")
+    p.add_argument(
+        "--empty-work-queue",
+        dest="work_queues",
+        action="store_const",
+        const=[],
+        help="every queue of the pool (Prefect's flag: no -q given before it)",
+    )
     p.add_argument("-n", "--name", help="worker name (default: 'ProcessWorker <uuid>')")
     p.add_argument("-l", "--limit", type=int, help="most flow runs at once")
     p.add_argument("--prefetch-seconds", type=float, help="claim runs due this many seconds ahead")
-    p.add_argument("--once", action="store_true", help="drain the runs due now, wait for them, exit")
-    p.add_argument("--run-once", dest="once", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--with-healthcheck", action="store_true", help="serve GET /health")
+    p.add_argument(
+        "--once", action="store_true", help="drain the runs due now, wait for them, exit (1 if one crashed)"
+    )
+    p.add_argument(
+        "--run-once",
+        action=argparse.BooleanOptionalAction,
+        help="Prefect's flag: as --once, but exit 0 after a crashed run, as Prefect's worker does",
+    )
+    p.add_argument("--with-healthcheck", action=argparse.BooleanOptionalAction, help="serve GET /health")
+    p.add_argument(
+        "--create-pool-if-not-found",
+        action=argparse.BooleanOptionalAction,
+        help="create the work pool if it does not exist (default: yes)",
+    )
+    p.add_argument("--profile", help="the Prefect profile to read; its settings win over the environment")
+    p.add_argument(
+        "--prompt",
+        action=argparse.BooleanOptionalAction,
+        help="accepted (Prefect's flag): flow-worker never prompts",
+    )
     p.add_argument("--state-dir", help="directory for the ledger of owned runs")
     p.add_argument(
         "--config", dest="config_path", type=Path, help="TOML config file ('-PATH': only if it exists)"
@@ -95,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = args.pop("config_path", None)
     worker_type = args.pop("worker_type", "process")
     install_policy = args.pop("install_policy", None)
+    profile = args.pop("profile", None)
+    args.pop("prompt", None)  # nothing is ever asked
+    run_once = args.pop("run_once", None)
+    if run_once is not None and "once" not in args:
+        args["once"] = run_once
     if worker_type != "process":
         print(
             f"flow-worker: --type {worker_type!r} is not supported: flow-worker is a process worker "
@@ -103,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
     try:
-        settings = settings_mod.validated(settings_mod.load(args, config_path=config_path))
+        settings = settings_mod.validated(settings_mod.load(args, config_path=config_path, profile=profile))
     except settings_mod.SettingsError as exc:
         print(f"flow-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -131,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         structlog.get_logger("flow_worker").info(
             "worker.install_policy_ignored", install_policy=install_policy, reason="nothing to install"
         )
-    return trio.run(_amain, settings, ledger)
+    code = trio.run(_amain, settings, ledger)
+    return EXIT_OK if run_once and code == EXIT_RUN_FAILED else code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,6 @@
-"""One frozen :class:`Settings`, from a TOML file < environment < command-line flags.
+"""One frozen :class:`Settings`, from Prefect's own sources < a TOML file < environment <
+command-line flags (Prefect's sources: its profile, ``prefect.toml``, ``.env``, read by
+``prefect_sources.py``; a ``--profile`` profile wins over the environment, as in Prefect).
 
 Every setting has one key (its name in the TOML file), the environment variables that
 set it (``FLOW_WORKER_<KEY>`` always, plus the ``PREFECT_*`` name Prefect's worker
@@ -28,6 +30,7 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from worker.host.strict import converter
 from worker.rules import secrecy
 
 
@@ -87,7 +90,7 @@ def _setting(
         default=default,
         validator=validator,
         repr=secrecy.masked_repr if secret else True,
-        metadata={"env": tuple(env), "doc": doc},
+        metadata={"env": tuple(env), "doc": doc, "secret": secret},
     )
 
 
@@ -203,6 +206,10 @@ class Settings:
     """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
     config_file: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
     """The TOML file the settings were read from, if any (checked for secrets others can read)."""
+    prefect_env: tuple[tuple[str, str], ...] = attrs.field(default=(), metadata={"internal": True})
+    """Prefect settings set in its own sources (profile, prefect.toml, .env), for the flows."""
+    prefect_read: tuple[str, ...] = attrs.field(default=(), metadata={"internal": True})
+    """Which of Prefect's sources were read, for messages."""
 
     @property
     def worker_name(self) -> str:
@@ -216,8 +223,11 @@ class Settings:
         return _DEFAULT_NAME
 
     def child_prefect_env(self) -> dict[str, str]:
-        """Prefect settings that were set explicitly, as env vars for flow-run processes."""
-        env = {"PREFECT_API_URL": self.api_url} if self.api_url else {}
+        """Prefect settings that were set explicitly, as env vars for flow-run processes:
+        every one set in Prefect's sources (not in the environment), and the API's."""
+        env = dict(self.prefect_env)
+        if self.api_url:
+            env["PREFECT_API_URL"] = self.api_url
         if self.api_key:
             env["PREFECT_API_KEY"] = self.api_key
         if self.api_auth_string:
@@ -240,60 +250,6 @@ _DEFAULT_NAME: Final = f"ProcessWorker {uuid.uuid4()}"
 FIELDS: Final = {f.name: f for f in attrs.fields(Settings) if not f.metadata.get("internal")}
 """The settings a user can set (``service_host`` is read off the environment, not set)."""
 
-# ---------------------------------------------------------------- strict conversion
-
-_TRUE: Final = {"1", "true", "yes", "on"}
-_FALSE: Final = {"0", "false", "no", "off"}
-_converter = cattrs.Converter()
-
-
-def _to_bool(value: Any, _: type) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
-
-
-def _to_int(value: Any, _: type) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise ValueError("expected an integer")
-
-
-def _to_float(value: Any, _: type) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError("expected a number")
-
-
-def _to_str(value: Any, _: type) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError("expected a string")
-
-
-def _to_strs(value: Any, _: type) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ValueError("expected a list of strings")
-
-
-_converter.register_structure_hook(bool, _to_bool)
-_converter.register_structure_hook(int, _to_int)
-_converter.register_structure_hook(float, _to_float)
-_converter.register_structure_hook(str, _to_str)
-_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strs)
-
 
 @attrs.frozen
 class Sourced:
@@ -301,6 +257,8 @@ class Sourced:
 
     value: Any
     source: str
+    label: str | None = None
+    """The key as the source names it (``PREFECT_API_URL``, ``api.url``); default: the setting's."""
 
 
 def _convert(key: str, raw: Sourced) -> Any:
@@ -313,7 +271,7 @@ def _convert(key: str, raw: Sourced) -> Any:
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
         given = secrecy.headers_text(raw.value) if key == "client_custom_headers" else raw.value
-        value = _converter.structure(given, target)
+        value = converter.structure(given, target)
         problem = secrecy.setting_problem(key, value) if secret else None
         if problem is not None:
             raise ValueError(problem)
@@ -322,9 +280,10 @@ def _convert(key: str, raw: Sourced) -> Any:
         return value
     except Exception as exc:
         reason = exc.exceptions[0] if isinstance(exc, cattrs.BaseValidationError) else exc
+        name = raw.label or repr(key)
         if secret:  # the key and where it was given, never the value
-            raise SettingsError(f"{raw.source}: {key!r} (a secret, not shown): {reason}") from None
-        raise SettingsError(f"{raw.source}: {key!r} = {raw.value!r}: {reason}") from None
+            raise SettingsError(f"{raw.source}: {name} (a secret, not shown): {reason}") from None
+        raise SettingsError(f"{raw.source}: {name} = {raw.value!r}: {reason}") from None
 
 
 def _toml_line(text: str, key: str) -> int | None:
@@ -375,10 +334,38 @@ def load(
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
     config_path: Path | None = None,
+    *,
+    start_dir: Path | None = None,
+    user_home: Path | None = None,
+    profile: str | None = None,
 ) -> Settings:
-    """Merge file < env < flags and validate. ``flags`` holds only flags that were given."""
-    environ = os.environ if environ is None else environ
+    """Merge Prefect's sources < file < env < flags and validate. ``flags`` holds only flags
+    that were given; ``profile`` is ``--profile`` (its values win over the environment).
+    Prefect's sources are read in ``start_dir`` (default: the current directory), with
+    ``~/.prefect`` under ``user_home`` (default: ``environ``'s ``HOME``; the user's home
+    directory when ``environ`` is the process's own)."""
+    from worker.host import prefect_sources
+
+    if environ is None:
+        environ = os.environ
+        user_home = user_home or (Path(environ["HOME"]) if environ.get("HOME") else _home())
+    elif user_home is None and environ.get("HOME"):
+        user_home = Path(environ["HOME"])
+    try:
+        prefect = prefect_sources.read(environ, start_dir or _cwd(), user_home, profile)
+    except prefect_sources.SourceError as exc:
+        raise SettingsError(str(exc)) from None
     raw: dict[str, Sourced] = {}
+    overriding: dict[str, Sourced] = {}
+    for key, field in FIELDS.items():
+        for var in field.metadata["env"]:
+            if var in prefect.values:
+                found = prefect.values[var]
+                into = overriding if var in prefect.overriding else raw
+                value = found.value  # a TOML table of custom headers → its JSON, as Prefect passes it
+                if isinstance(value, dict) and var in prefect_sources.DICT_SETTINGS:
+                    value = prefect_sources.env_string(value)
+                into[key] = Sourced(value, found.where, found.key)
     if config_path is None and environ.get("FLOW_WORKER_CONFIG"):
         config_path = Path(environ["FLOW_WORKER_CONFIG"])
     if config_path is not None:
@@ -389,22 +376,43 @@ def load(
             raw.update(read_file(config_path))
             raw["config_file"] = Sourced(str(config_path), str(config_path))
     raw.update(read_env({k: v for k, v in environ.items() if k != "FLOW_WORKER_CONFIG"}))
+    raw.update(overriding)
     for key, value in flags.items():
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {key!r}")
         raw[key] = Sourced(value, f"flag --{key.replace('_', '-')}")
-    values = {key: _convert(key, sourced) if key in FIELDS else sourced.value for key, sourced in raw.items()}
+    values: dict[str, Any] = {
+        key: _convert(key, sourced) if key in FIELDS else sourced.value for key, sourced in raw.items()
+    }
     if environ.get("INVOCATION_ID"):  # systemd sets it for every service it starts
         values["service_host"] = socket.gethostname()
+    values["prefect_env"] = tuple(sorted(prefect.child_env(environ).items()))
+    values["prefect_read"] = prefect.read
     return Settings(**values)
+
+
+def _home() -> Path | None:
+    try:  # the user's entry in the password database
+        return Path.home()
+    except (RuntimeError, KeyError):  # an uid without one (a container's)
+        return None
+
+
+def _cwd() -> Path:
+    try:
+        return Path.cwd()
+    except OSError:  # removed since: relative paths then find nothing, as for Prefect
+        return Path()
 
 
 def validated(settings: Settings) -> Settings:
     """Check what a run needs beyond types: an API URL and a pool."""
     if not settings.api_url:
+        read = "; read: " + ", ".join(settings.prefect_read) if settings.prefect_read else ""
         raise SettingsError(
-            "PREFECT_API_URL is not set: point it at your Prefect server, "
-            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api (or api_url in the config file)"
+            "PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api in the environment, or `prefect config set "
+            f"PREFECT_API_URL=…` as the worker's user (or api_url in the config file){read}"
         )
     if not settings.pool:
         raise SettingsError("no work pool: pass --pool NAME (or pool in the config file)")

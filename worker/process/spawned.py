@@ -16,12 +16,13 @@ import attrs
 import trio
 
 from worker.host import private
-from worker.process import reaper
+from worker.process import launch, reaper
 from worker.process.forked import ForkedChild
 from worker.process.handle import NotYet, StartDeferred, StartError, Supervised, peek_status, pidfd_open
 from worker.process.warm import EngineServer, Unavailable, WarmStarts
 from worker.rules import decisions, limits
 from worker.rules.job import ProcessJobConfiguration
+from worker.rules.workspace import InterpreterDirs
 
 
 @attrs.define(eq=False)
@@ -35,6 +36,10 @@ class RunHandle(Supervised):
     """Where a run of the engine command may be forked from (``warm_start``); else spawned."""
     started_as: str = "cold"
     """How the process started: ``cold`` (spawned) or ``warm`` (forked by an engine server)."""
+    interpreter: InterpreterDirs | None = None
+    """The engine interpreter's own directories, kept off a default-command run's ``PYTHONPATH``."""
+    argv: list[str] = attrs.Factory(list)
+    """The command started: the configured one, or Prefect's ``uv run`` launch (``launch.py``)."""
     _pidfd: int | None = None
 
     @property
@@ -72,6 +77,16 @@ class RunHandle(Supervised):
             if self.config.working_dir is None:
                 self.tmpdir = Path(tempfile.mkdtemp(prefix="flow-worker-", suffix="prefect"))
                 cwd = self.tmpdir
+            if not self.config.command_configured:  # Prefect's PYTHONPATH, and `uv run` if asked
+                doing = "preparing the workspace"
+                how = launch.prepare(argv, env, str(cwd), self.config.pull_steps, self.interpreter)
+                argv, env = how.argv, how.env
+                if how.note:
+                    self.log.warning("run.uv_not_used", reason=how.note)
+                problem = spawn_problem(argv, env, self.config.working_dir)
+                if problem is not None:
+                    raise StartError(problem)
+            self.argv = argv
             doing = "opening the output files"
             for path, _ in self.output_paths():
                 private.private_dir(path.parent)

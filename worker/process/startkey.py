@@ -11,6 +11,8 @@ from typing import Final
 
 import attrs
 
+from worker.rules import workspace
+
 ENGINE_ARGS: Final = ("-m", "prefect.engine")
 START_PREFIXES: Final = ("PYTHON", "LC_", "LD_")
 START_NAMES: Final = frozenset({"LANG", "LANGUAGE", "HOME", "TZ"})
@@ -39,6 +41,8 @@ class Key:
 def start_key(argv: list[str], env: Mapping[str, str], cwd: str) -> Key | str:
     """The server a run with this command, environment and directory may fork from, or
     why it must start cold (pure, but for resolving a bare interpreter name on PATH)."""
+    if workspace.is_uv_run(argv):
+        return "the run starts through `uv run` in its project's environment (auto-install dependencies)"
     if len(argv) != 3 or tuple(argv[1:]) != ENGINE_ARGS:
         return "the run's command is not `<python> -m prefect.engine`"
     python = argv[0]

@@ -132,6 +132,8 @@ class ProcessJobConfiguration:
     hidden: frozenset[str] = attrs.field(default=frozenset(), repr=False)
     """What the configuration may have taken from blocks and ``{{ $NAME }}`` references:
     masked wherever the command, or a message built from it, is said (:meth:`mask`)."""
+    pull_steps: Any = None
+    """The deployment's: where they leave the flow decides its ``PYTHONPATH`` (``launch.py``)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "command",
@@ -345,6 +347,7 @@ class ProcessJobConfiguration:
             if rendered is not templating.MISSING:
                 self.name = rendered
         self.name = self.name or flow_run.name
+        self.pull_steps = deployment.pull_steps if deployment is not None else None
         self.command_configured = self.command is not None
         if self.command is None:
             self.command = shlex.join([python or sys.executable, "-m", "prefect.engine"])

@@ -88,6 +88,7 @@ class Deployment:
     entrypoint: str | None = None
     path: str | None = None
     updated: str | None = None
+    pull_steps: list[Any] | None = None
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ path (pain point 25).
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 import uuid
@@ -316,6 +317,7 @@ class Runner:
             claim=entry.transition_id,
             meter=self.meter,
             warm=self.warm,
+            interpreter=self.interpreter.dirs,
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -354,7 +356,7 @@ class Runner:
         run_log = run_log.bind(pid=pid)
         run_log.info(  # what came from blocks and {{ $NAME }} masked: this goes to the journal and the UI
             "run.started",
-            command=config.mask(config.command or ""),
+            command=config.mask(shlex.join(handle.argv) if handle.argv else (config.command or "")),
             cwd=config.mask(str(config.working_dir or handle.tmpdir)),
             start=handle.started_as,
         )
