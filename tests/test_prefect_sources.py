@@ -162,7 +162,7 @@ def test_a_secret_of_the_wrong_type_is_named_not_shown(
     write(tmp_path / file, text)
     with pytest.raises(SettingsError) as info:
         load({}, {"PREFECT_PROFILES_PATH": str(tmp_path / "profiles.toml")}, start_dir=tmp_path)
-    assert says in str(info.value) and "= (hidden): expected a string" in str(info.value)
+    assert says in str(info.value) and "(a secret, not shown): expected a string" in str(info.value)
     assert "12345" not in str(info.value)
 
 
@@ -414,7 +414,7 @@ def test_any_value_of_a_setting_is_taken_or_named(
         message = str(exc)
         assert message.startswith(f"{path}") and label in message, message
         if secret:
-            assert message.split(label, 1)[1].startswith(" = (hidden): "), message
+            assert message.split(label, 1)[1].startswith(" (a secret, not shown): "), message
         return
     # taken; or an empty string (unset), or a table in prefect.toml (a section there, as for Prefect)
     assert getattr(s, key) is not None or value == "" or (isinstance(value, dict) and file == "prefect.toml")
