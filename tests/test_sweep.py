@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -23,6 +24,10 @@ def test_descends_follows_parents_and_stops_at_init_or_a_loop() -> None:
     assert not reaper.descends(42, 2, parents), "an unknown process"
 
 
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
 def alive(pid: int) -> bool:
     facts = reaper.process_facts(pid)
     return facts is not None and facts.state != "Z"
@@ -39,7 +44,16 @@ def outsider(run_id: str) -> Iterator[int]:
     exits at once and it is re-parented above us (this test process is no subreaper)."""
     env = {**os.environ, "PREFECT__FLOW_RUN_ID": run_id}
     orphaning = ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"]
-    shell = subprocess.run(orphaning, env=env, capture_output=True, text=True, check=True)
+    # an earlier test of the same pytest process may have made it a subreaper: not while
+    # the outsider is orphaned, or it would be re-parented to us
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was))
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+    try:
+        shell = subprocess.run(orphaning, env=env, capture_output=True, text=True, check=True)
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, was.value)
     pid = int(shell.stdout)
     facts = wait_for(lambda: reaper.process_facts(pid), 5, 0.01, "the outsider to be there")
     assert not reaper.descends(pid, os.getpid(), {pid: facts.ppid}), "re-parented outside this tree"
