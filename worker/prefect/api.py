@@ -1,20 +1,9 @@
-"""The Prefect REST client: httpx on trio, Prefect's headers and auth, CSRF, retries, typed calls.
+"""The Prefect REST client's typed calls: one method per REST call of PROTOCOL.md §2, with the
+same body a Prefect 3.9.1 worker sends, its answer read into the API's objects.
 
-Every call here is one of the REST calls in PROTOCOL.md §2, with the same body a
-Prefect 3.9.1 worker sends. Errors say whose fault they are:
-
-* :class:`ApiUnavailable`: the server or the network (connection refused, timeouts,
-  5xx, 429 after the retries ran out). Callers back off and try again later.
-* :class:`ApiRefused`: the server understood and said no (4xx): a wrong key, a
-  missing object, a bad name. :class:`ApiNotFound` is the 404 case.
-* :class:`~worker.models.ProtocolError`: an answer that is not the API's: a 2xx whose body
-  is not JSON of the documented shape, an HTML page, a redirect. Every answer is read
-  through :func:`decode` and :meth:`PrefectClient._read`: its shape is data, never a code
-  path, so a ``KeyError`` or ``JSONDecodeError`` never escapes from here. The error says
-  what came back and from where, with a hint when it is a web page.
-
-Every call has a total deadline (:data:`CALL_DEADLINE`, retries included), below systemd's
-``WatchdogSec``: a server that accepts and never answers costs a loop 45 s, not a restart.
+The conversation itself (headers, auth, CSRF, retries, the call deadline) is
+``session.Session``; whose fault an error is, and how every answer is decoded, is
+``answers.py``.
 """
 
 from __future__ import annotations
