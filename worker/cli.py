@@ -3,6 +3,10 @@ to an exit code.
 
 Exit codes: 0 all good (with ``--once``: every child exited 0), 1 a run crashed or
 could not start (``--once``), 2 usage or configuration error.
+
+``flow-worker base-job-template`` prints Prefect's default process base job template with
+the per-run resource limits added as job variables (``runlimits.py``), for ``prefect
+work-pool create|update --base-job-template``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flow-worker",
         description="A lightweight drop-in replacement for `prefect worker start --type process`.",
+        epilog="`flow-worker base-job-template` prints the pool job template with the per-run "
+        "limits (memory_max, memory_high, cpu_weight, cpu_max, pids_max) as job variables.",
         argument_default=argparse.SUPPRESS,  # only flags that were given override file/env
     )
     p.add_argument("-p", "--pool", help="work pool to serve")
@@ -83,6 +89,17 @@ async def _amain(settings: Any, ledger: Any) -> int:
         ledger.close()
 
 
+def base_job_template() -> str:
+    """Prefect's default process template with the per-run limits as job variables (JSON)."""
+    import json
+
+    from worker.rules import runlimits
+    from worker.rules.job import ProcessJobConfiguration
+
+    template = runlimits.base_job_template(ProcessJobConfiguration.default_base_job_template())
+    return json.dumps(template, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import structlog
 
@@ -91,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worker.host import settings as settings_mod
     from worker.prefect import ui
 
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["base-job-template"]:
+        print(base_job_template())
+        return EXIT_OK
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)
     worker_type = args.pop("worker_type", "process")

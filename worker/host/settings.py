@@ -27,6 +27,8 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from worker.rules.runlimits import PARSERS, RunLimits
+
 
 class SettingsError(ValueError):
     """A setting is missing or bad: the user's configuration, not the worker, is at fault."""
@@ -55,14 +57,13 @@ def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
         raise ValueError("must be one of 'auto', 'console', 'json', 'journald'")
 
 
-def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+def _crash_or_reschedule(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
     if value not in ("crash", "reschedule"):
         raise ValueError("must be 'crash' or 'reschedule'")
 
 
-def _on_lost(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in ("crash", "reschedule"):
-        raise ValueError("must be 'crash' or 'reschedule'")
+def _run_limit(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    PARSERS[attr.name.removeprefix("run_")](value)  # ValueError says what is accepted
 
 
 def _not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
@@ -149,7 +150,9 @@ class Settings:
         600.0, validator=_positive, doc="on SIGTERM, how long running flows may finish before being stopped"
     )
     on_stop: str = _setting(
-        "crash", validator=_on_stop, doc="runs still going when the drain ends: 'crash' or 'reschedule'"
+        "crash",
+        validator=_crash_or_reschedule,
+        doc="runs still going when the drain ends: 'crash' or 'reschedule'",
     )
     reclaim_after: float = _setting(
         300.0,
@@ -158,7 +161,7 @@ class Settings:
     )
     on_lost: str = _setting(
         "crash",
-        validator=_on_lost,
+        validator=_crash_or_reschedule,
         doc="a lost worker's RUNNING runs: 'crash' them, or 'reschedule' them (idempotent flows)",
     )
     memory_reserve: str | None = _setting(
@@ -184,6 +187,15 @@ class Settings:
     base_job_template: str | None = _setting(
         None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
     )
+    cgroups: bool = _setting(
+        True,
+        doc="each run in a cgroup of its own where the unit delegates a cgroup v2 subtree (Delegate=yes)",
+    )
+    run_memory_max: str | None = _setting(None, validator=_run_limit, doc="a run's default memory_max")
+    run_memory_high: str | None = _setting(None, validator=_run_limit, doc="a run's default memory_high")
+    run_cpu_weight: str | None = _setting(None, validator=_run_limit, doc="a run's default cpu_weight")
+    run_cpu_max: str | None = _setting(None, validator=_run_limit, doc="a run's default cpu_max")
+    run_pids_max: str | None = _setting(None, validator=_run_limit, doc="a run's default pids_max")
 
     service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
     """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
@@ -213,6 +225,12 @@ class Settings:
         if self.client_custom_headers:
             env["PREFECT_CLIENT_CUSTOM_HEADERS"] = self.client_custom_headers
         return env
+
+    def run_limits(self) -> RunLimits:
+        """Every run's limits unless its job says otherwise (``run_memory_max`` …)."""
+        return RunLimits.parse(
+            {k.removeprefix("run_"): getattr(self, k) for k in FIELDS if k.startswith("run_")}, "setting"
+        )
 
     def custom_headers(self) -> dict[str, str]:
         """``client_custom_headers`` as a dict (checked by :func:`validated`)."""
@@ -295,7 +313,10 @@ def _convert(key: str, raw: Sourced) -> Any:
         target: Any = field.type
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
-        value = _converter.structure(raw.value, target)
+        given = raw.value
+        if key.startswith("run_") and isinstance(given, int) and not isinstance(given, bool):
+            given = str(given)  # run_pids_max = 64 in TOML
+        value = _converter.structure(given, target)
         if field.validator is not None:
             field.validator(None, field, value)
         return value

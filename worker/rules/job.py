@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 
-from worker.rules import limits, templating
+from worker.rules import limits, runlimits, templating
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
 
 PREFECT_VERSION: Final = "3.9.1"
@@ -206,6 +206,8 @@ class ProcessJobConfiguration:
     working_dir: Path | None = None
     command_configured: bool = False
     """Whether the user set ``command`` (else the engine command was generated)."""
+    limits: dict[str, Any] = attrs.Factory(dict)
+    """The run's resource limits the configuration sets, as written (``runlimits.py`` reads them)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "command",
@@ -250,6 +252,7 @@ class ProcessJobConfiguration:
             if "stream_output" in data
             else True,
             working_dir=_to_path(data.get("working_dir")),
+            limits={k: data[k] for k in runlimits.NAMES if data.get(k) is not None},
         )
 
     @staticmethod
