@@ -29,8 +29,9 @@ import trio
 from structlog.testing import capture_logs
 
 from tests.said import Said
-from worker.process import cgroups, placed, reaper
-from worker.process.cgroups import Cgroups, Off, RunCgroup
+from worker.process import delegated, placed, reaper
+from worker.process.cgroups import Cgroups, RunCgroup
+from worker.process.delegated import Off
 from worker.process.handle import StartError
 from worker.process.spawned import RunHandle
 from worker.rules.job import ProcessJobConfiguration
@@ -59,9 +60,9 @@ def tree(root: Path, path: str, controllers: str = "cpu io memory pids", *childr
 
 def test_only_a_pure_v2_hierarchy_will_do() -> None:
     with pytest.raises(Off, match="cgroup v1 hierarchy is in use"):
-        cgroups.own_cgroup(HYBRID)
+        delegated.own_cgroup(HYBRID)
     assert (
-        cgroups.own_cgroup("0::/system.slice/flow-worker@p.service\n")
+        delegated.own_cgroup("0::/system.slice/flow-worker@p.service\n")
         == "/system.slice/flow-worker@p.service"
     )
 
@@ -70,26 +71,45 @@ def test_detect_names_what_is_missing(tmp_path: Path) -> None:
     unit = "/system.slice/flow-worker@p.service"
     text = f"0::{unit}\n"
     with pytest.raises(Off, match="not a systemd service"):
-        cgroups.detect(text, service=False, root=tmp_path)
+        delegated.detect(text, service=False, root=tmp_path)
     with pytest.raises(Off, match="root cgroup"):
-        cgroups.detect("0::/\n", root=tmp_path)
+        delegated.detect("0::/\n", root=tmp_path)
     with pytest.raises(Off, match="no cgroup v2 hierarchy"):
-        cgroups.detect(text, root=tmp_path)
+        delegated.detect(text, root=tmp_path)
     base = tree(tmp_path, unit, "cpuset cpu io memory hugetlb pids rdma misc")
     with pytest.raises(Off, match=r"not delegated to it \(Delegate=yes"):
-        cgroups.detect(text, root=tmp_path, uid=os.geteuid() + 4242)  # owned by someone else
+        delegated.detect(text, root=tmp_path, uid=os.geteuid() + 4242)  # owned by someone else
     if os.geteuid() != 0:
-        assert cgroups.detect(text, root=tmp_path) == (base, frozenset({"cpu", "memory", "pids"}))
+        assert delegated.detect(text, root=tmp_path) == (base, frozenset({"cpu", "memory", "pids"}))
     with pytest.raises(Off, match="not delegated"):  # root: only systemd's mark says it is ours
-        cgroups.detect(text, root=tmp_path, uid=0)
+        delegated.detect(text, root=tmp_path, uid=0)
 
 
 def test_setup_moves_the_worker_into_its_leaf_and_enables_the_controllers(tmp_path: Path) -> None:
     base = tree(tmp_path, "/system.slice/u.service", "cpu io memory pids", "worker")
-    enabled = cgroups.setup(base, frozenset({"cpu", "memory", "pids"}), me=4242)
+    delegated.move_in(base, me=4242)
     assert (base / "worker" / "cgroup.procs").read_text() == "4242"
+    enabled = delegated.enable(base, frozenset({"cpu", "memory", "pids"}))
     assert (base / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     assert enabled == {"cpu", "memory", "pids"}
+
+
+async def test_the_switch_turns_the_controllers_off_once_the_worker_is_gone(tmp_path: Path) -> None:
+    """However the worker ends, its end of the switch's pipe closes: the switch turns the
+    unit's controllers off (one write per controller; the stand-in file keeps the last)."""
+    base = tree(tmp_path, "/u.service")
+    (base / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    switch = delegated.Switch()
+    switch.arm(base)
+    assert switch.process is not None and switch.process.stdin is not None
+    with trio.move_on_after(0.3):
+        await switch.watch(base)  # armed: nothing happens while the worker lives
+    assert switch.process.poll() is None
+    assert (base / "cgroup.subtree_control").read_text() == "cpu memory pids\n"
+    switch.process.stdin.close()  # as the worker's exit does
+    assert switch.process.wait(10) == 0
+    reaper.CHILDREN.spawned.discard(switch.process.pid)
+    assert (base / "cgroup.subtree_control").read_text() == "-pids"
 
 
 def test_a_runs_limits_are_written_and_what_cannot_be_is_said(tmp_path: Path) -> None:

@@ -41,121 +41,16 @@ import attrs
 import structlog
 import trio
 
+from worker.process.delegated import ROOT, SELF, WANTED, Off, Switch, detect, enable, move_in, pids_in, write
 from worker.rules import runlimits
 from worker.rules.runlimits import RunLimits
 
 log = structlog.get_logger("flow_worker")
 
-ROOT: Final = Path("/sys/fs/cgroup")
-SELF: Final = Path("/proc/self/cgroup")
-WANTED: Final = ("cpu", "memory", "pids")
-"""The controllers runs' limits need (``runlimits.CONTROLLER``)."""
-LEAF: Final = "worker"
 PREFIX: Final = "run-"
 EMPTY_TIMEOUT: Final = 10.0
 """How long a killed cgroup may take to empty (processes in uninterruptible sleep) before
 it is left for the next start to remove."""
-DELEGATE_XATTRS: Final = ("trusted.delegate", "user.delegate")
-"""How systemd (251+) marks a delegated cgroup: what tells root that the cgroup is its own."""
-
-
-class Off(Exception):
-    """Per-run cgroups are not possible here; the message says why."""
-
-
-def own_cgroup(text: str) -> str:
-    """The worker's cgroup path from ``/proc/self/cgroup``'s text; :class:`Off` unless the
-    host uses the unified (v2) hierarchy alone."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if any(not line.startswith("0::") for line in lines):
-        raise Off("a cgroup v1 hierarchy is in use (legacy or hybrid): per-run cgroups need cgroup v2 alone")
-    if len(lines) != 1:
-        raise Off("/proc/self/cgroup names no cgroup v2 path")
-    return lines[0][3:]
-
-
-def _delegated(base: Path, uid: int) -> bool:
-    """Whether the cgroup is the worker's to manage: marked so by systemd, or (not root)
-    owned by its user, as systemd chowns a delegated cgroup to the unit's ``User=``."""
-    for name in DELEGATE_XATTRS:
-        try:
-            if os.getxattr(base, name) == b"1":
-                return True
-        except OSError:
-            continue
-    names = ("", "cgroup.procs", "cgroup.subtree_control")
-    return uid != 0 and all((base / name).stat().st_uid == uid for name in names)
-
-
-def detect(
-    text: str, service: bool = True, root: Path = ROOT, uid: int | None = None
-) -> tuple[Path, frozenset[str]]:
-    """The worker's delegated cgroup (a directory) and the wanted controllers it offers;
-    :class:`Off` with the reason if there is none. ``service``: started by systemd as a
-    service (``INVOCATION_ID``): a terminal's scope is the user's, not the worker's."""
-    path = own_cgroup(text)
-    if not service:
-        raise Off("not a systemd service: per-run cgroups need a unit with Delegate=yes")
-    if path in ("/", ""):
-        raise Off("the worker is in the root cgroup: not a systemd service with Delegate=yes")
-    base = root / path.lstrip("/")
-    if not (base / "cgroup.controllers").is_file():
-        raise Off(f"no cgroup v2 hierarchy at {root}")
-    if os.statvfs(base).f_flag & os.ST_RDONLY:
-        raise Off(f"{root} is read-only here (ProtectControlGroups=yes in the unit?)")
-    uid = os.geteuid() if uid is None else uid
-    if not _delegated(base, uid) or not os.access(base, os.W_OK):
-        raise Off(f"the worker's cgroup {path} is not delegated to it (Delegate=yes in the unit)")
-    offered = set((base / "cgroup.controllers").read_text().split())
-    return base, frozenset(offered & set(WANTED))
-
-
-def write(path: Path, text: str) -> None:
-    """One write to a cgroup file (each write is one command to the kernel)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def pids_in(path: Path) -> list[int]:
-    try:
-        return [int(line) for line in (path / "cgroup.procs").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def setup(base: Path, controllers: frozenset[str], me: int | None = None) -> frozenset[str]:
-    """Move this process (and whatever else is in ``base``) into ``base/worker`` and enable
-    ``controllers`` for ``base``'s children; the controllers enabled (all, or none if the
-    kernel refused: said in the start line). :class:`Off` if the worker cannot move."""
-    leaf = base / LEAF
-    try:
-        leaf.mkdir(exist_ok=True)
-        write(leaf / "cgroup.procs", str(os.getpid() if me is None else me))
-        for _ in range(3):  # what else is there: a previous worker's engine servers, a helper
-            for pid in pids_in(base):
-                try:
-                    write(leaf / "cgroup.procs", str(pid))
-                except ProcessLookupError:
-                    continue
-    except OSError as exc:
-        raise Off(f"the worker could not move into {leaf}: {exc.strerror or exc}") from None
-    enabled = set((base / "cgroup.subtree_control").read_text().split())
-    missing = sorted(controllers - enabled)
-    if missing:
-        try:
-            write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
-        except OSError as exc:
-            log.warning(
-                "cgroups.controllers_refused",
-                controllers=missing,
-                error=exc.strerror or str(exc),
-                effect="runs get cgroups without limits",
-            )
-            return frozenset(enabled & controllers)
-    return controllers
 
 
 def _flat(text: str) -> dict[str, int]:
@@ -283,6 +178,12 @@ class Cgroups:
     unit: Path | None = None
     controllers: frozenset[str] = frozenset()
     reason: str = ""
+    switch: Switch = attrs.Factory(Switch)
+
+    async def watch(self) -> None:
+        """The supervisor's task for the dead man's switch (nothing to do when off)."""
+        if self.unit is not None:
+            await self.switch.watch(self.unit)
 
     @classmethod
     def start(
@@ -297,11 +198,13 @@ class Cgroups:
             except OSError as exc:
                 raise Off(f"cannot read {proc}: {exc.strerror}") from None
             base, offered = detect(text, service, root)
-            enabled_now = setup(base, offered)
+            move_in(base)
         except Off as exc:
             log.info("cgroups.off", reason=str(exc), effect="runs are tracked by process group and /proc")
             return cls(reason=str(exc))
-        cgroups = cls(unit=base, controllers=enabled_now)
+        cgroups = cls(unit=base)
+        cgroups.switch.arm(base)  # before the controllers go on: see Switch
+        cgroups.controllers = enabled_now = enable(base, offered)
         missing = [c for c in WANTED if c not in enabled_now]
         log.info(
             "cgroups.on",
@@ -330,6 +233,13 @@ class Cgroups:
             run_log.warning("run.not_in_cgroup", reason=reason)
             self.not_applied(run_log, limits, list(limits.items()), reason)
             return None
+        self.apply(cgroup, limits, run_log)
+        return cgroup
+
+    def apply(self, cgroup: RunCgroup, limits: RunLimits, run_log: Any) -> None:
+        """Write ``limits`` to the run's cgroup (and ``memory.oom.group``: an OOM kill ends
+        the whole run); what cannot be written is said in the run's log."""
+        cgroup.limits = limits
         refused: dict[str, str] = {}
         for name, (text, limit) in limits.files().items():
             controller = runlimits.CONTROLLER[limit]
@@ -347,7 +257,6 @@ class Cgroups:
                 pass  # (before Linux 4.19: the OOM killer takes one process, the run ends by its exit)
         for limit, reason in refused.items():
             self.not_applied(run_log, limits, [limit], reason)
-        return cgroup
 
     @staticmethod
     def not_applied(run_log: Any, limits: RunLimits, names: list[str], reason: str) -> None:

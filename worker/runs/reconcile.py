@@ -38,6 +38,7 @@ from worker.process.usage import Meter, Usage
 from worker.rules import decisions
 from worker.rules.admission import Book
 from worker.rules.models import FlowRun
+from worker.rules.runlimits import RunLimits
 from worker.runs.inhand import InHand
 
 log = structlog.get_logger("flow_worker")
@@ -162,12 +163,15 @@ class Reconciler:
         """Watch a previous worker's live process as one of ours (it counts against --limit),
         in its cgroup if it has one."""
         run_log = run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).bind(pid=entry.pid)
-        if cgroup is not None and entry.pid is not None and not cgroup.contains(entry.pid):
-            run_log.warning(
-                "run.cgroup_mismatch",
-                cgroup=str(cgroup.path),
-                effect="adopted by its pid; its cgroup is still ended with it",
-            )
+        if cgroup is not None:
+            if entry.pid is not None and not cgroup.contains(entry.pid):
+                run_log.warning(
+                    "run.cgroup_mismatch",
+                    cgroup=str(cgroup.path),
+                    effect="adopted by its pid; its cgroup is still ended with it",
+                )
+            # the controllers were off while no worker ran (``delegated.Switch``): limits again
+            self.cgroups.apply(cgroup, RunLimits(**(entry.limits or {})), run_log)
         handle = AdoptedHandle(
             entry.flow_run_id,
             run_log,

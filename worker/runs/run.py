@@ -352,6 +352,7 @@ class Runner:
             start_time=facts.start_time if facts else None,
             boot_id=boot_id(),
             started_at=time.time(),
+            limits=limits.items() or None,
         )
         try:
             self.ledger.write(started)
@@ -369,7 +370,8 @@ class Runner:
             command=config.command,
             cwd=str(config.working_dir or handle.tmpdir),
             start=handle.started_as,
-            **({"cgroup": handle.cgroup.path.name, "limits": limits.describe()} if handle.cgroup else {}),
+            **({"cgroup": handle.cgroup.path.name} if handle.cgroup else {}),
+            **({"limits": limits.describe()} if handle.cgroup and limits else {}),
         )
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)

@@ -200,6 +200,7 @@ class Supervisor:
                 ("warm_start", self.runner.warm.serve),
                 ("uplink", self.runner.uplink.loop),
                 ("liveness", self.liveness.watch, self.notifier, self.status.line),
+                ("cgroups", cgroups.watch),
             ):
                 loops.start_soon(guard.forever, name, loop, *args)
             await loops.start(self.control.serve)
