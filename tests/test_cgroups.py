@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from structlog.testing import capture_logs
@@ -401,3 +402,54 @@ async def test_a_warm_fork_is_moved_before_it_is_told_to_go(unit: Path, tmp_path
         libc.prctl(reaper.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     assert said.lines("stdout")[-1:] == [f"0::/{unit.name}/run-warm-1"], said.events
     assert not (unit / "run-warm-1").exists()
+
+
+async def test_a_restarted_worker_finds_its_runs_by_their_cgroups(unit: Path, tmp_path: Path) -> None:
+    """Reconcile with the runs' cgroups: a live run is adopted in its cgroup and, cancelled,
+    ended through it (its daemon in another session too); the cgroup of a run whose
+    process is gone, and one the ledger does not know, are emptied and removed."""
+    from tests.test_seams import FakeClient, entry, make_reporter
+    from worker.books.ledger import boot_id
+    from worker.host.settings import Settings
+    from worker.rules.models import StateType
+    from worker.runs.inhand import InHand
+    from worker.runs.reconcile import Reconciler
+
+    def sleeper(cgroup: str) -> subprocess.Popen[bytes]:
+        (unit / cgroup).mkdir(exist_ok=True)
+        proc = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+        RunCgroup(unit / cgroup).place(proc.pid)
+        return proc
+
+    leader, daemon, leftover, stray = (
+        sleeper(c) for c in ("run-alive", "run-alive", "run-gone", "run-stray")
+    )
+    try:
+        client = FakeClient(StateType.RUNNING)
+        reporter = make_reporter(tmp_path, client)
+        facts = reaper.process_facts(leader.pid)
+        assert facts is not None
+        alive = entry(
+            "alive", pid=leader.pid, pgid=leader.pid, start_time=facts.start_time, boot_id=boot_id()
+        )
+        reporter.ledger.write(attrs.evolve(alive, limits={"pids_max": 50}))
+        reporter.ledger.write(entry("gone", pid=leftover.pid, start_time=1, boot_id=boot_id()))
+        settings = Settings(pool="pool", api_url="http://127.0.0.1:9/api", cancel_grace_seconds=0.5)
+        in_hand = InHand()
+        reconciler = Reconciler(settings, client, reporter.ledger, reporter, reporter.outage, in_hand)  # type: ignore[arg-type]
+        reconciler.cgroups = Cgroups(unit=unit)
+        async with trio.open_nursery() as runs:
+            await reconciler.reconcile(runs)
+            assert leftover.wait(10) == -signal.SIGKILL and stray.wait(10) == -signal.SIGKILL
+            assert sorted(p.name for p in unit.iterdir() if p.is_dir()) == ["run-alive"]
+            handle = in_hand.live["alive"]
+            assert handle is not None and handle.cgroup is not None
+            assert handle.cgroup.limits == RunLimits(pids_max=50), "its limits, from the ledger"
+            handle.cancel("test")
+        assert leader.wait(10) == -signal.SIGTERM and daemon.wait(10) == -signal.SIGKILL
+        assert not (unit / "run-alive").exists()
+        assert (StateType.CANCELLED, "Flow run was cancelled successfully.") in client.written
+    finally:
+        for proc in (leader, daemon, leftover, stray):
+            proc.kill()
+            proc.wait()

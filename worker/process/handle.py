@@ -233,9 +233,11 @@ class Supervised:
                 pids=cgroup.pids(),
                 effect="left for the worker's next start to remove",
             )
-        if self.usage is not None and self.figures.peak is not None:
-            self.usage.peak = self.figures.peak  # exact: no sampling was needed
-            self.usage.cpu_seconds = self.figures.cpu_seconds or 0.0
+        if self.usage is not None:  # exact: what the kernel counted for the whole run
+            if self.figures.peak is not None:
+                self.usage.peak = self.figures.peak
+            if self.figures.cpu_seconds is not None:
+                self.usage.cpu_seconds = self.figures.cpu_seconds
 
     def out_of_memory(self, memory_max: int | None) -> str:
         """The OOM message if its cgroup counted an OOM kill (``runlimits.oom_message``), else ''."""

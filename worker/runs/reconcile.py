@@ -185,7 +185,8 @@ class Reconciler:
             cgroup=cgroup,
         )
         self.in_hand.live[entry.flow_run_id] = handle
-        handle.usage = Usage() if cgroup is not None else self.meter.track(entry.pid or 0)
+        exact = cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
+        handle.usage = Usage() if exact else self.meter.track(entry.pid or 0)
         self.book.book(entry.flow_run_id, None)
         if entry.worker_name != self.settings.worker_name:  # e.g. a fresh default name
             # peers judge the owner by the label: name this worker, or they see it silent

@@ -341,7 +341,8 @@ class Runner:
             return
         self.in_hand.live[flow_run.id] = handle  # at once: whatever happens next, it is watched
         self.faults.started()
-        handle.usage = Usage() if handle.cgroup is not None else self.meter.track(pid)  # exact, at its end
+        exact = handle.cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
+        handle.usage = Usage() if exact else self.meter.track(pid)
         self.metrics.runs_started[handle.started_as] += 1
         facts = reaper.process_facts(pid)
         started = attrs.evolve(
