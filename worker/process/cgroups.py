@@ -4,13 +4,13 @@ Theory of operation
 -------------------
 systemd gives a unit with ``Delegate=yes`` its cgroup (v2) to manage: the worker's user owns
 the directory, its ``cgroup.procs`` and ``cgroup.subtree_control``. At start
-(:meth:`Cgroups.start`) the worker checks that it has that (:func:`detect`: a pure v2
-hierarchy, a cgroup of its own that is not the root, delegated to it and writable, the
-controllers there), then (:func:`setup`) moves itself, and anything else still in the
-unit's cgroup, into the leaf ``<unit>/worker`` (cgroup v2 allows controllers below a
-cgroup only when no process is in it) and enables ``cpu``, ``memory`` and ``pids`` for
-the unit's children. Each run then lives in ``<unit>/run-<flow-run-id>``, a sibling of the
-worker's leaf (:class:`RunCgroup`):
+(:meth:`Cgroups.start`) the worker checks that it has that (``delegated.detect``: a pure
+v2 hierarchy, a cgroup of its own that is not the root, delegated to it and writable, the
+controllers there), moves itself, and anything else still in the unit's cgroup, into the
+leaf ``<unit>/worker`` (cgroup v2 allows controllers below a cgroup only when no process
+is in it), arms the dead man's switch (``delegated.Switch``) and enables ``cpu``,
+``memory`` and ``pids`` for the unit's children. Each run then lives in
+``<unit>/run-<flow-run-id>``, a sibling of the worker's leaf (:class:`RunCgroup`):
 
 * **made before the run's first instruction**: the directory and its limits
   (``runlimits.RunLimits.files``, plus ``memory.oom.group``: an OOM kill ends the whole
@@ -199,11 +199,14 @@ class Cgroups:
                 raise Off(f"cannot read {proc}: {exc.strerror}") from None
             base, offered = detect(text, service, root)
             move_in(base)
+            cgroups = cls(unit=base)
+            try:
+                cgroups.switch.arm(base)  # before the controllers go on: see Switch
+            except OSError as exc:
+                raise Off(f"cannot start the dead man's switch (/bin/sh): {exc.strerror or exc}") from None
         except Off as exc:
             log.info("cgroups.off", reason=str(exc), effect="runs are tracked by process group and /proc")
             return cls(reason=str(exc))
-        cgroups = cls(unit=base)
-        cgroups.switch.arm(base)  # before the controllers go on: see Switch
         cgroups.controllers = enabled_now = enable(base, offered)
         missing = [c for c in WANTED if c not in enabled_now]
         log.info(
