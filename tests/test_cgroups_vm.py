@@ -88,7 +88,7 @@ def journal(box: Vm, run_id: str) -> list[dict[str, Any]]:
 
 
 def said(box: Vm, run_id: str, key: str) -> list[str]:
-    """The values of the run's ``KEY value`` output lines (``vm_flows.py``)."""
+    """The values of the run's ``KEY value`` output lines (``vm_flows.py``) so far."""
     found = []
     for entry in journal(box, run_id):
         message = entry.get("MESSAGE")
@@ -98,9 +98,24 @@ def said(box: Vm, run_id: str, key: str) -> list[str]:
     return found
 
 
-def event(box: Vm, run_id: str, name: str) -> dict[str, Any]:
-    entries = [e for e in journal(box, run_id) if e.get("FLOW_WORKER_EVENT") == name]
-    assert entries, f"no {name} for run {run_id} in the journal:\n{tail(box)}"
+def first_said(box: Vm, run_id: str, key: str, timeout: float = 60) -> str:
+    """The run's first ``KEY value`` line, once the worker has followed it into the journal
+    (a run reports its own state, so the API may say it is done before that)."""
+    found: list[str] = wait_for(lambda: said(box, run_id, key), timeout, 0.5, what=f"{key} of run {run_id}")
+    return found[0]
+
+
+def event(box: Vm, run_id: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    """The worker's last ``name`` event about the run, once it is in the journal (the API
+    may know the run's end before the worker has said it)."""
+
+    def found() -> list[dict[str, Any]]:
+        return [e for e in journal(box, run_id) if e.get("FLOW_WORKER_EVENT") == name]
+
+    try:
+        entries: list[dict[str, Any]] = wait_for(found, timeout, 0.5, what=f"{name} of run {run_id}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the worker's journal:\n{tail(box)}") from None
     return entries[-1]
 
 
@@ -222,7 +237,7 @@ def test_a_run_past_its_memory_max_is_crashed_out_of_memory_and_nothing_else(vm:
     exited = event(box, oom, "run.exited")
     assert exited["RETURNCODE"] == "-9" and 250 <= float(exited["PEAK_MEMORY_MIB"]) <= 256.5, exited
     assert api.wait_final(held, 180)["state_type"] == "COMPLETED", tail(box)
-    hwm = int(said(box, held, "VMHWM")[0]) * 1024
+    hwm = int(first_said(box, held, "VMHWM")) * 1024
     peak = float(event(box, held, "run.exited")["PEAK_MEMORY_MIB"]) * MIB
     assert abs(peak - hwm) <= 0.05 * hwm, f"memory.peak {peak / MIB:.1f} MiB, VmHWM {hwm / MIB:.1f} MiB"
     assert (show(box, "MainPID"), show(box, "NRestarts")) == (main, restarts), "the worker is untouched"
@@ -267,9 +282,9 @@ def test_cpu_and_pids_limits_and_nothing_a_run_leaves_survives_it(vm: Vm, api: A
     for run_id in [*ended, cancelled[0]]:
         swept = event(box, run_id, "run.swept")
         assert swept["VIA"] == "cgroup.kill" and swept["PIDS"], swept
-    wall, cpu = map(float, said(box, busy, "BUSY")[0].split())
+    wall, cpu = map(float, first_said(box, busy, "BUSY").split())
     assert wall >= 10 and cpu <= 0.55 * wall, (wall, cpu)
-    forked, refused = int(said(box, bomb, "FORKED")[0]), int(said(box, bomb, "REFUSED")[0])
+    forked, refused = int(first_said(box, bomb, "FORKED")), int(first_said(box, bomb, "REFUSED"))
     assert forked <= 63 and refused >= 137, (forked, refused)  # 64 tasks: the flow and 63 children
     wait_for(lambda: only_the_worker_left(box), 30, what="every leftover process and cgroup gone")
     assert show(box, "MainPID") == main and show(box, "NRestarts") == "0"
