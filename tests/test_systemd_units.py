@@ -152,7 +152,6 @@ HARDENING = (
     "ProtectKernelLogs",
     "ProtectKernelTunables",
     "ProtectKernelModules",
-    "ProtectControlGroups",
     "ProtectHostname",
     "ProtectProc",
     "PrivateIPC",
@@ -175,6 +174,16 @@ def test_the_drain_unit_is_hardened_as_the_daemon() -> None:
     assert drain["StateDirectoryMode"] == daemon["StateDirectoryMode"] == "0700"
 
 
+def test_only_the_daemon_unit_delegates_its_cgroup() -> None:
+    """Issue 23: the daemon's unit delegates its cgroup (per-run cgroups), so it cannot
+    also make the cgroup tree read-only (``ProtectControlGroups=`` did so to the delegated
+    subtree on systemd 252); the drain unit delegates nothing and keeps the tree read-only,
+    so its runs fall back to process groups, said once (README: per-run cgroups)."""
+    daemon, drain = unit_settings("flow-worker@.service"), unit_settings("flow-worker-drain@.service")
+    assert daemon["Delegate"] == "yes" and "ProtectControlGroups" not in daemon
+    assert "Delegate" not in drain and drain["ProtectControlGroups"] == "yes"
+
+
 @pytest.mark.parametrize("unit", ["flow-worker@.service", "flow-worker-drain@.service"])
 def test_hardening_leaves_what_the_worker_and_its_runs_need(unit: str) -> None:
     """What the units must not forbid (the README says why each is left out): runs outlive
@@ -192,4 +201,3 @@ def test_hardening_leaves_what_the_worker_and_its_runs_need(unit: str) -> None:
     assert not {"@resources", "@privileged", "@process", "@signal", "@system-service"} & set(
         denied[1:].split()
     )
-    assert "Delegate" not in settings  # with cgroups v2 (a later issue), not before

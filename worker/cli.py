@@ -10,6 +10,10 @@ Every flag of ``prefect worker start`` (3.9.1) is accepted with Prefect's meanin
 --[no-]with-healthcheck --install-policy --base-job-template
 --[no-]create-pool-if-not-found --profile --[no-]prompt``; a ``--type`` other than
 ``process`` is refused with one line that says why.
+
+``flow-worker base-job-template`` prints Prefect's default process base job template with
+the per-run resource limits added as job variables (``runlimits.py``), for ``prefect
+work-pool create|update --base-job-template``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flow-worker",
         description="A lightweight drop-in replacement for `prefect worker start --type process`.",
+        epilog="`flow-worker base-job-template` prints the pool job template with the per-run "
+        "limits (memory_max, memory_high, cpu_weight, cpu_max, pids_max) as job variables.",
         argument_default=argparse.SUPPRESS,  # only flags that were given override file/env
     )
     p.add_argument("-p", "--pool", help="work pool to serve")
@@ -114,6 +120,17 @@ async def _amain(settings: Any, ledger: Any) -> int:
         ledger.close()
 
 
+def base_job_template() -> str:
+    """Prefect's default process template with the per-run limits as job variables (JSON)."""
+    import json
+
+    from worker.rules import runlimits
+    from worker.rules.job import ProcessJobConfiguration
+
+    template = runlimits.base_job_template(ProcessJobConfiguration.default_base_job_template())
+    return json.dumps(template, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import structlog
 
@@ -122,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worker.host import settings as settings_mod
     from worker.prefect import ui
 
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["base-job-template"]:
+        print(base_job_template())
+        return EXIT_OK
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config_path", None)
     worker_type = args.pop("worker_type", "process")

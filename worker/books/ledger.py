@@ -74,6 +74,9 @@ class Entry:
     finished_at: float | None = None
     returncode: int | None = None
     report: Report | None = None
+    limits: dict[str, int] | None = None
+    """The run's resource limits (``runlimits.RunLimits.items``), re-applied to its cgroup
+    by the worker that adopts it."""
 
 
 def boot_id() -> str:

@@ -58,17 +58,35 @@ def _inactive_file(stat: Path, key: str) -> int:
     return 0
 
 
+def _v2_limit(root: Path, path: str) -> tuple[int, int, str] | None:
+    """The tightest limited v2 cgroup from ``path`` up: a worker in its leaf of a unit's
+    delegated subtree (per-run cgroups) shares the unit's ``MemoryMax=`` with its runs."""
+    tightest = None
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), 0, -1):
+        base = root.joinpath(*parts[:depth])
+        limit, usage = _read_int(base / "memory.max"), _read_int(base / "memory.current")
+        if limit is None or usage is None or limit >= _NO_LIMIT:
+            continue
+        used = max(0, usage - _inactive_file(base / "memory.stat", "inactive_file"))
+        if tightest is None or limit - used < tightest[0] - tightest[1]:
+            tightest = (limit, used, str(base))
+    return tightest
+
+
 def cgroup_limit(proc_cgroup: str, root: Path = CGROUP_ROOT) -> tuple[int, int, str] | None:
     """(limit, usage less inactive file pages, path) of the memory cgroup named in
-    ``/proc/self/cgroup``'s text, if it has a limit (None: no limit, or nothing to read)."""
+    ``/proc/self/cgroup``'s text (v2: or of its ancestor with the least room), if it has a
+    limit (None: no limit, or nothing to read)."""
     for line in proc_cgroup.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":  # v2
-            base = root / path.lstrip("/")
-            limit, usage = _read_int(base / "memory.max"), _read_int(base / "memory.current")
-            cache = _inactive_file(base / "memory.stat", "inactive_file")
-        elif "memory" in controllers.split(","):  # v1
+            found = _v2_limit(root, path)
+            if found is not None:
+                return found
+            continue
+        if "memory" in controllers.split(","):  # v1
             base = root / "memory" / path.lstrip("/")
             limit = _read_int(base / "memory.limit_in_bytes")
             usage = _read_int(base / "memory.usage_in_bytes")

@@ -30,8 +30,10 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from worker.host import strict
 from worker.host.strict import converter
 from worker.rules import secrecy
+from worker.rules.runlimits import RunLimits
 
 
 class SettingsError(ValueError):
@@ -39,48 +41,6 @@ class SettingsError(ValueError):
 
 
 LogFormat = Literal["auto", "console", "json"]
-
-
-def _positive(inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError("must be greater than 0")
-
-
-def _port(inst: Any, attr: attrs.Attribute[Any], value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-
-
-def _worker_name(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and ("/" in value or "%" in value or not value.strip()):
-        raise ValueError("a worker name must be non-empty and contain neither '/' nor '%'")
-
-
-def _log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in ("auto", "console", "json", "journald"):
-        raise ValueError("must be one of 'auto', 'console', 'json', 'journald'")
-
-
-def _on_stop(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in ("crash", "reschedule"):
-        raise ValueError("must be 'crash' or 'reschedule'")
-
-
-def _on_lost(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in ("crash", "reschedule"):
-        raise ValueError("must be 'crash' or 'reschedule'")
-
-
-def _not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ValueError("must be 0 (off) or more")
-
-
-def _memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None:
-        from worker.rules.admission import parse_reserve
-
-        parse_reserve(value)
 
 
 def _setting(
@@ -123,27 +83,29 @@ class Settings:
     api_request_timeout: float = _setting(
         60.0,
         env=["PREFECT_API_REQUEST_TIMEOUT"],
-        validator=_positive,
+        validator=strict.positive,
         doc="seconds per HTTP request",
     )
     pool: str | None = _setting(None, doc="the work pool to serve (required)")
     work_queues: tuple[str, ...] = _setting((), doc="queue names; empty means every queue of the pool")
     name: str | None = _setting(
         None,
-        validator=_worker_name,
+        validator=strict.worker_name,
         doc="worker name; default '<hostname> <pool>' under systemd, else 'ProcessWorker <uuid>'",
     )
     limit: int | None = _setting(
-        None, validator=_positive, doc="most flow runs at once; unset means no limit, as Prefect"
+        None, validator=strict.positive, doc="most flow runs at once; unset means no limit, as Prefect"
     )
     prefetch_seconds: float = _setting(10.0, env=["PREFECT_WORKER_PREFETCH_SECONDS"])
-    query_seconds: float = _setting(10.0, env=["PREFECT_WORKER_QUERY_SECONDS"], validator=_positive)
-    heartbeat_seconds: float = _setting(30.0, env=["PREFECT_WORKER_HEARTBEAT_SECONDS"], validator=_positive)
+    query_seconds: float = _setting(10.0, env=["PREFECT_WORKER_QUERY_SECONDS"], validator=strict.positive)
+    heartbeat_seconds: float = _setting(
+        30.0, env=["PREFECT_WORKER_HEARTBEAT_SECONDS"], validator=strict.positive
+    )
     cancel_poll_seconds: float = _setting(
-        10.0, validator=_positive, doc="how often CANCELLING runs are looked for"
+        10.0, validator=strict.positive, doc="how often CANCELLING runs are looked for"
     )
     cancel_grace_seconds: float = _setting(
-        30.0, validator=_positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
+        30.0, validator=strict.positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
     )
     create_pool_if_not_found: bool = _setting(True)
     events: bool = _setting(
@@ -156,31 +118,37 @@ class Settings:
         env=["PREFECT_WORKER_WEBSERVER_HOST"],
         doc="differs from Prefect's 0.0.0.0: loopback unless asked",
     )
-    webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=_port)
-    log_format: str = _setting("auto", validator=_log_format, doc="console on a TTY, JSON lines otherwise")
+    webserver_port: int = _setting(8080, env=["PREFECT_WORKER_WEBSERVER_PORT"], validator=strict.port)
+    log_format: str = _setting(
+        "auto", validator=strict.log_format, doc="console on a TTY, JSON lines otherwise"
+    )
     log_level: str = _setting("INFO", doc="DEBUG, INFO, WARNING, ERROR")
     state_dir: str | None = _setting(
         None, doc="ledger of owned runs; default $STATE_DIRECTORY, else ~/.local/state/flow-worker/POOL"
     )
     drain_timeout: float = _setting(
-        600.0, validator=_positive, doc="on SIGTERM, how long running flows may finish before being stopped"
+        600.0,
+        validator=strict.positive,
+        doc="on SIGTERM, how long running flows may finish before being stopped",
     )
     on_stop: str = _setting(
-        "crash", validator=_on_stop, doc="runs still going when the drain ends: 'crash' or 'reschedule'"
+        "crash",
+        validator=strict.crash_or_reschedule,
+        doc="runs still going when the drain ends: 'crash' or 'reschedule'",
     )
     reclaim_after: float = _setting(
         300.0,
-        validator=_not_negative,
+        validator=strict.not_negative,
         doc="seconds a worker of the pool may be silent before its runs are reclaimed; 0: never",
     )
     on_lost: str = _setting(
         "crash",
-        validator=_on_lost,
+        validator=strict.crash_or_reschedule,
         doc="a lost worker's RUNNING runs: 'crash' them, or 'reschedule' them (idempotent flows)",
     )
     memory_reserve: str | None = _setting(
         None,
-        validator=_memory_reserve,
+        validator=strict.memory_reserve,
         doc="memory to keep free when admitting runs: a size (512M, 2G) or a share (10%); 0: off; "
         "default 10% of RAM (or of the cgroup's limit), at least 256M",
     )
@@ -201,6 +169,17 @@ class Settings:
     base_job_template: str | None = _setting(
         None, doc="JSON file: the job template of a pool the worker creates (Prefect's default otherwise)"
     )
+    cgroups: bool = _setting(
+        True,
+        doc="each run in a cgroup of its own where the unit delegates a cgroup v2 subtree (Delegate=yes)",
+    )
+    run_memory_max: str | None = _setting(None, validator=strict.run_limit, doc="a run's default memory_max")
+    run_memory_high: str | None = _setting(
+        None, validator=strict.run_limit, doc="a run's default memory_high"
+    )
+    run_cpu_weight: str | None = _setting(None, validator=strict.run_limit, doc="a run's default cpu_weight")
+    run_cpu_max: str | None = _setting(None, validator=strict.run_limit, doc="a run's default cpu_max")
+    run_pids_max: str | None = _setting(None, validator=strict.run_limit, doc="a run's default pids_max")
 
     service_host: str | None = attrs.field(default=None, metadata={"env": (), "doc": "", "internal": True})
     """The host name when running as a systemd service (``INVOCATION_ID`` set), else None."""
@@ -240,6 +219,12 @@ class Settings:
             env["PREFECT_CLIENT_CUSTOM_HEADERS"] = self.client_custom_headers
         return env
 
+    def run_limits(self) -> RunLimits:
+        """Every run's limits unless its job says otherwise (``run_memory_max`` …)."""
+        return RunLimits.parse(
+            {k.removeprefix("run_"): getattr(self, k) for k in FIELDS if k.startswith("run_")}, "setting"
+        )
+
     def custom_headers(self) -> dict[str, str]:
         """``client_custom_headers`` as a dict (checked by :func:`validated`)."""
         return dict(json.loads(self.client_custom_headers)) if self.client_custom_headers else {}
@@ -271,6 +256,8 @@ def _convert(key: str, raw: Sourced) -> Any:
         if isinstance(target, types.UnionType):  # X | None: None was handled above
             target = next(a for a in typing.get_args(target) if a is not type(None))
         given = secrecy.headers_text(raw.value) if key == "client_custom_headers" else raw.value
+        if key.startswith("run_") and isinstance(given, int) and not isinstance(given, bool):
+            given = str(given)  # run_pids_max = 64 in TOML
         value = converter.structure(given, target)
         problem = secrecy.setting_problem(key, value) if secret else None
         if problem is not None:

@@ -1,13 +1,17 @@
-"""Strict conversion of setting values: one cattrs converter whose hooks take ``"false"``
-as false and refuse ``"3.5"`` as an int, so a setting from the environment (a string)
-and one from a TOML file (typed) are held to the same rules (``settings.py``)."""
+"""Strict setting values: one cattrs converter whose hooks take ``"false"`` as false and
+refuse ``"3.5"`` as an int, so a setting from the environment (a string) and one from a
+TOML file (typed) are held to the same rules, and the validators of the values
+(``settings.py`` names them per setting). A ``ValueError`` says what is accepted."""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Final
 
+import attrs
 import cattrs
+
+from worker.rules.runlimits import PARSERS
 
 _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off"}
@@ -60,3 +64,44 @@ converter.register_structure_hook(int, _to_int)
 converter.register_structure_hook(float, _to_float)
 converter.register_structure_hook(str, _to_str)
 converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strs)
+
+
+def positive(inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def port(inst: Any, attr: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+
+
+def worker_name(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and ("/" in value or "%" in value or not value.strip()):
+        raise ValueError("a worker name must be non-empty and contain neither '/' nor '%'")
+
+
+def log_format(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("auto", "console", "json", "journald"):
+        raise ValueError("must be one of 'auto', 'console', 'json', 'journald'")
+
+
+def crash_or_reschedule(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("crash", "reschedule"):
+        raise ValueError("must be 'crash' or 'reschedule'")
+
+
+def run_limit(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    PARSERS[attr.name.removeprefix("run_")](value)  # ValueError says what is accepted
+
+
+def not_negative(inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError("must be 0 (off) or more")
+
+
+def memory_reserve(inst: Any, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        from worker.rules.admission import parse_reserve
+
+        parse_reserve(value)

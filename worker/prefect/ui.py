@@ -78,6 +78,12 @@ LINES: Final[dict[str, tuple[int, str]]] = {
     "run.output_dropped": (WARNING, "Output not forwarded to the logs: {detail}"),
     "run.internal_error": (ERROR, "Internal error in flow-worker while handling this run: {error}"),
     "run.not_started": (WARNING, "Not started now, returned to the queue: {reason}"),
+    "run.limits_not_applied": (
+        WARNING,
+        "Resource limits not applied ({limits}): {reason}; the run goes on without them",
+    ),
+    "run.not_in_cgroup": (WARNING, "Not started in a cgroup of its own: {reason}"),
+    "run.cgroup_left": (WARNING, "Its cgroup {cgroup} is still not empty after cgroup.kill (pids {pids})"),
 }
 
 
@@ -102,8 +108,13 @@ def line_for(event_dict: MutableMapping[str, Any], worker: str) -> tuple[int, st
             level = ERROR
         if event_dict.get("peak_memory_mib") is not None:
             message += f" (peak memory {facts['peak_memory_mib']} MiB, CPU {facts['cpu_seconds']} s)"
+        if event_dict.get("out_of_memory"):
+            message += f"; {event_dict['out_of_memory']}"
         if event_dict.get("stderr_tail"):
             message += f"; last lines of stderr:\n{event_dict['stderr_tail']}"
+    if event_dict.get("event") == "run.started" and event_dict.get("cgroup"):
+        limits = event_dict.get("limits")
+        message += f", cgroup {facts['cgroup']}" + (f" with {limits}" if limits else "")
     if event_dict.get("event") == "run.reported" and "CRASHED" in str(event_dict.get("outcome")):
         level = ERROR
     return level, message

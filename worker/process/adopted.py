@@ -19,7 +19,9 @@ class AdoptedHandle(Supervised):
     """A run's process left by a previous worker: watched until it exits, still cancellable.
 
     It is not our child, so its exit status cannot be known; the caller reads the run's
-    state afterwards instead.
+    state afterwards instead. Found in its cgroup (``run-<id>``, ``cgroups.py``), it is
+    ended through it as a spawned run is; its pid and start time stay the identity that
+    says the leader still runs.
     """
 
     ADOPTED: ClassVar[bool] = True
@@ -70,6 +72,5 @@ class AdoptedHandle(Supervised):
                     self.signal_group(signal.SIGKILL)
                     with trio.move_on_after(5):
                         await self._gone()
-                if self.stop_requested:
-                    self.sweep()
+                await self.end_remains(self.stop_requested)
                 self.remove_output()

@@ -15,6 +15,9 @@ Policy, stated once:
   here configurable), then SIGKILL. When the leader is gone after a stop, or after a
   crash, whatever is left of the run is swept (``reaper.sweep_run``): its group, and
   processes that ``setsid`` took out of the group but that still carry its run id.
+  A run in a cgroup of its own (``cgroups.py``) is ended through it instead: at the end
+  of the grace period with ``cgroup.kill`` too, and whenever its leader is gone, whatever
+  is left in it (any session, any environment) is killed, then the cgroup removed.
 * **Always reaped.** ``wait()`` returns only after the child was reaped. If the task
   waiting is cancelled (a hard stop), the kill policy runs in a shielded scope first,
   so cancellation never leaves a child behind.
@@ -48,8 +51,10 @@ import attrs
 import trio
 
 from worker.process import reaper
+from worker.process.cgroups import Figures, RunCgroup
 from worker.process.output import RunOutput
 from worker.process.usage import Meter, Usage
+from worker.rules import runlimits
 
 ADOPTED_POLL: Final = 1.0
 """How often an adopted process is checked when pidfd is not available."""
@@ -95,6 +100,10 @@ class Supervised:
     output_dir: Path | None = None
     output: RunOutput = attrs.Factory(lambda self: RunOutput(self.log), takes_self=True)
     """Its output followed into the log within a budget, and the stderr tail (``output.py``)."""
+    cgroup: RunCgroup | None = None
+    """Its own cgroup (``cgroups.py``), where the worker has a delegated cgroup v2 subtree."""
+    figures: Figures | None = None
+    """What its cgroup said it cost, once it ended (peak memory, CPU, OOM kills)."""
     _stop_event: trio.Event = attrs.Factory(trio.Event)
     ADOPTED: ClassVar[bool] = False
     """Left by a previous worker: no descendant of this one (``reaper.sweep_run``)."""
@@ -156,6 +165,8 @@ class Supervised:
         await trio.sleep(self.grace)
         self.log.warning("run.killing", pid=self.pid, reason="grace period over")
         self.signal_group(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()  # every process of the run, whatever its session
 
     async def _watch(
         self,
@@ -199,6 +210,49 @@ class Supervised:
         victims = reaper.sweep_run(self.run_id, self.pgid, adopted=self.ADOPTED)
         if victims:
             self.log.info("run.swept", pids=victims)
+
+    def memory_now(self) -> int:
+        """The memory its processes use now: its cgroup's, else the last /proc sample's."""
+        current = self.cgroup.memory_now() if self.cgroup is not None else None
+        if current is not None:
+            return current
+        return self.usage.rss if self.usage is not None else 0
+
+    async def end_cgroup(self) -> None:
+        """The leader is gone: kill what is left in the run's cgroup (``cgroup.kill``), wait
+        for it to empty, take its figures (the run's exact cost) and remove it."""
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        left = cgroup.pids()
+        if left:
+            self.log.info("run.swept", pids=left, via="cgroup.kill")
+        self.figures, removed = await cgroup.end()
+        if not removed:
+            self.log.warning(
+                "run.cgroup_left",
+                cgroup=str(cgroup.path),
+                pids=cgroup.pids(),
+                effect="left for the worker's next start to remove",
+            )
+        if self.usage is not None:  # exact: what the kernel counted for the whole run
+            if self.figures.peak is not None:
+                self.usage.peak = self.figures.peak
+            if self.figures.cpu_seconds is not None:
+                self.usage.cpu_seconds = self.figures.cpu_seconds
+
+    def out_of_memory(self, memory_max: int | None) -> str:
+        """The OOM message if its cgroup counted an OOM kill (``runlimits.oom_message``), else ''."""
+        if self.figures is None or not self.figures.oom_kills:
+            return ""
+        return runlimits.oom_message(memory_max, self.figures.peak)
+
+    async def end_remains(self, swept: bool) -> None:
+        """After the leader is gone: its cgroup ended, or (without one) the sweep if ``swept``."""
+        if self.cgroup is not None:
+            await self.end_cgroup()
+        elif swept:
+            self.sweep()
 
 
 def output_files(directory: Path, run_id: str) -> list[tuple[Path, str]]:

@@ -16,12 +16,14 @@ import attrs
 import trio
 
 from worker.host import private
-from worker.process import launch, reaper
+from worker.process import launch, placed, reaper
+from worker.process.cgroups import Cgroups
 from worker.process.forked import ForkedChild
 from worker.process.handle import NotYet, StartDeferred, StartError, Supervised, peek_status, pidfd_open
 from worker.process.warm import EngineServer, Unavailable, WarmStarts
 from worker.rules import decisions, limits
 from worker.rules.job import ProcessJobConfiguration
+from worker.rules.runlimits import RunLimits
 from worker.rules.workspace import InterpreterDirs
 
 
@@ -40,6 +42,10 @@ class RunHandle(Supervised):
     """The engine interpreter's own directories, kept off a default-command run's ``PYTHONPATH``."""
     argv: list[str] = attrs.Factory(list)
     """The command started: the configured one, or Prefect's ``uv run`` launch (``launch.py``)."""
+    cgroups: Cgroups | None = None
+    """The worker's delegated subtree, where the run gets its cgroup (``cgroups.py``)."""
+    limits: RunLimits = attrs.Factory(RunLimits)
+    """The run's resource limits (``runlimits.py``), written to its cgroup."""
     _pidfd: int | None = None
 
     @property
@@ -97,9 +103,15 @@ class RunHandle(Supervised):
             server: EngineServer | str | None = None
             if self.warm is not None and self.warm.enabled:  # may wait for a first preload
                 server = await self.warm.server_for(argv, env, str(cwd))
+            if self.cgroups is not None:  # its cgroup and limits, before its first instruction
+                self.cgroup = self.cgroups.make(self.run_id, self.limits, self.log)
             with reaper.CHILDREN.spawning():
                 if isinstance(server, EngineServer):
                     self.process = await self._fork(server, argv, str(cwd), env)
+                if self.process is None and self.cgroup is not None:
+                    self.process = await placed.open_process(
+                        argv, cwd=str(cwd), env=env, stdout=out, stderr=err, place=self._place
+                    )
                 if self.process is None:
                     self.process = await trio.lowlevel.open_process(
                         argv,
@@ -122,7 +134,25 @@ class RunHandle(Supervised):
             if self.process is None:  # not started (an error, or cancelled waiting for a preload)
                 self.remove_output()
                 self._cleanup_tmpdir()
+                if self.cgroup is not None:
+                    self.cgroup.remove()
+                    self.cgroup = None
         return self.process.pid
+
+    def _place(self, pid: int) -> None:
+        """Move the run's process into its cgroup before it may start the flow; if the kernel
+        refuses, the run goes on where it is (said in its log; without its limits)."""
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        try:
+            cgroup.place(pid)
+        except OSError as exc:
+            reason = f"cannot move it into {cgroup.path}: {exc.strerror or exc}"
+            self.log.warning("run.not_in_cgroup", reason=reason)
+            Cgroups.not_applied(self.log, self.limits, list(self.limits.items()), reason)
+            cgroup.remove()
+            self.cgroup = None
 
     async def _fork(
         self, server: EngineServer, argv: list[str], cwd: str, env: dict[str, str]
@@ -137,7 +167,7 @@ class RunHandle(Supervised):
             "stderr": paths[1] if paths else None,
         }
         try:
-            pid = await server.fork(request)
+            pid = await server.fork(request, before_go=self._place)
         except Unavailable as exc:
             assert self.warm is not None
             self.warm.said_cold(server, str(exc))
@@ -186,8 +216,7 @@ class RunHandle(Supervised):
                 if self._pidfd is not None:
                     os.close(self._pidfd)
                     self._pidfd = None
-                if self.stop_requested or self.status != 0:
-                    self.sweep()
+                await self.end_remains(self.stop_requested or self.status != 0)
                 self.remove_output()
                 self._cleanup_tmpdir()
         return self.status

@@ -41,7 +41,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -220,9 +220,10 @@ class EngineServer:
         assert self.process is not None and self.process.stdin is not None
         await self.process.stdin.send_all((json.dumps(message) + "\n").encode())
 
-    async def fork(self, request: dict[str, Any]) -> int:
-        """Fork a run's process; its pid is registered in ``reaper.CHILDREN`` before it is
-        told to go. Call inside ``reaper.CHILDREN.spawning()``. Raises
+    async def fork(self, request: dict[str, Any], before_go: Callable[[int], None] | None = None) -> int:
+        """Fork a run's process; its pid is registered in ``reaper.CHILDREN``, and
+        ``before_go(pid)`` called (the move into the run's cgroup), before it is told to go:
+        the process waits on its go pipe until then. Call inside ``reaper.CHILDREN.spawning()``. Raises
         :class:`Unavailable` if it cannot (then nothing of the run was started).
 
         A conversation that does not end as the protocol says (a timeout, a broken pipe,
@@ -230,13 +231,13 @@ class EngineServer:
         killed, so a process it forked and never heard go for exits having run nothing,
         and it is no longer asked."""
         try:
-            return await self._fork(request)
+            return await self._fork(request, before_go)
         finally:
             if self.wanted:
                 self.wanted -= 1  # the run that server_for handed this server to
             self.last_used = trio.current_time()
 
-    async def _fork(self, request: dict[str, Any]) -> int:
+    async def _fork(self, request: dict[str, Any], before_go: Callable[[int], None] | None) -> int:
         async with self._lock:
             if self.problem is not None:
                 raise Unavailable(self.problem)
@@ -260,6 +261,8 @@ class EngineServer:
                     raise Unavailable(error)
                 pid = int(answer["pid"])
                 reaper.CHILDREN.spawned.add(pid)
+                if before_go is not None:
+                    before_go(pid)
                 await self._send({"go": ident})
                 finished = True
                 return pid

@@ -12,8 +12,11 @@ A run's expected size is learned: the largest peak (whole process tree, ``usage.
 of the last ``HISTORY`` runs of the same deployment, or ``DEFAULT_RUN_BYTES`` before any
 is known. A run that has not reached its expected size yet still owes the difference
 (``Book.growth``), so an engine that is slow to import Prefect is not mistaken for free
-memory. Everything here is arithmetic on numbers handed in; reading ``/proc`` is
-``memory.py`` and ``usage.py``.
+memory. A run with a ``memory_max`` (its cgroup's limit, ``runlimits.py``) is expected to
+take all of it: the limit, from its job variables when the poll shows them, else the
+last one its deployment's runs were configured with (``Book.limited``), replaces the
+learned size, so what is admitted can never outgrow the host. Everything here is
+arithmetic on numbers handed in; reading ``/proc`` is ``memory.py`` and ``usage.py``.
 """
 
 from __future__ import annotations
@@ -90,8 +93,16 @@ class Book:
     peaks: dict[str | None, collections.deque[int]] = attrs.Factory(dict)
     in_hand: dict[str, tuple[int, int]] = attrs.Factory(dict)
     """run id → (expected bytes, bytes its tree uses now)."""
+    limits: dict[str | None, int] = attrs.Factory(dict)
+    """deployment id → the ``memory_max`` its last configured run had."""
 
-    def expected(self, deployment_id: str | None) -> int:
+    def expected(self, deployment_id: str | None, memory_max: int | None = None) -> int:
+        """A run's expected size: its ``memory_max`` (given, else its deployment's last),
+        else the largest recent peak of its deployment, else the default."""
+        if memory_max is None or memory_max < 0:
+            memory_max = self.limits.get(deployment_id)
+        if memory_max is not None:
+            return memory_max
         seen = self.peaks.get(deployment_id)
         return max(seen) if seen else self.default
 
@@ -99,15 +110,16 @@ class Book:
         return sum(max(0, expected - now) for expected, now in self.in_hand.values())
 
     def admit(
-        self, runs: Sequence[tuple[str, str | None]], available: int, reserve: int
+        self, runs: Sequence[tuple[str, str | None, *tuple[int | None, ...]]], available: int, reserve: int
     ) -> tuple[list[str], Room]:
-        """Which of ``runs`` ((run id, deployment id), in the server's order) fit now.
+        """Which of ``runs`` ((run id, deployment id[, memory_max or None]), in the server's
+        order) fit now.
         Admitted runs are booked at their expected size; the first that does not fit
         stops admission (the runs behind it wait their turn, as on the server)."""
         growth = self.growth()
         taken: list[str] = []
-        for run_id, deployment_id in runs:
-            size = self.expected(deployment_id)
+        for run_id, deployment_id, *memory_max in runs:
+            size = self.expected(deployment_id, memory_max[0] if memory_max else None)
             if available - growth - size < reserve:
                 return taken, Room(available, reserve, growth, len(taken), len(runs) - len(taken), size)
             growth += size
@@ -118,6 +130,16 @@ class Book:
     def book(self, run_id: str, deployment_id: str | None) -> None:
         """A run in hand that admission did not see (adopted, or admission off)."""
         self.in_hand.setdefault(run_id, (self.expected(deployment_id), 0))
+
+    def limited(self, run_id: str, deployment_id: str | None, memory_max: int | None) -> None:
+        """The run was configured with this ``memory_max`` (None, or ``UNLIMITED``: none):
+        it is booked at that size from now on, and its deployment's next runs too."""
+        if memory_max is None or memory_max < 0:
+            self.limits.pop(deployment_id, None)
+            return
+        self.limits[deployment_id] = memory_max
+        if run_id in self.in_hand:
+            self.in_hand[run_id] = (memory_max, self.in_hand[run_id][1])
 
     def using(self, run_id: str, now: int) -> None:
         """The run's tree uses ``now`` bytes (a sample)."""

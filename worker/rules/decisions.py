@@ -331,6 +331,7 @@ def run_outcome(
     adopted: bool = False,
     stderr_tail: str = "",
     lost: str = "",
+    oom: str = "",
 ) -> tuple[str, str]:
     """The report (``ledger.Report`` kind, message) owed for a run whose process is gone.
 
@@ -349,8 +350,11 @@ def run_outcome(
     by itself               0            ``crash_if_running``  EXIT_0_NOT_FINAL
     ======================  ===========  ====================  ====================================
 
-    A crash by itself (``crash``, ``crash_if_running``) also shows ``stderr_tail``, the
-    process's last stderr lines, so the error itself is visible where the state is.
+    ``oom`` (its cgroup counted an OOM kill: ``runlimits.oom_message``) replaces the exit
+    status's message of a run that ended by itself other than with 0: the kernel's OOM
+    killer ended it. A crash by itself (``crash``, ``crash_if_running``) also shows
+    ``stderr_tail``, the process's last stderr lines, so the error itself is visible where
+    the state is.
     """
     if lost:
         return "none", lost
@@ -360,6 +364,8 @@ def run_outcome(
         code = exit_message(returncode) if returncode is not None else "exit status unknown"
         return ("reschedule" if on_stop == "reschedule" else "crash"), WORKER_STOPPED.format(code)
     said = f"\nLast lines of stderr:\n{stderr_tail}" if stderr_tail else ""
+    if oom and returncode != 0:
+        return ("crash" if returncode is not None else "crash_if_running"), oom + said
     if returncode is None:
         return "crash_if_running", (ADOPTED_EXIT if adopted else EXIT_UNKNOWN) + said
     if returncode != 0:

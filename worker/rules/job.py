@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 
-from worker.rules import childenv, limits, secrecy, templating
+from worker.rules import childenv, limits, runlimits, secrecy, templating
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
 from worker.rules.variables import ProcessVariables
 
@@ -134,6 +134,8 @@ class ProcessJobConfiguration:
     masked wherever the command, or a message built from it, is said (:meth:`mask`)."""
     pull_steps: Any = None
     """The deployment's: where they leave the flow decides its ``PYTHONPATH`` (``launch.py``)."""
+    limits: dict[str, Any] = attrs.Factory(dict)
+    """The run's resource limits the configuration sets, as written (``runlimits.py`` reads them)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "command",
@@ -178,6 +180,7 @@ class ProcessJobConfiguration:
             if "stream_output" in data
             else True,
             working_dir=_to_path(data.get("working_dir")),
+            limits={k: data[k] for k in runlimits.NAMES if data.get(k) is not None},
         )
 
     @staticmethod

@@ -8,6 +8,14 @@ process is CRASHED, a claim that never started goes back to SCHEDULED, the rest 
 forgotten. Claims whose answer was lost in an outage (``pending``) are resolved the
 same way once the API answers again. A resolved entry's output files are removed, as
 are output files the ledger no longer knows of.
+
+With per-run cgroups (``cgroups.py``) the runs are also found by their cgroups
+(``run-<id>`` under the unit): an adopted run keeps its cgroup (watched, killed and
+accounted through it); the ledger's pid identity still says whether its leader runs,
+and a leader not in its cgroup is said. A cgroup whose run is not adopted (its leader is
+gone, its claim never recorded a start, or the ledger does not know it) is emptied with
+``cgroup.kill`` and removed before its run is resolved, so nothing of it runs on while
+it is returned to the queue or reported.
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.process import reaper
 from worker.process.adopted import AdoptedHandle
+from worker.process.cgroups import Cgroups, RunCgroup
 from worker.process.handle import remove_output
-from worker.process.usage import Meter
+from worker.process.usage import Meter, Usage
 from worker.rules import decisions
 from worker.rules.admission import Book
 from worker.rules.models import FlowRun
+from worker.rules.runlimits import RunLimits
 from worker.runs.inhand import InHand
 
 log = structlog.get_logger("flow_worker")
@@ -50,6 +60,9 @@ class Reconciler:
     """Runs to label with this worker's name (``Runner.relabel``, shared)."""
     pending: dict[str, Entry] = attrs.Factory(dict)
     """Claims whose answer was lost: resolved against the server like a restart's ledger."""
+    cgroups: Cgroups = attrs.Factory(lambda: Cgroups(reason="not set up"))
+    """The worker's delegated cgroup subtree (the supervisor's), where a previous worker's
+    runs are found."""
 
     @property
     def pool(self) -> str:
@@ -62,9 +75,9 @@ class Reconciler:
             log.error("ledger.unreadable", problem=problem)
         self._remove_stray_output({e.flow_run_id for e in entries})
         mine = [e for e in entries if e.pool == self.pool]
-        if not mine:
-            return
-        log.info("ledger.reconciling", runs=len(mine))
+        found = self.cgroups.found()
+        if mine:
+            log.info("ledger.reconciling", runs=len(mine), cgroups=len(found))
         this_boot = boot_id()
         todo = []
         for entry in mine:
@@ -74,10 +87,15 @@ class Reconciler:
                 and entry.boot_id == this_boot
                 and reaper.is_same_process(entry.pid, entry.start_time)
             )
+            cgroup = found.pop(entry.flow_run_id, None)
             if alive and entry.report is None:
-                self.adopt(entry, runs)
-            else:
-                todo.append(entry)
+                self.adopt(entry, runs, cgroup)
+                continue
+            if cgroup is not None:
+                await self.end_stray(cgroup, f"its run is not adopted (ledger phase {entry.phase})")
+            todo.append(entry)
+        for cgroup in found.values():
+            await self.end_stray(cgroup, "the ledger holds no run of that id")
         while todo:
             try:
                 await self.resolve(todo[0])
@@ -152,9 +170,25 @@ class Reconciler:
             "run.internal_error", error=f"{type(exc).__name__}: {exc}"[:500], phase=entry.phase, exc_info=exc
         )
 
-    def adopt(self, entry: Entry, runs: trio.Nursery) -> None:
-        """Watch a previous worker's live process as one of ours (it counts against --limit)."""
+    async def end_stray(self, cgroup: RunCgroup, why: str) -> None:
+        """A run's cgroup no run is adopted with: whatever is in it is killed, then it is removed."""
+        pids = cgroup.pids()
+        _, removed = await cgroup.end()
+        log.warning("cgroups.stray", cgroup=str(cgroup.path), reason=why, killed=pids, removed=removed)
+
+    def adopt(self, entry: Entry, runs: trio.Nursery, cgroup: RunCgroup | None = None) -> None:
+        """Watch a previous worker's live process as one of ours (it counts against --limit),
+        in its cgroup if it has one."""
         run_log = run_logger(entry.flow_run_id, entry.flow_run_name, self.pool).bind(pid=entry.pid)
+        if cgroup is not None:
+            if entry.pid is not None and not cgroup.contains(entry.pid):
+                run_log.warning(
+                    "run.cgroup_mismatch",
+                    cgroup=str(cgroup.path),
+                    effect="adopted by its pid; its cgroup is still ended with it",
+                )
+            # the controllers were off while no worker ran (``delegated.Switch``): limits again
+            self.cgroups.apply(cgroup, RunLimits(**(entry.limits or {})), run_log)
         handle = AdoptedHandle(
             entry.flow_run_id,
             run_log,
@@ -165,21 +199,30 @@ class Reconciler:
             output_dir=self.ledger.output_dir,
             claim=entry.transition_id,
             owner=entry.worker_name,
+            cgroup=cgroup,
         )
         self.in_hand.live[entry.flow_run_id] = handle
-        handle.usage = self.meter.track(entry.pid or 0)
+        exact = cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
+        handle.usage = Usage() if exact else self.meter.track(entry.pid or 0)
         self.book.book(entry.flow_run_id, None)
         if entry.worker_name != self.settings.worker_name:  # e.g. a fresh default name
             # peers judge the owner by the label: name this worker, or they see it silent
             self.unlabelled[entry.flow_run_id] = FlowRun(id=entry.flow_run_id, name=entry.flow_run_name)
-        run_log.info("run.adopted", started_at=entry.started_at)
+        run_log.info("run.adopted", started_at=entry.started_at, cgroup=cgroup.path.name if cgroup else None)
         runs.start_soon(self._watch_adopted, entry, handle, run_log)
 
     async def _watch_adopted(self, entry: Entry, handle: AdoptedHandle, run_log: Any) -> None:
         try:
             await handle.wait()
             self.meter.untrack(entry.pid or 0)
-            run_log.info("run.exited", returncode=None, stopped=handle.stop_requested, adopted=True)
+            oom = handle.out_of_memory(handle.cgroup.limits.memory_max if handle.cgroup else None)
+            run_log.info(
+                "run.exited",
+                returncode=None,
+                stopped=handle.stop_requested,
+                adopted=True,
+                **({"out_of_memory": oom} if oom else {}),
+            )
             kind, message = decisions.run_outcome(
                 handle.cancel_requested,
                 handle.stop_requested,
@@ -188,6 +231,7 @@ class Reconciler:
                 adopted=True,
                 stderr_tail=handle.stderr_tail(),
                 lost=handle.lost,
+                oom=oom,
             )
             await self.reporter.finish(entry, run_log, kind, message)
         except Exception as exc:  # a bug costs this run (CRASHED with it), never the worker

@@ -45,14 +45,16 @@ from worker.prefect.api import PrefectClient
 from worker.prefect.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.process import reaper
+from worker.process.cgroups import Cgroups
 from worker.process.handle import StartDeferred, StartError, Supervised
 from worker.process.spawned import RunHandle
-from worker.process.usage import Meter
+from worker.process.usage import Meter, Usage
 from worker.process.warm import WarmStarts
-from worker.rules import decisions
+from worker.rules import decisions, runlimits
 from worker.rules.admission import MIB, Book
 from worker.rules.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.rules.models import Deployment, Flow, FlowRun, ProtocolError, StateType, WorkPool
+from worker.rules.runlimits import RunLimits
 from worker.runs.control import ControlChannel
 from worker.runs.faults import Faults
 from worker.runs.inhand import InHand
@@ -94,6 +96,8 @@ class Runner:
     cache: ReadCache = attrs.Factory(ReadCache)
     meter: Meter = attrs.Factory(Meter)
     """Samples every run's tree (``usage.py``): its task is started by the supervisor."""
+    cgroups: Cgroups = attrs.Factory(lambda: Cgroups(reason="not set up"))
+    """The worker's delegated cgroup subtree, set up by the supervisor (``cgroups.py``)."""
     book: Book = attrs.Factory(Book)
     """Expected run sizes and the runs in hand, for admission by memory (``admission.py``)."""
     claims: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CLAIM_CONCURRENCY))
@@ -147,7 +151,7 @@ class Runner:
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
-                config, flow = await self.configure(flow_run, deployment)
+                config, flow, limits = await self.configure(flow_run, deployment)
             except (ApiUnavailable, ProtocolError) as exc:  # not the run's fault: resolved as a lost claim
                 self.outage.failed(exc, "submit")
                 run_log.warning("run.not_started", reason=f"could not read what it needs: {exc}")
@@ -163,7 +167,7 @@ class Runner:
             if not await self._still_ours(entry, claimed_at, run_log):
                 return
             related = ui.run_related(flow_run, deployment, flow, self.pool)
-            await self.execute(flow_run, entry, config, run_log, related)
+            await self.execute(flow_run, entry, config, run_log, related, limits)
         except API_ERRORS as exc:
             self.outage.failed(exc, "submit")
             run_log.warning("run.submit_failed", error=str(exc))
@@ -269,8 +273,9 @@ class Runner:
 
     async def configure(
         self, flow_run: FlowRun, deployment: Deployment | None
-    ) -> tuple[ProcessJobConfiguration, Flow | None]:
-        """Template + job variables → what to spawn (``ConfigurationError`` names the problem)."""
+    ) -> tuple[ProcessJobConfiguration, Flow | None, RunLimits]:
+        """Template + job variables → what to spawn, and the run's resource limits
+        (``ConfigurationError`` names the problem)."""
         assert self.pool is not None
         flow = None
         if flow_run.flow_id:
@@ -289,7 +294,12 @@ class Runner:
             settings_env=self.settings.child_prefect_env(),
             python=self.settings.python,
         )
-        return config, flow
+        try:
+            limits = runlimits.combine(config.limits, values, self.settings.run_limits())
+        except runlimits.LimitError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.book.limited(flow_run.id, flow_run.deployment_id, limits.memory_max)
+        return config, flow, limits
 
     async def execute(
         self,
@@ -298,8 +308,9 @@ class Runner:
         config: ProcessJobConfiguration,
         run_log: Any,
         related: list[dict[str, str]],
+        limits: RunLimits,
     ) -> None:
-        """Spawn, record, watch until reaped, report the outcome."""
+        """Spawn (in its cgroup, with its limits), record, watch until reaped, report the outcome."""
         if not config.command_configured:  # the default engine command: is its interpreter usable?
             await self.interpreter.done.wait()
             if self.interpreter.problem is not None:
@@ -318,6 +329,8 @@ class Runner:
             meter=self.meter,
             warm=self.warm,
             interpreter=self.interpreter.dirs,
+            cgroups=self.cgroups,
+            limits=limits,
         )
         try:
             pid = await handle.start(extra_env=self.control.register(flow_run.id))
@@ -331,7 +344,8 @@ class Runner:
             return
         self.in_hand.live[flow_run.id] = handle  # at once: whatever happens next, it is watched
         self.faults.started()
-        handle.usage = self.meter.track(pid)
+        exact = handle.cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
+        handle.usage = Usage() if exact else self.meter.track(pid)
         self.metrics.runs_started[handle.started_as] += 1
         facts = reaper.process_facts(pid)
         started = attrs.evolve(
@@ -342,6 +356,7 @@ class Runner:
             start_time=facts.start_time if facts else None,
             boot_id=boot_id(),
             started_at=time.time(),
+            limits=limits.items() or None,
         )
         try:
             self.ledger.write(started)
@@ -359,6 +374,8 @@ class Runner:
             command=config.mask(shlex.join(handle.argv) if handle.argv else (config.command or "")),
             cwd=config.mask(str(config.working_dir or handle.tmpdir)),
             start=handle.started_as,
+            **({"cgroup": handle.cgroup.path.name} if handle.cgroup else {}),
+            **({"limits": limits.describe()} if handle.cgroup and limits else {}),
         )
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)
@@ -381,12 +398,14 @@ class Runner:
         spent = self.spent(handle)
         run_log = run_log.bind(**spent)  # run.finished / run.reported carry them too
         tail = handle.stderr_tail() if returncode != 0 else ""
+        oom = handle.out_of_memory(limits.memory_max)
         run_log.info(
             "run.exited",
             returncode=returncode,
             stopped=handle.stop_requested,
             intent=handle.intent,
             **({"stderr_tail": tail} if tail else {}),
+            **({"out_of_memory": oom} if oom else {}),
         )
         self.uplink.add_event(
             "prefect.worker.executed-flow-run", ui.with_exit(related, pid, returncode), follows=submitted
@@ -398,6 +417,7 @@ class Runner:
             self.settings.on_stop,
             stderr_tail=tail,
             lost=handle.lost,
+            oom=oom,
         )
         await self.reporter.finish(entry, run_log, kind, message)
 

@@ -31,6 +31,7 @@ from worker.prefect.outage import API_ERRORS, Outage
 from worker.rules import admission, decisions
 from worker.rules.models import FlowRun
 from worker.rules.retry import jittered
+from worker.rules.runlimits import LimitError, RunLimits
 from worker.runs.inhand import InHand
 from worker.runs.run import Runner
 from worker.service.liveness import Liveness
@@ -42,6 +43,15 @@ SHORT_HOLD: Final = 30.0
 """After a run was deferred for a shortage, how long due runs wait, unless a started run
 ends first: long enough to spare the API a claim-and-return per run and poll, short enough
 that a host with room again (a disk cleaned) starts its backlog within half a minute."""
+
+
+def memory_max(flow_run: FlowRun) -> int | None:
+    """The run's own ``memory_max`` job variable, if the poll shows one that can be read
+    (admission books the run at that size; a bad one fails the run later, when configured)."""
+    try:
+        return RunLimits.parse(flow_run.job_variables or {}).memory_max
+    except LimitError:
+        return None
 
 
 @attrs.define
@@ -132,11 +142,12 @@ class Poller:
             return due
         book = self.runner.book
         for run_id, handle in self.in_hand.live.items():
-            if handle is not None and handle.usage is not None:
-                book.using(run_id, handle.usage.rss)
+            if handle is not None:
+                book.using(run_id, handle.memory_now())  # its cgroup's memory.current, or the sample
         mem = memory.read()
         reserve = admission.reserve_bytes(self.settings.memory_reserve, mem.total)
-        taken, room = book.admit([(r.id, r.deployment_id) for r in due], mem.available, reserve)
+        runs = [(r.id, r.deployment_id, memory_max(r)) for r in due]
+        taken, room = book.admit(runs, mem.available, reserve)
         self.metrics.memory_available, self.metrics.memory_reserve = mem.available, reserve
         self.metrics.runs_held = room.held
         if room.held:

@@ -57,6 +57,7 @@ from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.prefect.pool import ensure_pool
 from worker.process import reaper
+from worker.process.cgroups import Cgroups
 from worker.process.usage import Meter
 from worker.rules.admission import Book
 from worker.rules.models import StateType
@@ -170,6 +171,9 @@ class Supervisor:
                 reason="the worker could not become a child subreaper: forked runs would not be its children",
                 effect="every run starts cold",
             )
+        # before any child: the worker moves into its leaf, runs get cgroups (said in one line)
+        cgroups = Cgroups.start(self.settings.cgroups, service=self.settings.service_host is not None)
+        self.runner.cgroups = self.reconciler.cgroups = cgroups
         log.info(
             "worker.starting",
             worker_name=self.settings.worker_name,
@@ -180,6 +184,7 @@ class Supervisor:
             state_dir=str(self.ledger.directory),
             subreaper=subreaper,
             warm_start=self.runner.warm.enabled,
+            cgroups=cgroups.on,
         )
         async with trio.open_nursery() as loops:
             # each loop is restarted after a bug (``guard.py``): never a reason to stop
@@ -195,6 +200,7 @@ class Supervisor:
                 ("warm_start", self.runner.warm.serve),
                 ("uplink", self.runner.uplink.loop),
                 ("liveness", self.liveness.watch, self.notifier, self.status.line),
+                ("cgroups", cgroups.watch),
             ):
                 loops.start_soon(guard.forever, name, loop, *args)
             await loops.start(self.control.serve)
