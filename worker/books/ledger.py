@@ -68,6 +68,9 @@ class Entry:
     finished_at: float | None = None
     returncode: int | None = None
     report: Report | None = None
+    hooks_ran: bool = False
+    """The flow's ``on_cancellation`` hooks ran for ``report``: a retried delivery runs them
+    no more (``reporter.Reporter.deliver``)."""
 
 
 def boot_id() -> str:

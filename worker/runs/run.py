@@ -50,10 +50,12 @@ from worker.process.usage import Meter
 from worker.process.warm import WarmStarts
 from worker.rules import decisions
 from worker.rules.admission import MIB, Book
+from worker.rules.hookrules import SWITCH
 from worker.rules.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
 from worker.rules.models import Deployment, Flow, FlowRun, ProtocolError, StateType, WorkPool
 from worker.runs.control import ControlChannel
 from worker.runs.faults import Faults
+from worker.runs.hooks import HookContext, Hooks
 from worker.runs.inhand import InHand
 from worker.runs.interpreter import InterpreterCheck
 from worker.runs.labels import Labeller
@@ -108,9 +110,14 @@ class Runner:
     """The check of the default command's interpreter (``interpreter.py``)."""
     uplink: ui.Uplink = attrs.field(init=False)
     """Where the worker's lines and events about runs go, for the Prefect UI (``ui.py``)."""
+    hooks: Hooks = attrs.field(init=False)
+    """The flows' on_crashed / on_cancellation hooks, run around deliveries (``hooks.py``)."""
 
     def __attrs_post_init__(self) -> None:
         self.uplink = ui.Uplink(self.client, self.settings.worker_name, self.settings.log_to_api)
+        output = self.ledger.directory / "output"
+        self.hooks = Hooks(self.settings, self.uplink, self.in_hand, output, self.hook_context)
+        self.reporter.hooks = self.hooks
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.warm = WarmStarts(enabled=self.settings.warm_start)
         self.faults = Faults(self.reporter, self.metrics, self.lost_claims)
@@ -318,7 +325,7 @@ class Runner:
             warm=self.warm,
         )
         try:
-            pid = await handle.start(extra_env=self.control.register(flow_run.id))
+            pid = await handle.start(extra_env=self.control.register(flow_run.id) | SWITCH)
         except StartDeferred as exc:
             await self.faults.defer(flow_run, entry, run_log, exc.short, str(exc))
             return
@@ -396,7 +403,28 @@ class Runner:
             stderr_tail=tail,
             lost=handle.lost,
         )
-        await self.reporter.finish(entry, run_log, kind, message)
+        self.hooks.live[flow_run.id] = HookContext.of(config, self.settings.python, related)
+        try:  # the flow's hooks run with the delivery, in the run's runtime (``hooks.py``)
+            await self.reporter.finish(entry, run_log, kind, message)
+        finally:
+            self.hooks.live.pop(flow_run.id, None)
+
+    async def hook_context(self, run_id: str) -> HookContext | None:
+        """The runtime of a run this worker did not start (adopted, or left by a previous
+        worker), rebuilt from the API as :meth:`configure` built it; None: the run is gone."""
+        flow_run = await self.client.read_flow_run(run_id)
+        if flow_run is None:
+            return None
+        deployment = (
+            await self.client.read_deployment(flow_run.deployment_id) if flow_run.deployment_id else None
+        )
+        if self.pool is None:  # before the first sync (a restart's reconcile)
+            self.pool = await self.client.read_work_pool(self.pool_name)
+            if self.pool is None:
+                return None
+        config, flow = await self.configure(flow_run, deployment)
+        related = ui.run_related(flow_run, deployment, flow, self.pool)
+        return HookContext.of(config, self.settings.python, related)
 
     def spent(self, handle: Supervised) -> dict[str, Any]:
         """What the run's tree cost (``usage.py``), as log fields; counted in /metrics."""
