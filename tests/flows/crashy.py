@@ -40,8 +40,9 @@ def write_marker(flow, flow_run, state):
 
 
 @flow(on_crashed=[write_marker])
-def crashy(marker: str, how: str = "exit3") -> None:
+def crashy(marker: str, how: str = "exit3", delay: float = 0.0, hook_sleep: float = 0.0) -> None:
     print("crashy started", flush=True)
+    time.sleep(delay)
     _die(how)
 
 

@@ -67,6 +67,9 @@ class Reporter:
     """Runs the flows' hooks around deliveries (set by the runner); None: no hooks."""
     hooks_ran: set[str] = attrs.Factory(set)
     """Runs whose ``on_cancellation`` hooks ran and whose CANCELLED is not delivered yet."""
+    delivering: set[str] = attrs.Factory(set)
+    """Runs whose report is being delivered now (its hooks may take minutes): the reporter
+    loop leaves them alone, so a report is never delivered twice at once."""
 
     def owe(self, entry: Entry, kind: str, message: str) -> Entry:
         """Record a report in the ledger (fsync'd) and in :attr:`owed`; deliver later."""
@@ -119,6 +122,13 @@ class Reporter:
     async def deliver(self, entry: Entry, run_log: Any | None = None) -> Delivered:
         """Deliver one owed report; on success the ledger entry is removed. The flow's
         hooks run around it (:attr:`hooks`); what it found and did is returned."""
+        self.delivering.add(entry.flow_run_id)
+        try:
+            return await self._deliver(entry, run_log)
+        finally:
+            self.delivering.discard(entry.flow_run_id)
+
+    async def _deliver(self, entry: Entry, run_log: Any | None) -> Delivered:
         assert entry.report is not None
         report = entry.report
         run_log = run_log or run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
@@ -198,6 +208,8 @@ class Reporter:
     async def deliver_owed(self) -> bool:
         """Try every owed report once; False if the API failed (the rest wait)."""
         for entry in list(self.owed.values()):
+            if entry.flow_run_id in self.delivering:
+                continue  # (its delivery is under way: its hooks are running)
             try:
                 await self.deliver(entry)
             except API_ERRORS as exc:
