@@ -36,6 +36,7 @@ C, R, X = StateType.CRASHED, StateType.RUNNING, StateType.COMPLETED
         (Delivered("crash", C, found_ours=True), Crashed.WORKER),  # our own earlier attempt
         (Delivered("crash_if_running", X), Crashed.NONE),
         (Delivered("crash", C, taken=True), Crashed.NONE),
+        (Delivered("crash", R, proposed=C, status=ACCEPT, started=False), Crashed.NONE),  # never started
         (Delivered("crash", None), Crashed.NONE),
         (Delivered("reschedule", R, proposed=StateType.SCHEDULED, status=ACCEPT), Crashed.NONE),
         (Delivered("cancelled", C, proposed=StateType.CANCELLED, status=ACCEPT), Crashed.NONE),
@@ -121,7 +122,7 @@ async def test_cancellation_hooks_run_before_cancelled_and_once(tmp_path: Path) 
 async def test_a_report_being_delivered_is_left_alone_by_the_loop(tmp_path: Path) -> None:
     client = FakeClient(StateType.RUNNING)
     reporter = make_reporter(tmp_path, client)
-    reporter.owe(entry(), "crash", "boom")
+    reporter.owe(entry(pid=4242), "crash", "boom")
     reporter.delivering.add("r1")
     assert await reporter.deliver_owed() and client.written == []
     reporter.delivering.clear()

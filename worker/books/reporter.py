@@ -187,7 +187,9 @@ class Reporter:
         self.ledger.remove(entry.flow_run_id)
         self.owed.pop(entry.flow_run_id, None)
         self.hooks_ran.discard(entry.flow_run_id)
-        done = Delivered(report.kind, current_type, found_ours, taken, proposed, status)
+        done = Delivered(
+            report.kind, current_type, found_ours, taken, proposed, status, entry.pid is not None
+        )
         final = (
             outcome.split()[0]
             if outcome.endswith("ACCEPT")

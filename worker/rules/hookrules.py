@@ -43,6 +43,8 @@ class Delivered:
     """Another worker has the run: nothing was written."""
     proposed: StateType | None = None
     status: SetStateStatus | None = None
+    started: bool = True
+    """The run's process was started (the ledger has its pid): else nothing crashed."""
 
     @property
     def accepted(self) -> bool:
@@ -70,6 +72,8 @@ def crashed_hooks(delivered: Delivered) -> Crashed:
     what the delivery found and did             hooks       why
     ==========================================  ==========  ===================================
     the run taken by another worker, deleted    NONE        not ours any more
+    its process never started                   NONE        a start that failed is no crash
+                                                            of the flow's process
     report ``reschedule``, ``cancelled``,       NONE        not a crash (a stop that
     ``none``                                                reschedules, a cancellation)
     CRASHED proposed and accepted               WORKER      the worker's crash moved a run
@@ -80,7 +84,12 @@ def crashed_hooks(delivered: Delivered) -> Crashed:
     anything else (COMPLETED, FAILED, …)        NONE        the run ended by itself
     ==========================================  ==========  ===================================
     """
-    if delivered.taken or delivered.found is None or delivered.kind not in CRASH_KINDS:
+    if (
+        delivered.taken
+        or delivered.found is None
+        or not delivered.started
+        or delivered.kind not in CRASH_KINDS
+    ):
         return Crashed.NONE
     if delivered.accepted and delivered.proposed is StateType.CRASHED:
         return Crashed.WORKER

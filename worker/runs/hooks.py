@@ -71,14 +71,24 @@ class HookContext:
     """The job's working directory; None: a fresh temporary one."""
     related: list[dict[str, str]]
     """The run's related resources, for ``prefect.runner.cancelled-flow-run``."""
+    problem: str | None = None
+    """Why the interpreter cannot run the hooks (the default one, without Prefect)."""
 
     @classmethod
     def of(
-        cls, config: ProcessJobConfiguration, python: str | None, related: list[dict[str, str]]
+        cls,
+        config: ProcessJobConfiguration,
+        python: str | None,
+        related: list[dict[str, str]],
+        problem: str | None = None,
     ) -> HookContext:
+        """``problem``: what the check of the default interpreter found (``interpreter.py``);
+        it matters when a custom command's hooks fall back to that interpreter."""
         env = {k: v for k, v in config.env.items() if v is not None} | hookrules.SWITCH
-        prefix = hookrules.interpreter(config.argv(), python or sys.executable)
-        return cls(prefix, env, config.working_dir, ui.runner_related(related))
+        default = python or sys.executable
+        prefix = hookrules.interpreter(config.argv(), default)
+        problem = problem if prefix == [default] else None
+        return cls(prefix, env, config.working_dir, ui.runner_related(related), problem)
 
 
 Rebuild = Callable[[str], Awaitable[HookContext | None]]
@@ -148,6 +158,9 @@ class Hooks:
     async def _run(
         self, run_id: str, run_log: Any, context: HookContext, kind: str, extra: list[str]
     ) -> None:
+        if context.problem is not None:  # said once at start too: not a process per crash
+            run_log.warning("run.hooks_failed", kind=kind, error=f"not run: {context.problem}")
+            return
         timeout = self.settings.hook_timeout_seconds
         outcome = await hookproc.run_hooks(
             context.prefix,

@@ -403,7 +403,9 @@ class Runner:
             stderr_tail=tail,
             lost=handle.lost,
         )
-        self.hooks.live[flow_run.id] = HookContext.of(config, self.settings.python, related)
+        self.hooks.live[flow_run.id] = HookContext.of(
+            config, self.settings.python, related, self.interpreter.problem
+        )
         try:  # the flow's hooks run with the delivery, in the run's runtime (``hooks.py``)
             await self.reporter.finish(entry, run_log, kind, message)
         finally:
@@ -424,7 +426,7 @@ class Runner:
                 return None
         config, flow = await self.configure(flow_run, deployment)
         related = ui.run_related(flow_run, deployment, flow, self.pool)
-        return HookContext.of(config, self.settings.python, related)
+        return HookContext.of(config, self.settings.python, related, self.interpreter.problem)
 
     def spent(self, handle: Supervised) -> dict[str, Any]:
         """What the run's tree cost (``usage.py``), as log fields; counted in /metrics."""
