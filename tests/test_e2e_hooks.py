@@ -7,6 +7,7 @@ worker is in ``test_side_by_side.py``; the oldest and newest releases in ``test_
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -147,9 +148,11 @@ def test_on_crashed_hooks_after_a_restart_adopted_or_resolved(
         started(first, api, run_id)
     first.proc.kill()
     first.proc.wait()
-    for pid in reaper.run_processes(lost_run, None):  # its process dies while no worker watches
-        os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not reaper.run_processes(lost_run, None), 10, what="the lost run's process to be gone")
+    # its process dies while no worker watches (by the ledger's pid: a warm-forked run's
+    # /proc/PID/environ is its engine server's, so it is not found by its run id)
+    pgid = json.loads((Path(state_dir) / "runs" / f"{lost_run}.json").read_text())["pgid"]
+    os.killpg(pgid, signal.SIGKILL)
+    wait_for(lambda: not reaper.run_processes(lost_run, pgid), 10, what="the lost run's process to be gone")
 
     second = start_worker("--pool", pool_name, FLOW_WORKER_STATE_DIR=state_dir, **FAST)
     wait_for(lambda: second.saw("run.adopted", flow_run_id=adopted_run), 30, what="the adoption")
