@@ -9,16 +9,21 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import structlog
 import trio
 
 from tests.test_seams import FakeClient, entry, make_reporter
 from worker.books.ledger import Entry
+from worker.host.settings import Settings
+from worker.prefect.ui import Uplink
 from worker.process import hookproc
 from worker.rules import hookrules
 from worker.rules.hookrules import Crashed, Delivered
 from worker.rules.models import SetStateStatus, StateType
+from worker.runs.hooks import NO_HOOKS_TTL, HookContext, Hooks
+from worker.runs.inhand import InHand
 
 LOG = structlog.get_logger()
 ACCEPT, REJECT = SetStateStatus.ACCEPT, SetStateStatus.REJECT
@@ -182,3 +187,26 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+async def test_a_flow_without_hooks_is_remembered_for_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned: list[str] = []
+
+    async def fake_run_hooks(prefix: list[str], kind: str, run_id: str, **kw: Any) -> hookproc.HookOutcome:
+        spawned.append(f"{kind}:{run_id}")
+        return hookproc.HookOutcome("no_hooks" if run_id != "has" else "ok")
+
+    monkeypatch.setattr(hookproc, "run_hooks", fake_run_hooks)
+    settings = Settings(pool="pool", api_url="http://127.0.0.1:9/api")
+    hooks = Hooks(settings, Uplink(None, "w"), InHand(), tmp_path, rebuild=None)  # type: ignore[arg-type]
+    context = HookContext(["python"], {}, None, [], flow_key="dep@t1")
+    for run_id in ("a", "b", "c"):
+        await hooks._run(run_id, LOG, context, "crashed", [])
+    await hooks._run("d", LOG, context, "cancellation", [])
+    await hooks._run("e", LOG, attrs.evolve(context, flow_key="dep@t2"), "crashed", [])  # redeployed
+    assert spawned == ["crashed:a", "cancellation:d", "crashed:e"]
+    hooks.no_hooks = {k: t - NO_HOOKS_TTL for k, t in hooks.no_hooks.items()}  # a minute later
+    await hooks._run("f", LOG, context, "crashed", [])
+    assert spawned[-1] == "crashed:f"

@@ -21,10 +21,12 @@ hand, its interpreter, merged environment and working directory as it was starte
 one left by a previous worker, the same rebuilt from the API (its deployment and the
 pool's job template, as the run was configured). The run's ``--limit`` slot stays held
 while its hooks run, as with Prefect's worker; the hooks of a run no longer in hand (after
-a restart or an outage) run in the background. What the runner said is one
-``run.hooks`` line; a failure the worker saw (``hook_timeout_seconds`` passed, the flow
-could not be loaded, the runner could not start) is also a line in the run's logs in
-the UI (``run.hooks_failed``).
+a restart or an outage) run in the background. At most ``CONCURRENCY`` runners live at
+once, and a flow found without hooks of a kind is remembered for ``NO_HOOKS_TTL`` (a
+burst of crashes costs one runner). What the runner said is one ``run.hooks`` line; a
+failure the worker saw (``hook_timeout_seconds`` passed, the flow could not be loaded,
+the runner could not start) is also a line in the run's logs in the UI
+(``run.hooks_failed``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ from worker.runs.inhand import InHand
 
 log = structlog.get_logger("flow_worker")
 
+CONCURRENCY: Final = 8
+"""Hook runners alive at once. Each imports Prefect and the flow (a CPU-second or more,
+~100 MiB): a burst of crashes (an OOM storm in a backlog) queues its hooks rather than
+start dozens of Prefects at once. Each runner's time counts from its start."""
+NO_HOOKS_TTL: Final = 60.0
+"""Seconds a deployment's flow found without hooks of a kind is remembered (per
+deployment and its last update): a burst of crashes of one flow without hooks costs one
+runner, not one per run; a flow that gains hooks is seen within a minute of any change."""
 QUIET: Final = frozenset({"ok", "no_hooks", "engine_ran", "not_crashed"})
 """Results that are no failure of anyone's."""
 WORKERS_FAULT: Final = frozenset(
@@ -73,6 +83,8 @@ class HookContext:
     """The run's related resources, for ``prefect.runner.cancelled-flow-run``."""
     problem: str | None = None
     """Why the interpreter cannot run the hooks (the default one, without Prefect)."""
+    flow_key: str | None = None
+    """The deployment and its last update: which flow code the run had (None: unknown)."""
 
     @classmethod
     def of(
@@ -88,7 +100,9 @@ class HookContext:
         default = python or sys.executable
         prefix = hookrules.interpreter(config.argv(), default)
         problem = problem if prefix == [default] else None
-        return cls(prefix, env, config.working_dir, ui.runner_related(related), problem)
+        deployment = config.labels.get("prefect.io/deployment-id")
+        key = f"{deployment}@{config.labels.get('prefect.io/deployment-updated')}" if deployment else None
+        return cls(prefix, env, config.working_dir, ui.runner_related(related), problem, key)
 
 
 Rebuild = Callable[[str], Awaitable[HookContext | None]]
@@ -109,6 +123,9 @@ class Hooks:
     """The runs in hand whose process is gone and whose state is being delivered."""
     background: trio.Nursery | None = None
     """Where hooks of runs no longer in hand run (the runs nursery); None: inline."""
+    runners: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CONCURRENCY))
+    no_hooks: dict[tuple[str, str], float] = attrs.Factory(dict)
+    """(flow key, kind) → when its flow was last found without such hooks (trio's clock)."""
 
     async def before_cancelled(self, entry: Entry, run_log: Any) -> None:
         """The flow's ``on_cancellation`` hooks: the process is gone, CANCELLED is next."""
@@ -161,18 +178,26 @@ class Hooks:
         if context.problem is not None:  # said once at start too: not a process per crash
             run_log.warning("run.hooks_failed", kind=kind, error=f"not run: {context.problem}")
             return
-        timeout = self.settings.hook_timeout_seconds
-        outcome = await hookproc.run_hooks(
-            context.prefix,
-            kind,
-            run_id,
-            env=context.env,
-            cwd=context.cwd,
-            timeout=timeout,
-            log=run_log,
-            err_path=self.output_dir / f"{run_id}.hooks.err",
-            extra=extra,
-        )
+        key = (context.flow_key, kind) if context.flow_key else None
+        async with self.runners:
+            now = trio.current_time()
+            self.no_hooks = {k: t for k, t in self.no_hooks.items() if now - t < NO_HOOKS_TTL}
+            if key in self.no_hooks:
+                run_log.info("run.hooks", kind=kind, result="no_hooks", remembered=True)
+                return
+            outcome = await hookproc.run_hooks(
+                context.prefix,
+                kind,
+                run_id,
+                env=context.env,
+                cwd=context.cwd,
+                timeout=self.settings.hook_timeout_seconds,
+                log=run_log,
+                err_path=self.output_dir / f"{run_id}.hooks.err",
+                extra=extra,
+            )
+        if key is not None and outcome.result == "no_hooks":
+            self.no_hooks[key] = trio.current_time()
         ran = [
             {"name": h.get("name"), "ok": h.get("ok"), "seconds": h.get("seconds")}
             for h in outcome.report.get("hooks", [])
