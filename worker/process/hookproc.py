@@ -94,18 +94,18 @@ async def run_hooks(
     argv = command(prefix, kind, flow_run_id, timeout, list(extra or []))
     began = trio.current_time()
     tmpdir: str | None = None
-    if cwd is None or not cwd.is_dir():
-        tmpdir = tempfile.mkdtemp(prefix="flow-worker-hooks-")
-        cwd = Path(tmpdir)
     exited = trio.Event()
     try:
+        if cwd is None or not cwd.is_dir():
+            tmpdir = tempfile.mkdtemp(prefix="flow-worker-hooks-")
+            cwd = Path(tmpdir)
         err_path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
         err = os.open(err_path, flags, 0o600)
     except OSError as exc:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-        return HookOutcome("not_started", error=f"opening {err_path}: {type(exc).__name__}: {exc}")
+        return HookOutcome("not_started", error=f"its directory or {err_path}: {type(exc).__name__}: {exc}")
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(RunOutput(log.bind(source="hooks")).follow, [(err_path, "err")], exited, False)

@@ -157,8 +157,15 @@ class Hooks:
             if run_id in self.in_hand.live or self.background is None:  # its slot is held meanwhile
                 await self._run(run_id, run_log, context, "crashed", extra)
             else:
-                self.background.start_soon(self._run, run_id, run_log, context, "crashed", extra)
+                self.background.start_soon(self._guarded, run_id, run_log, context, extra)
         except Exception as exc:  # a bug here costs the hooks, never the delivery
+            run_log.error("run.hooks_bug", kind="crashed", error=_said(exc), exc_info=exc)
+
+    async def _guarded(self, run_id: str, run_log: Any, context: HookContext, extra: list[str]) -> None:
+        """A background runner's task: a bug costs these hooks, never the runs nursery."""
+        try:
+            await self._run(run_id, run_log, context, "crashed", extra)
+        except Exception as exc:
             run_log.error("run.hooks_bug", kind="crashed", error=_said(exc), exc_info=exc)
 
     async def _context(self, run_id: str, run_log: Any, kind: str) -> HookContext | None:
@@ -175,14 +182,15 @@ class Hooks:
     async def _run(
         self, run_id: str, run_log: Any, context: HookContext, kind: str, extra: list[str]
     ) -> None:
-        if context.problem is not None:  # said once at start too: not a process per crash
+        if context.problem is not None:  # no process that could only fail (said at start too)
             run_log.warning("run.hooks_failed", kind=kind, error=f"not run: {context.problem}")
             return
         key = (context.flow_key, kind) if context.flow_key else None
+        if self._remembered(key):
+            run_log.info("run.hooks", kind=kind, result="no_hooks", remembered=True)
+            return
         async with self.runners:
-            now = trio.current_time()
-            self.no_hooks = {k: t for k, t in self.no_hooks.items() if now - t < NO_HOOKS_TTL}
-            if key in self.no_hooks:
+            if self._remembered(key):  # found while this one waited its turn
                 run_log.info("run.hooks", kind=kind, result="no_hooks", remembered=True)
                 return
             outcome = await hookproc.run_hooks(
@@ -215,6 +223,12 @@ class Hooks:
         )
         if outcome.result in WORKERS_FAULT:
             run_log.error("run.hooks_failed", kind=kind, error=f"{outcome.result}: {outcome.error}"[:1000])
+
+    def _remembered(self, key: tuple[str, str] | None) -> bool:
+        """Whether the flow was found without hooks of this kind less than ``NO_HOOKS_TTL`` ago."""
+        now = trio.current_time()
+        self.no_hooks = {k: t for k, t in self.no_hooks.items() if now - t < NO_HOOKS_TTL}
+        return key is not None and key in self.no_hooks
 
 
 def _said(exc: BaseException) -> str:
