@@ -162,3 +162,25 @@ def test_on_crashed_hooks_after_a_restart_adopted_or_resolved(
         wait_for(lambda r=run_id: second.saw("run.hooks", flow_run_id=r), 30, what="run.hooks")
         assert len(marker_lines(marker)) == 1
         assert second.saw("run.hooks", flow_run_id=run_id, kind="crashed", result="ok")
+
+
+def test_on_crashed_hooks_after_an_exit_0_without_a_final_state_and_a_stop(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker("--pool", pool_name, FLOW_WORKER_CANCEL_GRACE_SECONDS="5", **FAST)
+    dep = api.deployment(pool_name, entrypoint="crashy.py:crashy", flow_name="crashy")
+    quiet, stopped = tmp_path / "exit0", tmp_path / "stopped"
+    quiet_run = api.run(dep, {"marker": str(quiet), "how": "exit0"})
+    stopped_run = api.run(dep, {"marker": str(stopped), "how": "sleep"})
+    final = api.wait_final(quiet_run, 120)
+    assert "exited with status 0 without reporting a final state" in final["state"]["message"]
+    wait_for(quiet.exists, 60, what="the hook after an exit 0 without a final state")
+    started(worker, api, stopped_run)
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: worker.saw("worker.stopping"), 10, what="the drain to begin")
+    worker.proc.send_signal(signal.SIGTERM)  # the second: the run is stopped, CRASHED
+    assert worker.proc.wait(120) == 0  # ... once its hooks have run
+    assert api.flow_run(stopped_run)["state"]["message"].startswith("The worker stopped before")
+    for marker in (quiet, stopped):
+        (line,) = marker_lines(marker)
+        assert line.startswith("CRASHED|Crashed|"), line
