@@ -143,10 +143,87 @@ def test_event_pickup_and_cancellation(
             f"flow_runs/{run_id}/set_state",
             {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
         )
-        final = vapi.wait_final(run_id, 20)  # the cancel poll is a minute away: the event did it
+        # the cancel poll is a minute away (>= 42 s): the event did it; CANCELLED follows the
+        # flow's on_cancellation hooks (a process of the run's runtime, after the kill)
+        final = vapi.wait_final(run_id, 40)
         assert final["state_type"] == "CANCELLED", final["state"]
         assert worker.saw("run.cancelling", flow_run_id=run_id, via="event")
         assert worker.stop() == 0
     finally:
         if worker.proc.poll() is None:
             worker.proc.kill()
+
+
+HOOK_VERSIONS = ("3.2.15", "3.9.1") if ENGINE_START == "cold" else ("3.9.1",)
+"""The oldest and the newest release whose own worker runs a flow's hooks after a crash
+(the warm pass: the newest only)."""
+
+
+@pytest.mark.parametrize("versioned_server", HOOK_VERSIONS, indirect=True, ids=lambda v: f"prefect-{v}")
+def test_hooks_on_the_oldest_and_newest_releases_that_run_them(
+    versioned_server: PrefectServer, vapi: Api, pool_name: str, tmp_path: Path
+) -> None:
+    """Issue 21: on_crashed after a SIGKILL (the worker's CRASHED) and after a crash the engine
+    reported itself (its hooks gated by the switch before 3.8, run by it from 3.8), once each;
+    on_cancellation for a flow that ignores SIGTERM, then CANCELLED and the runner's event."""
+    version = versioned_server.bin_dir.parent.name
+    crashy = vapi.deployment(pool_name, entrypoint="crashy.py:crashy", flow_name="crashy")
+    cancellable = vapi.deployment(pool_name, entrypoint="crashy.py:cancellable", flow_name="cancellable")
+    marks = {name: tmp_path / name for name in ("sigkill", "raise_crash", "cancelled")}
+    runs = {
+        "sigkill": vapi.run(crashy, {"marker": str(marks["sigkill"]), "how": "sigkill"}),
+        "raise_crash": vapi.run(crashy, {"marker": str(marks["raise_crash"]), "how": "raise_crash"}),
+        "cancelled": vapi.run(cancellable, {"marker": str(marks["cancelled"]), "how": "ignore_term"}),
+    }
+    worker = WorkerProcess(
+        versioned_server,
+        ["--pool", pool_name],
+        {
+            **engine_env(versioned_server),
+            "FLOW_WORKER_QUERY_SECONDS": "1",
+            "FLOW_WORKER_CANCEL_POLL_SECONDS": "1",
+            "FLOW_WORKER_CANCEL_GRACE_SECONDS": "2",
+            "FLOW_WORKER_STATE_DIR": str(tmp_path / "s"),
+        },
+        tmp_path / "w.log",
+    )
+    try:
+        wait_for(lambda: vapi.state_type(runs["cancelled"]) == "RUNNING", 120, what="the flow to run")
+        wait_for(
+            lambda: worker.saw("run.output", flow_run_id=runs["cancelled"], line="cancellable started"),
+            60,
+            what="the flow body to start",
+        )
+        vapi.call(
+            "POST",
+            f"flow_runs/{runs['cancelled']}/set_state",
+            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+        )
+        for name, run_id in runs.items():
+            final = vapi.wait_final(run_id, 120)
+            assert final["state_type"] == ("CANCELLED" if name == "cancelled" else "CRASHED"), (name, final)
+            wait_for(lambda r=run_id: worker.saw("run.hooks", flow_run_id=r), 90, what=f"{name}'s hooks")
+            wait_for(marks[name].exists, 10, what=f"{name}'s marker")
+            assert len(marks[name].read_text().splitlines()) == 1, (name, "once, never twice")
+        engine_ran = worker.saw("run.hooks", flow_run_id=runs["raise_crash"], result="engine_ran")
+        assert engine_ran == (version == "3.9.1"), "3.8+ engines run on_crashed hooks themselves"
+        (event,) = wait_for(
+            lambda: vapi.call(
+                "POST",
+                "events/filter",
+                {
+                    "filter": {
+                        "any_resource": {"id": [f"prefect.flow-run.{runs['cancelled']}"]},
+                        "event": {"name": ["prefect.runner.cancelled-flow-run"]},
+                    }
+                },
+            )["events"],
+            30,
+            what="prefect.runner.cancelled-flow-run",
+        )
+        assert event["resource"]["prefect.resource.id"] == "prefect.runner.standalone"
+        assert worker.stop() == 0
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()

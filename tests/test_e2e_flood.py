@@ -3,7 +3,9 @@ sleeping run, against the real Prefect 3.9.1 server and a real daemon.
 
 While `yes` floods its output for 30 s:
 * ``/health`` answers within 0.5 s at every probe (one every 0.5 s);
-* a cancel of the sleeping run reaches CANCELLED within 2 s;
+* a cancel of the sleeping run stops it within 2 s (its process exited; CANCELLED follows
+  once the flow's ``on_cancellation`` hooks have run, issue 21: a process of its own that
+  imports Prefect, so its time is the host's, not the worker's);
 * heartbeats go out on time (no heartbeat older than twice the interval);
 * the worker's RSS grows by at most 20 MiB;
 * the output file holds on disk at most ``output.FILE_CAP`` plus what `yes` writes in
@@ -167,10 +169,11 @@ def test_a_flood_beside_a_sleeping_run_costs_the_worker_nothing(
         {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
     )
     asked = time.monotonic()
-    wait_for(
-        lambda: api.state_type(sleeper) == "CANCELLED", 60, 0.05, what="the sleeping run to be CANCELLED"
-    )
+    wait_for(lambda: worker.saw("run.exited", flow_run_id=sleeper), 60, 0.05, what="the sleeping run to stop")
     cancelled_in = time.monotonic() - asked
+    wait_for(
+        lambda: api.state_type(sleeper) == "CANCELLED", 120, 0.2, what="the sleeping run to be CANCELLED"
+    )
 
     final = api.wait_final(flood, FLOOD_SECONDS + 60)
     flood_seconds = time.monotonic() - started
@@ -190,7 +193,7 @@ def test_a_flood_beside_a_sleeping_run_costs_the_worker_nothing(
     dropped = [e for e in events if e.get("event") == "run.output_dropped" and e.get("flow_run_id") == flood]
     print(
         f"\nflood {flood_seconds:.1f} s ({final['state_type']}): {len(probes)} /health probes, worst"
-        f" {worst_probe * 1000:.0f} ms, failed {failed}; cancel → CANCELLED in {cancelled_in:.2f} s;"
+        f" {worst_probe * 1000:.0f} ms, failed {failed}; cancel → stopped in {cancelled_in:.2f} s;"
         f" heartbeat age worst {max(ages):.1f} s ({len(ages)} reads); RSS {rss_before / 2**20:.1f} MiB"
         f" +{rss_growth / 2**20:.1f} MiB; output file at most {disk / 2**20:.1f} MiB on disk"
         f" (`yes` wrote {length / 2**30:.2f} GiB, {rate / 2**20:.0f} MiB/s); worker log"

@@ -8,6 +8,7 @@ For each run, nothing Prefect's worker leaves (labels, its log lines in the run'
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Callable
@@ -152,3 +153,91 @@ def events_covering(
         return found if found.keys() >= wanted and len(found) >= at_least else None
 
     return check
+
+
+HOOK_LINE = "hook write_marker saw Crashed"
+DEATHS = ("sigkill", "exit3", "segv")
+"""How the flow's process dies: SIGKILL (what the OOM killer sends), ``os._exit(3)``, a
+segfault (``ctypes.string_at(0)``)."""
+
+
+def run_lines(api: Api, run_id: str) -> list[str]:
+    """Every line of the run's logs (the flow's, the hooks', the workers')."""
+    logs = api.call(
+        "POST", "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"}
+    )
+    return [entry["message"] for entry in logs]
+
+
+def crash_runs(api: Api, pool: str, markers: Path) -> dict[str, str]:
+    api.create_pool_with_cli(pool)
+    dep = api.deployment(pool, entrypoint="crashy.py:crashy", flow_name="crashy")
+    markers.mkdir()
+    return {how: api.run(dep, {"marker": str(markers / how), "how": how}) for how in DEATHS}
+
+
+def test_on_crashed_hooks_run_wherever_prefects_worker_runs_them(
+    prefect_server: PrefectServer, api: Api, pool_name: str, tmp_path: Path
+) -> None:
+    """Issue 21: a flow whose process dies by SIGKILL, ``os._exit(3)`` or a segfault has its
+    ``on_crashed`` hook run under flow-worker wherever Prefect's worker runs it, and the
+    hook's log line reaches the run's logs."""
+    env = {**prefect_server.env, "PREFECT_LOGGING_LEVEL": "INFO"}
+    theirs = crash_runs(api, f"{pool_name}-prefect", tmp_path / "theirs")
+    prefect = subprocess.run(
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "-p",
+            f"{pool_name}-prefect",
+            "-t",
+            "process",
+            "--run-once",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prefect.returncode == 0, prefect.stderr[-2000:]
+    ours = crash_runs(api, f"{pool_name}-fw", tmp_path / "ours")
+    fw = flow_worker(
+        prefect_server,
+        "--pool",
+        f"{pool_name}-fw",
+        "--run-once",
+        **env,
+        FLOW_WORKER_STATE_DIR=str(tmp_path / "s"),
+        FLOW_WORKER_LOG_FORMAT="json",
+    )
+    assert fw.returncode == 1, fw.stderr[-3000:]  # crashed runs
+
+    for how in DEATHS:
+        their_run, our_run = api.flow_run(theirs[how]), api.flow_run(ours[how])
+        assert their_run["state_type"] == our_run["state_type"] == "CRASHED", how
+        their_marker, our_marker = tmp_path / "theirs" / how, tmp_path / "ours" / how
+        if not their_marker.exists():
+            continue  # Prefect's worker did not run it: nothing to match
+        assert our_marker.exists(), f"{how}: flow-worker did not run the on_crashed hook: {fw.stderr[-3000:]}"
+        lines = our_marker.read_text().splitlines()
+        assert len(lines) == 1, (how, lines, fw.stderr[-6000:])  # once, never twice
+        line = lines[0]
+        assert line.startswith("CRASHED|Crashed|Process exited with status code:"), line
+        wait_for(
+            lambda run_id=ours[how]: any(HOOK_LINE in m for m in run_lines(api, run_id)),
+            30,
+            what=f"{how}: the hook's line in the run's logs",
+        )
+        assert any(HOOK_LINE in m for m in run_lines(api, theirs[how])), how
+    assert all((tmp_path / "theirs" / how).exists() for how in DEATHS), "Prefect 3.9.1 runs them all"
+    hooks_said = [e for e in map(_json, fw.stderr.splitlines()) if e.get("event") == "run.hooks"]
+    assert sorted(e["result"] for e in hooks_said) == ["ok"] * 3, hooks_said
+
+
+def _json(line: str) -> dict[str, Any]:
+    try:
+        found = json.loads(line)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

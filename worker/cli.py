@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state-dir", help="directory for the ledger of owned runs")
     p.add_argument(
+        "--hook-timeout-seconds", type=float, help="time a flow's on_crashed / on_cancellation hooks may take"
+    )
+    p.add_argument(
         "--config", dest="config_path", type=Path, help="TOML config file ('-PATH': only if it exists)"
     )
     p.add_argument("--log-format", choices=["auto", "console", "json", "journald"])

@@ -77,6 +77,9 @@ class Entry:
     limits: dict[str, int] | None = None
     """The run's resource limits (``runlimits.RunLimits.items``), re-applied to its cgroup
     by the worker that adopts it."""
+    hooks_ran: bool = False
+    """The flow's ``on_cancellation`` hooks ran for ``report``: a retried delivery runs them
+    no more (``reporter.Reporter.deliver``)."""
 
 
 def boot_id() -> str:

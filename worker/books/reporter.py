@@ -9,6 +9,10 @@ supervisor's reporter loop) retries it until the API answers. Delivery reads the
 current state first and writes only what ``decisions.owed_proposal`` says is still
 needed, so a report delivered twice, or after the engine finished the run itself,
 changes nothing.
+
+A flow's hooks ride on the delivery (``rules/hookrules.py``, run by ``runs/hooks.py`` through
+:attr:`Reporter.hooks`): its ``on_cancellation`` hooks just before CANCELLED is proposed,
+its ``on_crashed`` hooks once the delivery is done, from what it found and did.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import structlog
@@ -25,7 +29,8 @@ from worker.books.ledger import Entry, Ledger, Report
 from worker.host.metrics import Metrics
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
-from worker.rules import decisions, fleet
+from worker.rules import decisions, fleet, hookrules
+from worker.rules.hookrules import Delivered
 from worker.rules.models import StateType
 
 log = structlog.get_logger("flow_worker")
@@ -34,6 +39,14 @@ log = structlog.get_logger("flow_worker")
 def run_logger(run_id: str, run_name: str, pool: str) -> Any:
     """The logger bound to one run: every line about it carries its id, name and pool."""
     return log.bind(flow_run_id=run_id, flow_run_name=run_name, work_pool=pool)
+
+
+class HookSink(Protocol):
+    """Where the flow's hooks are run (``runs/hooks.Hooks``); it never raises."""
+
+    async def before_cancelled(self, entry: Entry, run_log: Any) -> None: ...
+
+    async def delivered(self, entry: Entry, run_log: Any, delivered: Delivered) -> None: ...
 
 
 @attrs.define
@@ -50,13 +63,21 @@ class Reporter:
     """Finished runs whose report is not delivered yet (also on disk)."""
     failed_runs: int = 0
     """Runs reported as crashed (``--once`` exits 1 if any)."""
+    hooks: HookSink | None = None
+    """Runs the flows' hooks around deliveries (set by the runner); None: no hooks."""
+    hooks_ran: set[str] = attrs.Factory(set)
+    """Runs whose ``on_cancellation`` hooks ran and whose CANCELLED is not delivered yet."""
+    delivering: set[str] = attrs.Factory(set)
+    """Runs whose report is being delivered now (its hooks may take minutes): the reporter
+    loop leaves them alone, so a report is never delivered twice at once."""
 
     def owe(self, entry: Entry, kind: str, message: str) -> Entry:
         """Record a report in the ledger (fsync'd) and in :attr:`owed`; deliver later."""
         if kind == "crash":
             self.failed_runs += 1
         report = Report(kind=kind, message=message, transition_id=str(uuid.uuid4()))
-        entry = attrs.evolve(entry, phase="finished", finished_at=time.time(), report=report)
+        ran = entry.hooks_ran or entry.flow_run_id in self.hooks_ran
+        entry = attrs.evolve(entry, phase="finished", finished_at=time.time(), report=report, hooks_ran=ran)
         try:
             self.ledger.write(entry)
         except OSError as exc:  # a full disk, no descriptors: deliver it all the same
@@ -98,8 +119,16 @@ class Reporter:
             self.outage.failed(exc, "report")
             run_log.warning("run.report_deferred", kind=kind, error=str(exc))
 
-    async def deliver(self, entry: Entry, run_log: Any | None = None) -> None:
-        """Deliver one owed report; on success the ledger entry is removed."""
+    async def deliver(self, entry: Entry, run_log: Any | None = None) -> Delivered:
+        """Deliver one owed report; on success the ledger entry is removed. The flow's
+        hooks run around it (:attr:`hooks`); what it found and did is returned."""
+        self.delivering.add(entry.flow_run_id)
+        try:
+            return await self._deliver(entry, run_log)
+        finally:
+            self.delivering.discard(entry.flow_run_id)
+
+    async def _deliver(self, entry: Entry, run_log: Any | None) -> Delivered:
         assert entry.report is not None
         report = entry.report
         run_log = run_log or run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
@@ -108,6 +137,24 @@ class Reporter:
         owner = fleet.owner(current) if current is not None else None
         taken = owner is not None and owner not in (entry.worker_name, self.worker_name)
         proposal = decisions.owed_proposal(report.kind, current_type, taken)
+        found_ours = bool(
+            current is not None
+            and current.state is not None
+            and current.state.state_details.get("transition_id") == report.transition_id
+        )
+        proposed = proposal.type if proposal is not None else None
+        ran = entry.hooks_ran or entry.flow_run_id in self.hooks_ran
+        if self.hooks is not None and hookrules.cancellation_hooks(proposed, ran):
+            await self.hooks.before_cancelled(entry, run_log)  # the process is gone; CANCELLED next
+            self.hooks_ran.add(entry.flow_run_id)  # a retry runs them no more; nor, from the
+            entry = attrs.evolve(entry, hooks_ran=True)  # ledger, a restarted worker
+            if entry.flow_run_id in self.owed:
+                self.owed[entry.flow_run_id] = entry
+            try:
+                self.ledger.write(entry)
+            except OSError:
+                pass  # memory remembers (``hooks_ran``) while this worker lives
+        status = None
         outcome = (
             f"taken by worker {owner!r}"
             if taken
@@ -133,11 +180,16 @@ class Reporter:
                 transition_id=report.transition_id,
             )
             outcome = f"{proposal.type.value} {result.status.value}"
+            status = result.status
             if report.kind == "crash_if_running" and outcome == "CRASHED ACCEPT":
                 self.failed_runs += 1  # e.g. exit 0 without a final state: --once says so
         self.outage.succeeded()
         self.ledger.remove(entry.flow_run_id)
         self.owed.pop(entry.flow_run_id, None)
+        self.hooks_ran.discard(entry.flow_run_id)
+        done = Delivered(
+            report.kind, current_type, found_ours, taken, proposed, status, entry.pid is not None
+        )
         final = (
             outcome.split()[0]
             if outcome.endswith("ACCEPT")
@@ -148,13 +200,18 @@ class Reporter:
         if report.kind == "crash_if_running" and outcome == "not needed":
             # the usual end: the engine reported the final state itself, nothing was owed
             run_log.info("run.finished", state=current_type.value if current_type else None)
-            return
-        level = "warning" if report.kind == "crash_if_running" else "info"
-        getattr(run_log, level)("run.reported", kind=report.kind, outcome=outcome, message=report.message)
+        else:
+            level = "warning" if report.kind == "crash_if_running" else "info"
+            getattr(run_log, level)("run.reported", kind=report.kind, outcome=outcome, message=report.message)
+        if self.hooks is not None:
+            await self.hooks.delivered(entry, run_log, done)
+        return done
 
     async def deliver_owed(self) -> bool:
         """Try every owed report once; False if the API failed (the rest wait)."""
         for entry in list(self.owed.values()):
+            if entry.flow_run_id in self.delivering:
+                continue  # (its delivery is under way: its hooks are running)
             try:
                 await self.deliver(entry)
             except API_ERRORS as exc:

@@ -107,6 +107,11 @@ class Settings:
     cancel_grace_seconds: float = _setting(
         30.0, validator=strict.positive, doc="SIGTERM → SIGKILL grace when a run is cancelled"
     )
+    hook_timeout_seconds: float = _setting(
+        300.0,
+        validator=strict.positive,
+        doc="how long a flow's on_crashed / on_cancellation hooks may take, loading the flow included",
+    )
     create_pool_if_not_found: bool = _setting(True)
     events: bool = _setting(
         True, doc="subscribe to the server's event stream for instant pickup and cancellation"

@@ -84,6 +84,7 @@ LINES: Final[dict[str, tuple[int, str]]] = {
     ),
     "run.not_in_cgroup": (WARNING, "Not started in a cgroup of its own: {reason}"),
     "run.cgroup_left": (WARNING, "Its cgroup {cgroup} is still not empty after cgroup.kill (pids {pids})"),
+    "run.hooks_failed": (ERROR, "The flow's on_{kind} hooks did not run to their end: {error}"),
 }
 
 
@@ -155,8 +156,15 @@ class Uplink:
             }
         )
 
-    def add_event(self, name: str, related: list[dict[str, str]], follows: str | None = None) -> str:
-        """Queue one ``prefect.worker.*`` event; returns its id (for ``follows``)."""
+    def add_event(
+        self,
+        name: str,
+        related: list[dict[str, str]],
+        follows: str | None = None,
+        resource: dict[str, str] | None = None,
+    ) -> str:
+        """Queue one event (``prefect.worker.*``, about this worker unless ``resource``
+        says otherwise); returns its id (for ``follows``)."""
         event_id = str(uuid.uuid4())
         if not self.events_supported:
             return event_id
@@ -167,7 +175,7 @@ class Uplink:
             "id": event_id,
             "occurred": _now(),
             "event": name,
-            "resource": worker_resource(self.worker_name),
+            "resource": resource or worker_resource(self.worker_name),
             "related": related,
             "payload": {},
         }
@@ -275,6 +283,25 @@ def worker_resource(worker_name: str) -> dict[str, str]:
         "prefect.version": PREFECT_VERSION,
         "prefect.worker-type": "process",
     }
+
+
+RUNNER: Final = "standalone"
+"""The runner Prefect 3.8+'s process worker names in its ``prefect.runner.*`` events."""
+
+
+def runner_resource() -> dict[str, str]:
+    """The resource of ``prefect.runner.cancelled-flow-run``, as Prefect 3.9.1's worker says it."""
+    return {
+        "prefect.resource.id": f"prefect.runner.{RUNNER}",
+        "prefect.resource.name": RUNNER,
+        "prefect.version": PREFECT_VERSION,
+    }
+
+
+def runner_related(related: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A run's related resources as the runner's events carry them: deployment, flow,
+    flow run and tags, without the work pool."""
+    return [r for r in related if r.get("prefect.resource.role") != "work-pool"]
 
 
 def _related(kind: str, object_id: str, name: str) -> dict[str, str]:

@@ -9,7 +9,10 @@ intent byte and waits up to ``ACK_TIMEOUT`` for ``b"a"``:
 ==========  =========  ==================================================================
 intent      byte       what the engine does on the SIGTERM that follows
 ==========  =========  ==================================================================
-cancel      ``c``      forces CANCELLED itself and runs the flow's ``on_cancellation`` hooks
+cancel      ``c``      exits without touching the state: runs carry
+                       ``PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS=false``, so the
+                       worker runs the ``on_cancellation`` hooks, then forces CANCELLED
+                       (``hooks.py``)
 reschedule  ``r``      exits without touching the state (the worker proposes SCHEDULED)
 relinquish  ``q``      exits without touching the state (the worker proposes CRASHED)
 ==========  =========  ==================================================================

@@ -2,7 +2,7 @@
 
 :meth:`Runner.run` is the task the poll starts for each due run. Read it in order:
 
-1. :meth:`Runner.claim`: read the deployment (cached), write the claim to the ledger,
+1. ``claim.Claimer.claim``: read the deployment (cached), write the claim to the ledger,
    propose PENDING with a fixed ``transition_id``, judge the answer
    (``decisions.claim_outcome``), and check the run's history for a state another
    worker finished meanwhile (``decisions.displaced_state``): if so, put it back and
@@ -27,7 +27,6 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-import uuid
 from typing import Any, Final
 
 import attrs
@@ -42,7 +41,7 @@ from worker.host.settings import Settings
 from worker.prefect import ui
 from worker.prefect.answers import ApiRefused, ApiUnavailable
 from worker.prefect.api import PrefectClient
-from worker.prefect.cache import DEPLOYMENT_TTL, FLOW_TTL, ReadCache
+from worker.prefect.cache import FLOW_TTL, ReadCache
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.process import reaper
 from worker.process.cgroups import Cgroups
@@ -52,11 +51,14 @@ from worker.process.usage import Meter, Usage
 from worker.process.warm import WarmStarts
 from worker.rules import decisions, runlimits
 from worker.rules.admission import MIB, Book
+from worker.rules.hookrules import SWITCH
 from worker.rules.job import ConfigurationError, ProcessJobConfiguration, merge_job_variables
-from worker.rules.models import Deployment, Flow, FlowRun, ProtocolError, StateType, WorkPool
+from worker.rules.models import Deployment, Flow, FlowRun, ProtocolError, WorkPool
 from worker.rules.runlimits import RunLimits
+from worker.runs.claim import Claimer
 from worker.runs.control import ControlChannel
 from worker.runs.faults import Faults
+from worker.runs.hooks import HookContext, Hooks
 from worker.runs.inhand import InHand
 from worker.runs.interpreter import InterpreterCheck
 from worker.runs.labels import Labeller
@@ -113,13 +115,32 @@ class Runner:
     """The check of the default command's interpreter (``interpreter.py``)."""
     uplink: ui.Uplink = attrs.field(init=False)
     """Where the worker's lines and events about runs go, for the Prefect UI (``ui.py``)."""
+    hooks: Hooks = attrs.field(init=False)
+    """The flows' on_crashed / on_cancellation hooks, run around deliveries (``hooks.py``)."""
+    claimer: Claimer = attrs.field(init=False)
+    """Claims a due run and verifies the claim (``claim.py``)."""
 
     def __attrs_post_init__(self) -> None:
         self.uplink = ui.Uplink(self.client, self.settings.worker_name, self.settings.log_to_api)
+        self.hooks = Hooks(
+            self.settings, self.uplink, self.in_hand, self.ledger.output_dir, self.hook_context
+        )
+        self.reporter.hooks = self.hooks
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.warm = WarmStarts(enabled=self.settings.warm_start)
         self.faults = Faults(self.reporter, self.metrics, self.lost_claims)
         self.labels = Labeller(self.client, self.settings, self.in_hand, self.unlabelled)
+        self.claimer = Claimer(
+            self.settings,
+            self.client,
+            self.ledger,
+            self.metrics,
+            self.outage,
+            self.fencer,
+            self.cache,
+            self.lost_claims,
+            self.pool_name,
+        )
 
     @property
     def pool_name(self) -> str:
@@ -138,7 +159,7 @@ class Runner:
         entry: Entry | None = None
         try:
             async with self.claims:  # a burst claims concurrently, but boundedly
-                claimed = await self.claim(flow_run, run_log)
+                claimed = await self.claimer.claim(flow_run, run_log)
             if claimed is None:
                 return
             deployment, entry, run_log = claimed
@@ -164,7 +185,7 @@ class Runner:
             if self.in_hand.stopping:
                 await self.reporter.finish(entry, run_log, "reschedule", decisions.NEVER_STARTED)
                 return
-            if not await self._still_ours(entry, claimed_at, run_log):
+            if not await self.claimer.still_ours(entry, claimed_at, run_log):
                 return
             related = ui.run_related(flow_run, deployment, flow, self.pool)
             await self.execute(flow_run, entry, config, run_log, related, limits)
@@ -185,91 +206,6 @@ class Runner:
             self.book.finished(flow_run.id, flow_run.deployment_id, peak)
             self.control.unregister(flow_run.id)
             self.in_hand.release(flow_run.id)
-
-    async def claim(self, flow_run: FlowRun, run_log: Any) -> tuple[Deployment | None, Entry, Any] | None:
-        """Read the deployment, propose PENDING, verify the claim. None: not ours."""
-        deployment = None
-        if flow_run.deployment_id:
-            deployment_id = flow_run.deployment_id
-            deployment = await self.cache.get(
-                ("deployment", deployment_id),
-                DEPLOYMENT_TTL,
-                lambda: self.client.read_deployment(deployment_id),
-            )
-            if deployment is None:
-                await self.client.set_flow_run_state(
-                    flow_run.id,
-                    StateType.CANCELLED,
-                    "Cancelled",
-                    f"Deployment {deployment_id} no longer exists, cancelled run.",
-                    force=True,
-                )
-                run_log.warning("run.deployment_missing", deployment_id=deployment_id)
-                return None
-            run_log = run_log.bind(deployment_id=deployment.id, deployment_name=deployment.name)
-        transition_id = str(uuid.uuid4())
-        # the ledger knows of the claim before the server does: a crash in between is recoverable
-        entry = Entry(
-            flow_run_id=flow_run.id,
-            flow_run_name=flow_run.name,
-            pool=self.pool_name,
-            worker_name=self.settings.worker_name,
-            phase="claiming",
-            transition_id=transition_id,
-            claimed_at=time.time(),
-        )
-        self.ledger.write(entry)
-        try:
-            result = await self.client.set_flow_run_state(
-                flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
-            )
-            claim = decisions.claim_outcome(result, transition_id)
-            if not claim.proceed:
-                self.ledger.remove(flow_run.id)
-                run_log.info("run.not_claimed", reason=claim.reason)
-                return None
-            if not await self._undo_if_raced(flow_run, transition_id, run_log):
-                return None
-            entry = self.ledger.update(entry, phase="claimed")
-        except Exception:
-            # Proposed, perhaps written (a lost answer, a failed check, a ledger that cannot
-            # be written, a bug): the claim is resolved against the server by the reporter
-            # loop, as a lost answer is (back to SCHEDULED while it is still ours).
-            self.lost_claims[flow_run.id] = entry
-            raise
-        run_log.info("run.claimed", worker_name=self.settings.worker_name)
-        self.metrics.runs_claimed += 1
-        return deployment, entry, run_log
-
-    async def _still_ours(self, entry: Entry, claimed_at: float, run_log: Any) -> bool:
-        """After a heartbeat gap since the claim, a peer may have taken the run: check
-        first (``Fencer.still_ours``). Unknowable now: the claim is resolved later, as
-        one whose answer was lost (back to SCHEDULED if still ours)."""
-        try:
-            lost = await self.fencer.still_ours(entry.flow_run_id, entry.transition_id, claimed_at)
-        except API_ERRORS as exc:
-            self.outage.failed(exc, "submit")
-            run_log.warning("run.not_started", reason=f"could not check the claim after a gap: {exc}")
-            self.lost_claims[entry.flow_run_id] = entry
-            return False
-        if lost:
-            self.metrics.runs_lost += 1
-            run_log.warning("run.lost_to_peer", reason=lost)
-            self.ledger.remove(entry.flow_run_id)
-        return not lost
-
-    async def _undo_if_raced(self, flow_run: FlowRun, transition_id: str, run_log: Any) -> bool:
-        """True if the claim stands; False if another worker had finished the run after
-        our poll, in which case its final state is put back (PROTOCOL §7.6)."""
-        displaced = decisions.displaced_state(
-            await self.client.read_flow_run_states(flow_run.id), transition_id
-        )
-        if displaced is None:
-            return True
-        await self.client.restore_state(flow_run.id, displaced)
-        self.ledger.remove(flow_run.id)
-        run_log.warning("run.claim_raced", restored_state=displaced.type.value)
-        return False
 
     async def configure(
         self, flow_run: FlowRun, deployment: Deployment | None
@@ -333,7 +269,7 @@ class Runner:
             limits=limits,
         )
         try:
-            pid = await handle.start(extra_env=self.control.register(flow_run.id))
+            pid = await handle.start(extra_env=self.control.register(flow_run.id) | SWITCH)
         except StartDeferred as exc:
             await self.faults.defer(flow_run, entry, run_log, exc.short, config.mask(str(exc)))
             return
@@ -419,7 +355,30 @@ class Runner:
             lost=handle.lost,
             oom=oom,
         )
-        await self.reporter.finish(entry, run_log, kind, message)
+        self.hooks.live[flow_run.id] = HookContext.of(  # in the runtime it started in (`uv run` …)
+            config, self.settings.python, related, self.interpreter.problem, handle.argv
+        )
+        try:  # the flow's hooks run with the delivery, in the run's runtime (``hooks.py``)
+            await self.reporter.finish(entry, run_log, kind, message)
+        finally:
+            self.hooks.live.pop(flow_run.id, None)
+
+    async def hook_context(self, run_id: str) -> HookContext | None:
+        """The runtime of a run this worker did not start (adopted, or left by a previous
+        worker), rebuilt from the API as :meth:`configure` built it; None: the run is gone."""
+        flow_run = await self.client.read_flow_run(run_id)
+        if flow_run is None:
+            return None
+        deployment = (
+            await self.client.read_deployment(flow_run.deployment_id) if flow_run.deployment_id else None
+        )
+        if self.pool is None:  # before the first sync (a restart's reconcile)
+            self.pool = await self.client.read_work_pool(self.pool_name)
+            if self.pool is None:
+                return None
+        config, flow, _ = await self.configure(flow_run, deployment)
+        related = ui.run_related(flow_run, deployment, flow, self.pool)
+        return HookContext.of(config, self.settings.python, related, self.interpreter.problem)
 
     def spent(self, handle: Supervised) -> dict[str, Any]:
         """What the run's tree cost (``usage.py``), as log fields; counted in /metrics."""

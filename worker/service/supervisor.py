@@ -220,6 +220,7 @@ class Supervisor:
             if self.settings.events:
                 loops.start_soon(guard.forever, "events", self._events)
             async with trio.open_nursery() as runs:
+                self.runner.hooks.background = runs  # hooks of runs no longer in hand run there
                 with self.poll_scope:
                     await self.reconciler.reconcile(runs)
                     if self.settings.once:
@@ -230,6 +231,7 @@ class Supervisor:
                         await guard.forever("poll", self.liveness.judged("poll", self.poller.poll_loop), runs)
                 if self.in_hand.live:
                     log.info("worker.draining", active_runs=sorted(self.in_hand.live))
+            self.runner.hooks.background = None
             await self._flush_reports()
             await self.runner.uplink.stopped()
             loops.cancel_scope.cancel()
