@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
+import hypothesis
 import pytest
+
+# Property tests check what is decided, not how fast: on 2 shared cores beside a VM and two
+# Prefect servers an example can take longer than hypothesis' 200 ms default deadline.
+hypothesis.settings.register_profile("flow-worker", deadline=None)
+hypothesis.settings.load_profile("flow-worker")
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "tests" / "flows"
