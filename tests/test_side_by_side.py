@@ -211,7 +211,7 @@ def test_on_crashed_hooks_run_wherever_prefects_worker_runs_them(
         FLOW_WORKER_STATE_DIR=str(tmp_path / "s"),
         FLOW_WORKER_LOG_FORMAT="json",
     )
-    assert fw.returncode == 1, fw.stderr[-3000:]  # crashed runs
+    assert fw.returncode == 0, fw.stderr[-3000:]  # crashed runs: --run-once exits 0, as Prefect's worker
 
     for how in DEATHS:
         their_run, our_run = api.flow_run(theirs[how]), api.flow_run(ours[how])
