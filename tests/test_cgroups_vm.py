@@ -15,11 +15,12 @@ Root only, like the nspawn test: skipped elsewhere with the reason, and in CI a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,14 +38,20 @@ CONTROLLERS: Final = {"memory", "pids", "cpu"}
 MIB: Final = 1 << 20
 GRACE: Final = 3
 """``cancel_grace_seconds`` of the VM's worker: SIGTERM, then SIGKILL and cgroup.kill."""
+SETTINGS: Final = (
+    "query_seconds = 1",
+    "cancel_poll_seconds = 1",
+    "heartbeat_seconds = 5",
+    f"cancel_grace_seconds = {GRACE}",
+)
+"""The VM worker's ``/etc/flow-worker/vm.toml`` (:func:`configure`)."""
 
 
-@pytest.fixture(scope="module")
-def vm(prefect_server: PrefectServer) -> Iterator[Vm]:
-    """The booted VM with the ``.deb`` installed (with apt, from the payload disk)."""
-    reason = why_not_available()
-    if reason:
-        pytest.skip(f"VM tests: {reason}")
+@contextlib.contextmanager
+def installed_vm(server: PrefectServer) -> Iterator[Vm]:
+    """A booted VM with the ``.deb`` built from this checkout installed (with apt, from the
+    payload disk), the guest reaching ``server`` at :data:`API_PORT`; shut down on exit,
+    saying how long each step took. Also used by ``bench/cgroups_vm.py``."""
     work = Path(tempfile.mkdtemp(prefix="flow-worker-vm-"))
     payload = work / "payload"
     payload.mkdir()
@@ -52,7 +59,7 @@ def vm(prefect_server: PrefectServer) -> Iterator[Vm]:
     build_deb(payload / "flow-worker.deb")
     for flow in ("fake_engine.py", "vm_flows.py"):
         shutil.copy(FLOWS / flow, payload / flow)
-    box = Vm(work, forwards={API_PORT: prefect_server.port}, payload=payload)
+    box = Vm(work, forwards={API_PORT: server.port}, payload=payload)
     box.timings["build-deb"] = time.monotonic() - t0
     try:
         box.boot()
@@ -65,6 +72,24 @@ def vm(prefect_server: PrefectServer) -> Iterator[Vm]:
         said = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in box.timings.items())
         print(f"VM ({box.accel}, {box.cpus} vCPUs, {box.state or 'not booted'}): {said}")
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vm(prefect_server: PrefectServer) -> Iterator[Vm]:
+    """The booted VM with the ``.deb`` installed (:func:`installed_vm`)."""
+    reason = why_not_available()
+    if reason:
+        pytest.skip(f"VM tests: {reason}")
+    with installed_vm(prefect_server) as box:
+        yield box
+
+
+def configure(box: Vm, settings: Sequence[str] = SETTINGS) -> None:
+    """The pool's secrets file (the API's URL as the guest reaches it) and its settings
+    (``/etc/flow-worker/POOL.toml``, TOML lines), read by the unit at its next start."""
+    env_file, toml = f"/etc/flow-worker/{POOL}.env", f"/etc/flow-worker/{POOL}.toml"
+    box.sh(f"printf 'PREFECT_API_URL={box.url(API_PORT, '/api')}\\n' > {env_file} && chmod 600 {env_file}")
+    box.sh(f"printf '%s\\n' {' '.join(repr(s) for s in settings)} > {toml}")
 
 
 def show(box: Vm, prop: str, unit: str = UNIT) -> str:
@@ -182,11 +207,7 @@ def test_worker_unit_delegated_cgroup_v2(vm: Vm, api: Api) -> None:
     assert CONTROLLERS <= set(box.sh("cat /sys/fs/cgroup/cgroup.controllers").split())
 
     # ---- the pool's settings as in the nspawn test; the shipped unit delegates its cgroup
-    env_file, toml = f"/etc/flow-worker/{POOL}.env", f"/etc/flow-worker/{POOL}.toml"
-    box.sh(f"printf 'PREFECT_API_URL={box.url(API_PORT, '/api')}\\n' > {env_file} && chmod 600 {env_file}")
-    settings = ["query_seconds = 1", "cancel_poll_seconds = 1", "heartbeat_seconds = 5"]
-    settings.append(f"cancel_grace_seconds = {GRACE}")
-    box.sh(f"printf '%s\\n' {' '.join(repr(s) for s in settings)} > {toml}")
+    configure(box)
     start(box, UNIT)
     assert show(box, "ActiveState") == "active"
     assert show(box, "Delegate") == "yes"
