@@ -197,21 +197,18 @@ class Session:
         page, a redirect). The whole call, CSRF token and retries included, is bounded by
         :attr:`deadline`. ``essential=False``: a write the worker can do without for a
         while, held back while the server is busy and never retried then (``throttle.py``)."""
-        deadline = trio.current_time() + self.deadline
-        with self._within(deadline, method, path):
-            for attempt in range(2):
-                headers = self.csrf if method in _MUTATING and self.csrf else None
-                response = await self._send(
-                    method, path, deadline, essential, json=json, params=params, headers=headers
-                )
-                if attempt == 0 and response.status_code == 403 and "csrf" in detail_of(response).lower():
-                    await self._fetch_csrf_token(
-                        deadline, essential
-                    )  # missing, expired or rotated: get one, once
-                    continue
-                break
-            return self._judge(response, method, path)
-        raise AssertionError("unreachable")
+        deadline = trio.current_time() + self.deadline  # each step of the call keeps to it
+        for attempt in range(2):
+            headers = self.csrf if method in _MUTATING and self.csrf else None
+            response = await self._send(
+                method, path, deadline, essential, json=json, params=params, headers=headers
+            )
+            if attempt == 0 and response.status_code == 403 and "csrf" in detail_of(response).lower():
+                # missing, expired or rotated: get one, once
+                await self._fetch_csrf_token(deadline, essential)
+                continue
+            break
+        return self._judge(response, method, path)
 
     def _judge(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
         """The answer if it is a 2xx from the API; else the matching error. Prefect's API
