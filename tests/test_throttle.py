@@ -40,7 +40,7 @@ def test_the_window_never_shrinks_and_is_bounded(steps: list[tuple[float, str | 
     before = Busy()
     for now, state in replay(steps, seed):
         assert state.until >= before.until and state.strikes >= before.strikes >= 0
-        assert 0 <= state.wait(now) <= max(B.cap, B.retry_after_cap) * (1 + B.jitter)
+        assert 0 <= state.wait(now) <= max(B.policy.cap, B.policy.retry_after_cap) * (1 + B.policy.jitter)
         assert state.busy
         before = state
 
@@ -55,7 +55,7 @@ def test_retry_after_is_never_cut_short(
         state = s
     state = state.answered() if now < state.until else state
     told = state.told_busy(max(now, state.until), str(seconds))
-    assert told.until >= max(now, state.until) + min(seconds, B.retry_after_cap)
+    assert told.until >= max(now, state.until) + min(seconds, B.policy.retry_after_cap)
 
 
 @settings(max_examples=300, deadline=None)
@@ -64,7 +64,7 @@ def test_answers_to_one_burst_open_one_window(n: int, now: float) -> None:
     state = Busy()
     for _ in range(n):
         state = state.told_busy(now)
-    assert state.strikes == 1 and state.until <= now + B.base * (1 + B.jitter)
+    assert state.strikes == 1 and state.until <= now + B.policy.base * (1 + B.policy.jitter)
 
 
 @settings(max_examples=300, deadline=None)
@@ -74,8 +74,8 @@ def test_windows_grow_while_busy_and_reset_on_an_answer(n: int, seed: int) -> No
     for k in range(n):
         now = state.until  # the probe, answered busy again at once
         state = state.told_busy(now, None, rng)
-        raw = min(B.cap, B.base * 2**k)
-        assert raw * (1 - B.jitter) <= state.wait(now) <= raw * (1 + B.jitter)
+        raw = min(B.policy.cap, B.policy.base * 2**k)
+        assert raw * (1 - B.policy.jitter) <= state.wait(now) <= raw * (1 + B.policy.jitter)
     assert state.strikes == n
     assert state.answered() == Busy() and not state.answered().busy
 

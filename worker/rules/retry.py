@@ -106,10 +106,8 @@ class Busy:
 
     until: float = 0.0
     strikes: int = 0
-    base: float = 0.5
-    cap: float = 10.0
-    jitter: float = 0.2
-    retry_after_cap: float = 120.0
+    policy: RetryPolicy = RetryPolicy()
+    """Its backoff (``base``, ``cap``, ``jitter``, ``retry_after_cap``; not ``total``)."""
 
     @property
     def busy(self) -> bool:
@@ -121,13 +119,12 @@ class Busy:
 
     def told_busy(self, now: float, retry_after: str | None = None, rng: random.Random | None = None) -> Busy:
         """The state after a busy answer heard at ``now``."""
-        hinted = parse_retry_after(retry_after)
-        hint = None
-        if hinted is not None:
-            hint = min(hinted, self.retry_after_cap) * (rng or random).uniform(1, 1 + self.jitter)
+        hinted = parse_retry_after(retry_after) is not None
+        delay = attrs.evolve(self.policy, attempt=self.strikes).delay(retry_after, rng)
+        if hinted:
+            delay *= (rng or random).uniform(1, 1 + self.policy.jitter)
         if now < self.until:
-            return self if hint is None else attrs.evolve(self, until=max(self.until, now + hint))
-        delay = hint if hint is not None else backoff(self.strikes, self.base, self.cap, self.jitter, rng)
+            return attrs.evolve(self, until=max(self.until, now + delay)) if hinted else self
         return attrs.evolve(self, until=now + delay, strikes=self.strikes + 1)
 
     def answered(self) -> Busy:
