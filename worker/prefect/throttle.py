@@ -11,8 +11,9 @@ first request told busy (429/503) slows down every request of the session:
   fails at once as unavailable, as a retry that could not happen before it always did.
 * **Non-essential** writes (run labels, the UI's log lines and events) do not go out at
   all while the server is busy: they wait for the first answer that is not busy (then a
-  little more, so the essential requests waiting go first), and ``Session`` never retries
-  them on a busy answer: their callers keep the batch, or try again later.
+  little more, so the essential requests waiting go first), at most :data:`HOLD_SECONDS`
+  (a run's start waits for its labels), and ``Session`` never retries them on a busy
+  answer: their callers keep the batch, or try again later (labels: every 5 s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from worker.prefect.answers import ApiUnavailable
 from worker.rules.retry import BUSY_STATUS, Busy
 
 log = structlog.get_logger("flow_worker.api")
+HOLD_SECONDS: Final = 5.0
+"""At most this long a non-essential request waits for a busy server (then it fails as
+unavailable without going out)."""
 YIELD_SECONDS: Final = 0.25
 """At most this long (random) a non-essential request waits after the server is calm
 again, so the essential requests that were waiting go first."""
@@ -87,12 +91,14 @@ class Throttle:
     async def _other_turn(self, deadline: float, method: str, path: str) -> bool:
         if not self.state.busy:
             return False
-        with trio.move_on_at(deadline) as scope:
+        with trio.move_on_at(min(deadline, trio.current_time() + HOLD_SECONDS)) as scope:
             while self.state.busy:
                 await self._calm.wait()
             await trio.sleep(self.rng.uniform(0, YIELD_SECONDS))
         if scope.cancelled_caught:
-            raise self._unavailable(method, path, "a non-essential request waited for it until its deadline")
+            raise self._unavailable(
+                method, path, f"a non-essential request waited {HOLD_SECONDS:g} s at most"
+            )
         return False
 
     async def _essential_turn(self, deadline: float, method: str, path: str) -> bool:
