@@ -13,6 +13,7 @@ from worker.host.settings import Settings, SettingsError, validated
 from worker.prefect import events, ui
 from worker.prefect.answers import ApiNotFound, ApiUnavailable, describe, is_certificate_error
 from worker.prefect.session import tls_context
+from worker.prefect.throttle import Throttle
 
 CLOUD = "https://api.prefect.cloud/api/accounts/0ff44498-d380-4d7b-bd68-9b52da03823f/workspaces/c5ee4d60-dd3c-4e8b-a1e3-5d2b5c1e2a11"
 
@@ -64,8 +65,9 @@ def test_a_refused_certificate_is_recognised() -> None:
 class Api:
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail, self.sent = fail, []
+        self.throttle = Throttle()
 
-    async def request(self, method: str, path: str, json: Any = None) -> None:
+    async def request(self, method: str, path: str, json: Any = None, essential: bool = True) -> None:
         if self.fail is not None:
             raise self.fail
         self.sent.append((path, len(json)))
@@ -81,7 +83,7 @@ def test_run_log_lines_keep_prefects_wording() -> None:
 
 async def test_uplink_is_bounded_and_drops_the_oldest_during_an_outage() -> None:
     client = Api(ApiUnavailable("POST", "/logs/", None, "refused"))
-    uplink = ui.Uplink(client, "w")  # type: ignore[arg-type]
+    uplink = ui.Uplink(client, "w", events_in=None)  # type: ignore[arg-type]
     uplink.logs = collections.deque(maxlen=5)
     for i in range(8):
         uplink.add_log("r", 20, f"line {i}")
@@ -94,7 +96,7 @@ async def test_uplink_is_bounded_and_drops_the_oldest_during_an_outage() -> None
 
 async def test_a_server_without_events_is_detected_once() -> None:
     client = Api(ApiNotFound("POST", "/events", 404, "Not Found"))
-    uplink = ui.Uplink(client, "w")  # type: ignore[arg-type]
+    uplink = ui.Uplink(client, "w", events_in=None)  # type: ignore[arg-type]
     uplink.add_event("prefect.worker.started", [])
     await uplink.ship()
     assert not uplink.events_supported and not uplink.events
@@ -103,7 +105,7 @@ async def test_a_server_without_events_is_detected_once() -> None:
 
 
 def test_log_to_api_false_keeps_nothing() -> None:
-    uplink = ui.Uplink(Api(), "w", log_to_api=False)  # type: ignore[arg-type]
+    uplink = ui.Uplink(Api(), "w", log_to_api=False, events_in=None)  # type: ignore[arg-type]
     uplink.add_log("r", 20, "x")
     assert not uplink.logs
 
@@ -121,13 +123,13 @@ def test_executed_event_carries_pid_and_status() -> None:
 
 async def test_entries_queued_while_a_full_batch_is_sent_are_kept() -> None:
     class Slow(Api):
-        async def request(self, method: str, path: str, json: Any = None) -> None:
+        async def request(self, method: str, path: str, json: Any = None, essential: bool = True) -> None:
             for i in range(3):  # the queue is full: these push the oldest (sent) entries out
                 uplink.add_log("r", 20, f"new {i}")
             await super().request(method, path, json)
 
     client = Slow()
-    uplink = ui.Uplink(client, "w")  # type: ignore[arg-type]
+    uplink = ui.Uplink(client, "w", events_in=None)  # type: ignore[arg-type]
     uplink.logs = collections.deque(maxlen=5)
     for i in range(5):
         uplink.add_log("r", 20, f"old {i}")

@@ -230,8 +230,11 @@ class PrefectClient(Session):
     async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:
         self._read(await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)}))
 
-    async def update_labels(self, run_id: str, labels: dict[str, str]) -> None:
-        self._read(await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels))
+    async def update_labels(self, run_id: str, labels: dict[str, str], essential: bool = False) -> None:
+        """For the UI and the peers' reclaim (``labels.Labeller`` tries again until set):
+        not essential, so held back while the server is busy (``throttle.py``)."""
+        path = f"flow_runs/{run_id}/labels"
+        self._read(await self.request("PATCH", path, json=labels, essential=essential))
 
     # ---------------------------------------------------------------- template resolution
 

@@ -32,10 +32,13 @@ refused token turns events off for the life of the process, logged once.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
+import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import structlog
@@ -48,6 +51,9 @@ from worker.prefect.session import tls_context
 from worker.rules.models import FlowRun, StateType
 from worker.rules.retry import backoff
 
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
 log = structlog.get_logger("flow_worker.events")
 HANDSHAKE_TIMEOUT: Final = 10.0
 CANCEL_READS: Final = 4
@@ -58,11 +64,68 @@ class EventsUnavailable(Exception):
     """The server will not stream events to us (no endpoint, or auth refused): stop trying."""
 
 
-def ws_url(api_url: str) -> str:
+def ws_url(api_url: str, way: str = "out") -> str:
+    """The URL of the server's ``/events/out`` (or ``/events/in``) websocket."""
     base = api_url.rstrip("/")
     if base.startswith("https://"):
-        return "wss://" + base.removeprefix("https://") + "/events/out"
-    return "ws://" + base.removeprefix("http://") + "/events/out"
+        return "wss://" + base.removeprefix("https://") + "/events/" + way
+    return "ws://" + base.removeprefix("http://") + "/events/" + way
+
+
+@attrs.frozen
+class Socket:
+    """How one of the server's event websockets is opened (shared by the stream out and
+    ``eventsin.EventsIn``): URL, TLS, headers, the ``prefect`` subprotocol and its auth
+    frame. ``/events/in`` with an API key alone (Prefect Cloud) is authenticated by an
+    ``Authorization`` header instead, without the subprotocol, as Prefect's clients do."""
+
+    url: str
+    token: str | None
+    context: ssl.SSLContext | None
+    headers: list[tuple[bytes, bytes]]
+    handshake: bool = True
+
+    @classmethod
+    def of(cls, settings: Settings, way: str = "out") -> Socket:
+        assert settings.api_url is not None
+        url = ws_url(settings.api_url, way)
+        context = tls_context(settings) if url.startswith("wss://") else None
+        headers = [(k.encode(), v.encode()) for k, v in settings.custom_headers().items()]
+        token = settings.api_auth_string or settings.api_key
+        if way == "in" and settings.api_auth_string:  # a proxy may check it before the frame
+            basic = base64.b64encode(settings.api_auth_string.encode()).decode()
+            headers.append((b"Authorization", f"Basic {basic}".encode()))
+        elif way == "in" and settings.api_key:
+            headers.append((b"Authorization", f"bearer {settings.api_key}".encode()))
+            return cls(url, token, context, headers, handshake=False)
+        return cls(url, token, context, headers)
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "ssl_context": self.context,
+            "subprotocols": ["prefect"] if self.handshake else [],
+            "extra_headers": self.headers,
+        }
+
+    def open(self) -> AbstractAsyncContextManager[WebSocketConnection]:
+        """The websocket, opened (not yet authenticated: :meth:`authenticate`)."""
+        from trio_websocket import open_websocket_url
+
+        return open_websocket_url(self.url, connect_timeout=HANDSHAKE_TIMEOUT, **self._options())
+
+    async def authenticate(self, ws: WebSocketConnection) -> None:
+        """The auth frame and its answer: :class:`EventsUnavailable` if refused, ValueError
+        if the answer is not one."""
+        if not self.handshake:
+            return
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await ws.send_message(json.dumps(auth_frame(self.token)))
+            message = await ws.get_message()
+        answer = parse_frame(message)
+        if not isinstance(answer, dict):  # not an answer to auth: reconnect later
+            raise ValueError(f"unexpected answer to auth: {str(message)[:120]!r}")
+        if answer.get("type") != "auth_success":
+            raise EventsUnavailable(f"authentication refused: {str(answer)[:200]}")
 
 
 def auth_frame(token: str | None) -> dict[str, Any]:
@@ -197,35 +260,20 @@ async def stream(
 
     ``pause`` is the wait before a reconnect: the supervisor's ends early when the API
     is found to answer again, so the stream is back within seconds of an outage."""
-    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+    from trio_websocket import ConnectionClosed, HandshakeError
 
     failures = skipped = 0
-    token = settings.api_auth_string or settings.api_key
-    assert settings.api_url is not None
-    url = ws_url(settings.api_url)
-    context = tls_context(settings) if url.startswith("wss://") else None
-    headers = [(k.encode(), v.encode()) for k, v in settings.custom_headers().items()]
+    socket = Socket.of(settings)
+    url = socket.url
     while True:
         pool = pool_id()
         if pool is None:
             await trio.sleep(0.5)
             continue
         try:
-            async with open_websocket_url(
-                url,
-                ssl_context=context,
-                subprotocols=["prefect"],
-                extra_headers=headers,
-                connect_timeout=HANDSHAKE_TIMEOUT,
-            ) as ws:
+            async with socket.open() as ws:
+                await socket.authenticate(ws)
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await ws.send_message(json.dumps(auth_frame(token)))
-                    message = await ws.get_message()
-                    answer = parse_frame(message)
-                    if not isinstance(answer, dict):  # not an answer to auth: reconnect later
-                        raise ValueError(f"unexpected answer to auth: {str(message)[:120]!r}")
-                    if answer.get("type") != "auth_success":
-                        raise EventsUnavailable(f"authentication refused: {str(answer)[:200]}")
                     await ws.send_message(json.dumps(subscription(pool)))
                 if failures:
                     log.info("events.reconnected", after_failures=failures)

@@ -1,6 +1,10 @@
 """The conversation with a Prefect server: httpx on trio, Prefect's headers and auth, CSRF,
 retries within one deadline per call, and the judging of each answer (``answers.py``).
 
+A busy answer (429/503) slows down all of the session's requests, not only the one told
+(``throttle.py``); each request says whether it is essential (the default) or a write the
+worker can do without for a while (labels, the UI's lines and events), which waits.
+
 Every call has a total deadline (:data:`CALL_DEADLINE`, retries included), below systemd's
 ``WatchdogSec``: a server that accepts and never answers costs a loop 45 s, not a restart.
 """
@@ -35,6 +39,7 @@ from worker.prefect.answers import (
     is_html,
     unexpected_answer,
 )
+from worker.prefect.throttle import Throttle
 from worker.rules.models import ProtocolError
 from worker.rules.retry import RetryPolicy
 
@@ -84,6 +89,8 @@ class Session:
     an episode of strange answers from it ends there (``Outage.answered``)."""
     deadline: float = CALL_DEADLINE
     """Seconds one call may take in all, retries included (see :data:`CALL_DEADLINE`)."""
+    throttle: Throttle = attrs.Factory(Throttle)
+    """The busy window all requests share, and their priority (``throttle.py``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Self:
@@ -114,10 +121,10 @@ class Session:
 
     # ---------------------------------------------------------------- transport
 
-    async def _fetch_csrf_token(self, deadline: float) -> None:
+    async def _fetch_csrf_token(self, deadline: float, essential: bool = True) -> None:
         """Get a CSRF token (only once a server has asked for one: most servers do not)."""
         client_id = str(uuid.uuid4())
-        response = await self._send("GET", "csrf-token", deadline, params={"client": client_id})
+        response = await self._send("GET", "csrf-token", deadline, essential, params={"client": client_id})
         if response.status_code != 200:
             raise ApiRefused("GET", "/csrf-token", response.status_code, detail_of(response))
         token = decode(response, dict).get("token")
@@ -134,65 +141,74 @@ class Session:
             raise ApiNoAnswer(method, "/" + path, None, f"no answer within {self.deadline:g} s")
 
     async def _send(
-        self, method: str, path: str, deadline: float | None = None, **kwargs: Any
+        self, method: str, path: str, deadline: float | None = None, essential: bool = True, **kwargs: Any
     ) -> httpx.Response:
         """One request with retries of what is safe to retry (see ``retry.py``), all
         within ``deadline`` (trio time; default: :attr:`deadline` from now). A retry that
-        could not happen before the deadline is not waited for: the failure is raised."""
+        could not happen before the deadline is not waited for: the failure is raised.
+        A busy answer is waited out by the whole session (:attr:`throttle`); a
+        non-essential request told busy is not retried."""
         if deadline is None:
             deadline = trio.current_time() + self.deadline
         policy = self.retry
-        with self._within(deadline, method, path):
-            while True:
-                try:
-                    self.requests_sent += 1
-                    response = await self.http.request(method, path, **kwargs)
-                except httpx.TransportError as exc:
-                    delay = policy.transport_delay(rng=self.rng)
-                    if policy.exhausted or self.fail_fast() or trio.current_time() + delay >= deadline:
-                        raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
-                    log.debug(
-                        "api.retry",
-                        method=method,
-                        path=path,
-                        error=type(exc).__name__,
-                        delay=round(delay, 2),
-                    )
+        while True:
+            delay = 0.0
+            response: httpx.Response | None = None
+            async with self.throttle.turn(essential, deadline, method, path):
+                with self._within(deadline, method, path):
+                    try:
+                        self.requests_sent += 1
+                        response = await self.http.request(method, path, **kwargs)
+                    except httpx.TransportError as exc:
+                        delay = policy.transport_delay(rng=self.rng)
+                        if policy.exhausted or self.fail_fast() or trio.current_time() + delay >= deadline:
+                            raise ApiUnavailable(method, "/" + path, None, describe(exc)) from None
+                        log.debug(
+                            "api.retry", method=method, path=path, error=type(exc).__name__, delay=delay
+                        )
+            if response is not None:
+                status = response.status_code
+                if self.throttle.heard(response):
+                    now = trio.current_time()
+                    if not essential or policy.exhausted or now + self.throttle.state.wait(now) >= deadline:
+                        raise ApiUnavailable(method, "/" + path, status, detail_of(response))
+                    log.debug("api.retry", method=method, path=path, status=status, shared=True)
+                elif not policy.is_retryable_status(status):
+                    return response
                 else:
-                    if not policy.is_retryable_status(response.status_code):
-                        return response
                     delay = policy.delay(response.headers.get("Retry-After"), rng=self.rng)
                     if policy.exhausted or trio.current_time() + delay >= deadline:
-                        raise ApiUnavailable(method, "/" + path, response.status_code, detail_of(response))
-                    log.debug(
-                        "api.retry",
-                        method=method,
-                        path=path,
-                        status=response.status_code,
-                        delay=round(delay, 2),
-                    )
-                policy = policy.increment()
-                await trio.sleep(delay)
-        raise AssertionError("unreachable")  # (for mypy: _within either returns or raises)
+                        raise ApiUnavailable(method, "/" + path, status, detail_of(response))
+                    log.debug("api.retry", method=method, path=path, status=status, delay=round(delay, 2))
+            policy = policy.increment()
+            await trio.sleep(delay)
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        essential: bool = True,
     ) -> httpx.Response:
         """A request whose non-2xx answer is raised as the matching :class:`ApiError`, and
         whose answer is raised as a :class:`ProtocolError` if it is not the API's (a web
         page, a redirect). The whole call, CSRF token and retries included, is bounded by
-        :attr:`deadline`."""
-        deadline = trio.current_time() + self.deadline
-        with self._within(deadline, method, path):
-            for attempt in range(2):
-                headers = self.csrf if method in _MUTATING and self.csrf else None
-                response = await self._send(method, path, deadline, json=json, params=params, headers=headers)
-                if attempt == 0 and response.status_code == 403 and "csrf" in detail_of(response).lower():
-                    await self._fetch_csrf_token(deadline)  # missing, expired or rotated: get one, once
-                    continue
-                break
-            return self._judge(response, method, path)
-        raise AssertionError("unreachable")
+        :attr:`deadline`. ``essential=False``: a write the worker can do without for a
+        while, held back while the server is busy and never retried then (``throttle.py``)."""
+        deadline = trio.current_time() + self.deadline  # each step of the call keeps to it
+        for attempt in range(2):
+            headers = self.csrf if method in _MUTATING and self.csrf else None
+            response = await self._send(
+                method, path, deadline, essential, json=json, params=params, headers=headers
+            )
+            if attempt == 0 and response.status_code == 403 and "csrf" in detail_of(response).lower():
+                # missing, expired or rotated: get one, once
+                await self._fetch_csrf_token(deadline, essential)
+                continue
+            break
+        return self._judge(response, method, path)
 
     def _judge(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
         """The answer if it is a 2xx from the API; else the matching error. Prefect's API

@@ -12,13 +12,15 @@ Theory of operation
   ``…executed-flow-run``, with the resource and related resources Prefect's worker gives
   them (worker, flow run, deployment, flow, work pool, tags; the exit status and pid on
   the executed event), so an automation written for Prefect's worker fires for this one.
-* **Shipping.** :meth:`Uplink.loop` sends both in batches (``POST /logs/``,
-  ``POST /events``) ``SHIP_SECONDS`` after the first entry is queued, off the hot path,
-  and does not wake at all while nothing is queued. Memory is bounded: while the
-  API is down the oldest entries are dropped and counted (one WARNING when shipping
-  resumes). A server that refuses a batch (4xx) loses that batch, said once; a server
-  without an events endpoint is detected once and events are skipped. Nothing here ever
-  raises into the worker. ``log_to_api = false`` turns the log lines off.
+* **Shipping.** :meth:`Uplink.loop` sends both in batches (``POST /logs/``; events over
+  the ``/events/in`` websocket as Prefect's clients do, ``POST /events`` where it cannot
+  be opened: ``eventsin.py``) ``SHIP_SECONDS`` after the first entry is queued, off the
+  hot path, and does not wake at all while nothing is queued. Nothing is shipped while
+  the server says it is busy, and these writes are never retried then (``throttle.py``).
+  Memory is bounded: while the API is down the oldest entries are dropped and counted
+  (one WARNING when shipping resumes). A server that refuses a batch (4xx) loses that
+  batch, said once; a server without an events endpoint is detected once and events are
+  skipped. Nothing here ever raises into the worker. ``log_to_api = false`` turns the log lines off.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ import attrs
 import structlog
 import trio
 
+from worker.host.settings import Settings
 from worker.prefect.answers import ApiNotFound, ApiRefused
 from worker.prefect.api import PrefectClient
+from worker.prefect.events import Socket
+from worker.prefect.eventsin import EventsIn
 from worker.prefect.outage import API_ERRORS
 from worker.prefect.session import PREFECT_VERSION
 from worker.rules.models import Deployment, Flow, FlowRun, WorkPool
@@ -137,6 +142,8 @@ class Uplink:
     _started: str | None = None
     _queued: trio.Event = attrs.Factory(trio.Event)
     _pool: WorkPool | None = None
+    events_in: EventsIn | None = attrs.Factory(lambda self: _events_in(self.client), takes_self=True)
+    """How events go: the websocket, else ``POST`` (None: ``POST`` only)."""
 
     # ---------------------------------------------------------------- what goes in
 
@@ -207,20 +214,31 @@ class Uplink:
         (and retry every ``SHIP_SECONDS`` while the API is down). The logging tap feeds
         this uplink from now on."""
         TAP.uplink = self
-        while True:
-            await self._queued.wait()
-            await trio.sleep(SHIP_SECONDS)
-            await self.ship()
-            if not self.logs and not self.events:
-                self._queued = trio.Event()
+        async with trio.open_nursery() as nursery:  # (where the events websocket lives)
+            if self.events_in is not None:
+                self.events_in.nursery = nursery
+            try:
+                while True:
+                    await self._queued.wait()
+                    await trio.sleep(SHIP_SECONDS)
+                    await self.ship()
+                    if not self.logs and not self.events:
+                        self._queued = trio.Event()
+            finally:
+                if self.events_in is not None:
+                    self.events_in.nursery = None
+                    await self.events_in.close()
 
     async def ship(self) -> None:
-        """Send what is queued, a batch at a time; keep it if the API is down."""
+        """Send what is queued, a batch at a time; keep it if the API is down or busy."""
+        throttle = getattr(self.client, "throttle", None)  # (a test's stand-in may have none)
+        if throttle is not None and throttle.state.busy:
+            return
         try:
             while self.logs:
                 await self._send("logs/", self.logs)
             while self.events and self.events_supported:
-                await self._send("events", self.events)
+                await self._send_events()
         except API_ERRORS as exc:
             if not self._failing:
                 self._failing = True
@@ -231,22 +249,50 @@ class Uplink:
                 log.warning("uplink.dropped", entries=self.dropped, why="the API was unreachable too long")
             self._failing, self.dropped = False, 0
 
-    async def _send(self, path: str, queue: collections.deque[dict[str, Any]]) -> None:
-        batch = [queue[i] for i in range(min(BATCH, len(queue)))]
+    async def _send_events(self) -> None:
+        """One batch of events: over the websocket, else by ``POST``."""
+        batch = _batch(self.events)
+        if self.events_in is not None and await self.events_in.send(batch):
+            _shipped(self.events, batch)
+        elif await self._send("events", self.events) and self.events_in is not None:
+            self.events_in.posted()
+
+    async def _send(self, path: str, queue: collections.deque[dict[str, Any]]) -> bool:
+        """One batch by ``POST``: True if the server took it (else it is dropped, said once)."""
+        batch = _batch(queue)
+        taken = True
         try:
-            await self.client.request("POST", path, json=batch)
+            await self.client.request("POST", path, json=batch, essential=False)
         except ApiRefused as exc:
+            taken = False
             if path == "events" and (isinstance(exc, ApiNotFound) or exc.status == 405):
                 self.events_supported = False
                 queue.clear()
                 log.info("uplink.events_unsupported", error=str(exc), effect="no prefect.worker.* events")
-                return
+                return False
             if path not in self._refused:
                 self._refused.add(path)
                 log.warning("uplink.refused", path=path, error=str(exc), effect="that batch is dropped")
-        sent = {id(entry) for entry in batch}
-        while queue and id(queue[0]) in sent:  # exactly that batch (a full queue may have
-            queue.popleft()  # dropped some of it meanwhile), never what came after it
+        _shipped(queue, batch)
+        return taken
+
+
+def _events_in(client: PrefectClient) -> EventsIn | None:
+    """The events websocket of ``client``'s server (None for a stand-in without settings)."""
+    settings = getattr(client, "settings", None)
+    if not isinstance(settings, Settings) or not settings.api_url:
+        return None
+    return EventsIn(Socket.of(settings, "in"))
+
+
+def _batch(queue: collections.deque[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [queue[i] for i in range(min(BATCH, len(queue)))]
+
+
+def _shipped(queue: collections.deque[dict[str, Any]], batch: list[dict[str, Any]]) -> None:
+    sent = {id(entry) for entry in batch}
+    while queue and id(queue[0]) in sent:  # exactly that batch (a full queue may have
+        queue.popleft()  # dropped some of it meanwhile), never what came after it
 
 
 class RunLogTap:

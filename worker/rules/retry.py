@@ -24,6 +24,11 @@ as below.
 Delays grow ``base * 2**n`` up to ``cap``, each multiplied by a random factor in
 ``[1 - jitter, 1 + jitter]`` so that many workers do not retry in step. A
 ``Retry-After`` header replaces the computed delay (bounded by ``retry_after_cap``).
+
+"Busy" answers (429, 503) are shared: :class:`Busy` is one session's window during which
+none of its requests goes out, opened by any request told busy (``Retry-After`` honoured,
+else the same doubling backoff, one step per window, not per answer), and reset by the
+first answer that is not busy. ``prefect/throttle.py`` applies it to every request.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import attrs
 import httpx
 
 RETRYABLE_STATUS: Final = frozenset({408, 429, 502, 503, 504})
+BUSY_STATUS: Final = frozenset({429, 503})
+"""Answers that say the server is busy: they slow down the whole session (:class:`Busy`)."""
 
 
 @attrs.frozen
@@ -84,6 +91,45 @@ class RetryPolicy:
         if self.attempt == 0:
             return 0.0
         return backoff(self.attempt, self.base, self.transport_cap, self.jitter, rng)
+
+
+@attrs.frozen
+class Busy:
+    """The server's "busy" as all of one session's requests share it (pure: times are the
+    caller's clock, in seconds). No request goes out before ``until``; ``strikes`` counts
+    the windows opened since the last answer that was not busy (0: not busy).
+
+    A busy answer heard while a window is open (a request sent before it opened) adds no
+    strike: N requests told busy at once open one window, not N doubling ones; it only
+    extends the window to its ``Retry-After``. A ``Retry-After`` is never cut short by the
+    jitter (its factor is in ``[1, 1 + jitter]``)."""
+
+    until: float = 0.0
+    strikes: int = 0
+    policy: RetryPolicy = RetryPolicy()
+    """Its backoff (``base``, ``cap``, ``jitter``, ``retry_after_cap``; not ``total``)."""
+
+    @property
+    def busy(self) -> bool:
+        return self.strikes > 0
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` before a request may go out (0: now)."""
+        return max(0.0, self.until - now)
+
+    def told_busy(self, now: float, retry_after: str | None = None, rng: random.Random | None = None) -> Busy:
+        """The state after a busy answer heard at ``now``."""
+        hinted = parse_retry_after(retry_after) is not None
+        delay = attrs.evolve(self.policy, attempt=self.strikes).delay(retry_after, rng)
+        if hinted:
+            delay *= (rng or random).uniform(1, 1 + self.policy.jitter)
+        if now < self.until:
+            return attrs.evolve(self, until=max(self.until, now + delay)) if hinted else self
+        return attrs.evolve(self, until=now + delay, strikes=self.strikes + 1)
+
+    def answered(self) -> Busy:
+        """The state after an answer that was not busy: reset."""
+        return attrs.evolve(self, until=0.0, strikes=0)
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float, rng: random.Random | None = None) -> float:
