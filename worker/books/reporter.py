@@ -5,10 +5,18 @@ the reason, CANCELLED, SCHEDULED again, or "CRASHED if the engine did not finish
 (``crash_if_running``, the common case after a clean exit). :meth:`Reporter.finish`
 records it and tries to deliver it at once; what cannot be delivered stays in
 :attr:`Reporter.owed` and in the ledger, and :meth:`Reporter.deliver_owed` (the
-supervisor's reporter loop) retries it until the API answers. Delivery reads the run's
-current state first and writes only what ``decisions.owed_proposal`` says is still
-needed, so a report delivered twice, or after the engine finished the run itself,
-changes nothing.
+supervisor's reporter loop) retries it until the API answers. Delivery writes only what
+``decisions.owed_proposal`` says is still needed given the run's current state, so a
+report delivered twice, or after the engine finished the run itself, changes nothing.
+
+How the current state is known (:meth:`Reporter._current`): a crash report (``crash``,
+``crash_if_running``) of a run no peer can have taken (:attr:`Reporter.undisputed`: no
+heartbeat gap since its claim, ``Fencer.undisputed``) is proposed at once, and the
+server's answer says what the read would have: ABORT or REJECT carry the current state
+(final, CANCELLING, or ours replayed), so nothing else is written, or CANCELLED is next;
+only an ACCEPT (a real crash, rare) reads the history, to know what it replaced and to
+put back a SCHEDULED state it must not have replaced. Every other report, and any report
+after a gap, reads the run first (a peer may have it: its owner, ``fleet.owner``).
 
 A flow's hooks ride on the delivery (``rules/hookrules.py``, run by ``runs/hooks.py`` through
 :attr:`Reporter.hooks`): its ``on_cancellation`` hooks just before CANCELLED is proposed,
@@ -20,6 +28,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -27,11 +36,12 @@ import structlog
 
 from worker.books.ledger import Entry, Ledger, Report
 from worker.host.metrics import Metrics
+from worker.prefect.answers import ApiNotFound
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.rules import decisions, fleet, hookrules
 from worker.rules.hookrules import Delivered
-from worker.rules.models import StateType
+from worker.rules.models import FlowRun, OrchestrationResult, StateType
 
 log = structlog.get_logger("flow_worker")
 
@@ -70,6 +80,9 @@ class Reporter:
     delivering: set[str] = attrs.Factory(set)
     """Runs whose report is being delivered now (its hooks may take minutes): the reporter
     loop leaves them alone, so a report is never delivered twice at once."""
+    undisputed: Callable[[Entry], bool] = lambda entry: False
+    """Whether no peer can have taken the entry's run since its claim (``Fencer.undisputed``,
+    set by the runner): its crash report is then proposed without reading the run first."""
 
     def owe(self, entry: Entry, kind: str, message: str) -> Entry:
         """Record a report in the ledger (fsync'd) and in :attr:`owed`; deliver later."""
@@ -132,7 +145,7 @@ class Reporter:
         assert entry.report is not None
         report = entry.report
         run_log = run_log or run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
-        current = await self.client.read_flow_run(entry.flow_run_id)
+        current, first = await self._current(entry)
         current_type = current.state_type if current is not None else None
         owner = fleet.owner(current) if current is not None else None
         taken = owner is not None and owner not in (entry.worker_name, self.worker_name)
@@ -170,15 +183,18 @@ class Reporter:
                 message = decisions.CANCELLED_MESSAGE
             elif proposal.type is StateType.SCHEDULED:
                 details = {"scheduled_time": datetime.datetime.now(datetime.UTC).isoformat()}
-            result = await self.client.set_flow_run_state(
-                entry.flow_run_id,
-                proposal.type,
-                proposal.name,
-                message,
-                force=proposal.force,
-                state_details=details,
-                transition_id=report.transition_id,
-            )
+            if first is not None and proposal.type is StateType.CRASHED:
+                result = first  # (proposed already: its answer is the outcome)
+            else:
+                result = await self.client.set_flow_run_state(
+                    entry.flow_run_id,
+                    proposal.type,
+                    proposal.name,
+                    message,
+                    force=proposal.force,
+                    state_details=details,
+                    transition_id=report.transition_id,
+                )
             outcome = f"{proposal.type.value} {result.status.value}"
             status = result.status
             if report.kind == "crash_if_running" and outcome == "CRASHED ACCEPT":
@@ -206,6 +222,34 @@ class Reporter:
         if self.hooks is not None:
             await self.hooks.delivered(entry, run_log, done)
         return done
+
+    async def _current(self, entry: Entry) -> tuple[FlowRun | None, OrchestrationResult | None]:
+        """The run as it is before the report is written (None: deleted), and the answer to
+        the CRASHED already proposed, if it was (see the module's docstring)."""
+        assert entry.report is not None
+        run_id = entry.flow_run_id
+        if entry.report.kind not in hookrules.CRASH_KINDS or not self.undisputed(entry):
+            return await self.client.read_flow_run(run_id), None
+        try:
+            first = await self.client.set_flow_run_state(
+                run_id,
+                StateType.CRASHED,
+                "Crashed",
+                entry.report.message,
+                transition_id=entry.report.transition_id,
+            )
+        except ApiNotFound:
+            return None, None
+        if first.status.value != "ACCEPT":
+            return FlowRun(run_id, entry.flow_run_name, state=first.state), first
+        replaced = decisions.newest_other(
+            await self.client.read_flow_run_states(run_id), entry.report.transition_id
+        )
+        if replaced is None:  # (our CRASHED alone in the history: it replaced nothing known)
+            return FlowRun(run_id, entry.flow_run_name, state=first.state), first
+        if decisions.owed_proposal(entry.report.kind, replaced.type) is None:
+            await self.client.restore_state(run_id, replaced)  # e.g. SCHEDULED: it will run again
+        return FlowRun(run_id, entry.flow_run_name, state=replaced), first
 
     async def deliver_owed(self) -> bool:
         """Try every owed report once; False if the API failed (the rest wait)."""
