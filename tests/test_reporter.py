@@ -1,0 +1,159 @@
+"""The reporter's crash reports without a read first (``Reporter._current``): the server's
+answer to the proposal says what the read would have, against a fake that orchestrates
+as Prefect 3.9.1 does for CRASHED (final → ABORT, CANCELLING → REJECT, a repeated
+transition → REJECT, else ACCEPT), and its history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from worker.books.ledger import Entry, Ledger
+from worker.books.reporter import Reporter
+from worker.host.metrics import Metrics
+from worker.prefect.answers import ApiNotFound
+from worker.prefect.outage import Outage
+from worker.rules.models import FlowRun, OrchestrationResult, SetStateStatus, State, StateType
+
+LOG = structlog.get_logger()
+
+
+class Server:
+    """One run's history, orchestrated like the server for the proposals a reporter makes."""
+
+    def __init__(self, type_: StateType | None, owner: str | None = None) -> None:
+        self.history = [State(type_, id="s0", timestamp="t0", state_details={"transition_id": "engine"})]
+        self.deleted = type_ is None
+        self.owner = owner
+        self.calls: list[str] = []
+
+    @property
+    def current(self) -> State:
+        return self.history[-1]
+
+    async def read_flow_run(self, run_id: str) -> FlowRun | None:
+        self.calls.append("read")
+        labels = {"prefect.worker.name": self.owner} if self.owner else {}
+        return None if self.deleted else FlowRun(run_id, state=self.current, labels=labels)
+
+    async def read_flow_run_states(self, run_id: str) -> list[State]:
+        self.calls.append("history")
+        return list(self.history)
+
+    async def set_flow_run_state(
+        self, run_id: str, type_: StateType, name: str, message: str | None = None, **kw: Any
+    ) -> OrchestrationResult:
+        self.calls.append(f"set {type_.value}")
+        if self.deleted:
+            raise ApiNotFound("POST", f"/flow_runs/{run_id}/set_state", 404, "Flow run not found")
+        tid = kw.get("transition_id")
+        now = self.current
+        if not kw.get("force"):
+            if now.state_details.get("transition_id") == tid:
+                return OrchestrationResult(SetStateStatus.REJECT, now, {"reason": "already made"})
+            if now.type.is_final:
+                return OrchestrationResult(SetStateStatus.ABORT, now, {"reason": "terminal"})
+            if now.type is StateType.CANCELLING and type_ is not StateType.CANCELLED:
+                return OrchestrationResult(SetStateStatus.REJECT, now, {"reason": "cancelling"})
+        new = State(
+            type_,
+            id=f"s{len(self.history)}",
+            timestamp=f"t{len(self.history)}",
+            message=message,
+            state_details={**(kw.get("state_details") or {}), "transition_id": tid},
+        )
+        self.history.append(new)
+        return OrchestrationResult(SetStateStatus.ACCEPT, new)
+
+    async def restore_state(self, run_id: str, state: State) -> OrchestrationResult:
+        details = dict(state.state_details)
+        tid = details.pop("transition_id", None)
+        return await self.set_flow_run_state(
+            run_id,
+            state.type,
+            state.name or "",
+            state.message,
+            force=True,
+            state_details=details,
+            transition_id=tid,
+        )
+
+
+def reporter(tmp_path: Path, server: Server, undisputed: bool = True) -> Reporter:
+    ledger = Ledger(tmp_path / "state")
+    ledger.open()
+    metrics = Metrics()
+    r = Reporter(server, ledger, Outage(metrics=metrics), metrics, "pool", "w")  # type: ignore[arg-type]
+    r.undisputed = lambda entry: undisputed
+    return r
+
+
+def entry() -> Entry:
+    return Entry("r1", "name", "pool", "w", "started", pid=123, claimed_at=1.0)
+
+
+async def test_a_clean_exit_after_the_engine_finished_costs_one_request(tmp_path: Path) -> None:
+    server = Server(StateType.COMPLETED)
+    r = reporter(tmp_path, server)
+    await r.finish(entry(), LOG, "crash_if_running", "exit 0")
+    assert server.calls == ["set CRASHED"], "no read: the ABORT says the run is final"
+    assert server.current.type is StateType.COMPLETED and r.failed_runs == 0 and r.owed == {}
+    assert r.metrics.runs_finished["COMPLETED"] == 1
+
+
+async def test_a_real_crash_is_written_and_reads_only_what_it_replaced(tmp_path: Path) -> None:
+    server = Server(StateType.RUNNING)
+    r = reporter(tmp_path, server)
+    await r.finish(entry(), LOG, "crash", "boom")
+    assert server.calls == ["set CRASHED", "history"]
+    assert server.current.type is StateType.CRASHED and server.current.message == "boom"
+    assert r.metrics.runs_finished["CRASHED"] == 1 and r.owed == {}
+
+
+async def test_a_cancelling_run_is_cancelled_as_after_a_read(tmp_path: Path) -> None:
+    server = Server(StateType.CANCELLING)
+    r = reporter(tmp_path, server)
+    await r.finish(entry(), LOG, "crash", "boom")
+    assert server.calls == ["set CRASHED", "set CANCELLED"]
+    assert server.current.type is StateType.CANCELLED
+
+
+async def test_a_crash_never_stays_over_a_scheduled_state(tmp_path: Path) -> None:
+    """SCHEDULED is back in the queue (the engine's own reschedule): a crash report writes
+    nothing over it; proposed blind and accepted, it is put back at once."""
+    server = Server(StateType.SCHEDULED)
+    r = reporter(tmp_path, server)
+    await r.finish(entry(), LOG, "crash_if_running", "exit 0")
+    assert server.calls == ["set CRASHED", "history", "set SCHEDULED"]
+    assert server.current.type is StateType.SCHEDULED and r.failed_runs == 0
+
+
+async def test_a_deleted_run_is_not_needed(tmp_path: Path) -> None:
+    server = Server(None)
+    r = reporter(tmp_path, server)
+    await r.finish(entry(), LOG, "crash", "boom")
+    assert server.calls == ["set CRASHED"] and r.owed == {}
+
+
+async def test_a_replayed_delivery_finds_its_own_crash(tmp_path: Path) -> None:
+    server = Server(StateType.RUNNING)
+    r = reporter(tmp_path, server)
+    owed = r.owe(entry(), "crash", "boom")
+    await r.deliver(owed)
+    r.owed[owed.flow_run_id] = owed  # as if the answer had been lost: delivered again
+    done = await r.deliver(owed)
+    assert done.found is StateType.CRASHED and done.found_ours and done.proposed is None
+    assert [s.type for s in server.history] == [StateType.RUNNING, StateType.CRASHED]
+
+
+@pytest.mark.parametrize("kind", ["crash", "crash_if_running", "cancelled", "reschedule"])
+async def test_after_a_gap_or_for_other_reports_the_run_is_read_first(tmp_path: Path, kind: str) -> None:
+    """A peer may have taken the run during a heartbeat gap: read it, and write nothing over
+    a peer's run; reports that force their state always read first."""
+    server = Server(StateType.RUNNING, owner="someone else")
+    r = reporter(tmp_path, server, undisputed=kind not in ("crash", "crash_if_running"))
+    await r.finish(entry(), LOG, kind, "boom")
+    assert server.calls == ["read"] and server.current.type is StateType.RUNNING
