@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import structlog
+import trio
 
 from worker.books.ledger import Entry, Ledger
-from worker.books.reporter import Reporter
+from worker.books.reporter import Reads, Reporter
 from worker.host.metrics import Metrics
-from worker.prefect.answers import ApiNotFound
+from worker.prefect.answers import ApiNotFound, ApiUnavailable
 from worker.prefect.outage import Outage
 from worker.rules.models import FlowRun, OrchestrationResult, SetStateStatus, State, StateType
 
@@ -38,6 +39,11 @@ class Server:
         self.calls.append("read")
         labels = {"prefect.worker.name": self.owner} if self.owner else {}
         return None if self.deleted else FlowRun(run_id, state=self.current, labels=labels)
+
+    async def filter_flow_runs(self, ids: list[str]) -> list[FlowRun]:
+        self.calls.append("read")
+        labels = {"prefect.worker.name": self.owner} if self.owner else {}
+        return [] if self.deleted else [FlowRun(i, state=self.current, labels=labels) for i in ids]
 
     async def read_flow_run_states(self, run_id: str) -> list[State]:
         self.calls.append("history")
@@ -95,11 +101,12 @@ def entry() -> Entry:
     return Entry("r1", "name", "pool", "w", "started", pid=123, claimed_at=1.0)
 
 
-async def test_a_clean_exit_after_the_engine_finished_costs_one_request(tmp_path: Path) -> None:
+async def test_a_clean_exit_after_the_engine_finished_costs_one_read(tmp_path: Path) -> None:
+    """Never a blind proposal: an ABORT would take the server's write lock, a read none."""
     server = Server(StateType.COMPLETED)
     r = reporter(tmp_path, server)
     await r.finish(entry(), LOG, "crash_if_running", "exit 0")
-    assert server.calls == ["set CRASHED"], "no read: the ABORT says the run is final"
+    assert server.calls == ["read"]
     assert server.current.type is StateType.COMPLETED and r.failed_runs == 0 and r.owed == {}
     assert r.metrics.runs_finished["COMPLETED"] == 1
 
@@ -126,9 +133,9 @@ async def test_a_crash_never_stays_over_a_scheduled_state(tmp_path: Path) -> Non
     nothing over it; proposed blind and accepted, it is put back at once."""
     server = Server(StateType.SCHEDULED)
     r = reporter(tmp_path, server)
-    await r.finish(entry(), LOG, "crash_if_running", "exit 0")
+    await r.finish(entry(), LOG, "crash", "boom")
     assert server.calls == ["set CRASHED", "history", "set SCHEDULED"]
-    assert server.current.type is StateType.SCHEDULED and r.failed_runs == 0
+    assert server.current.type is StateType.SCHEDULED
 
 
 async def test_a_deleted_run_is_not_needed(tmp_path: Path) -> None:
@@ -157,3 +164,77 @@ async def test_after_a_gap_or_for_other_reports_the_run_is_read_first(tmp_path: 
     r = reporter(tmp_path, server, undisputed=kind not in ("crash", "crash_if_running"))
     await r.finish(entry(), LOG, kind, "boom")
     assert server.calls == ["read"] and server.current.type is StateType.RUNNING
+
+
+class SlowReads:
+    """``filter_flow_runs`` that takes a second, records its batches, and can fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.fail = fail
+
+    async def filter_flow_runs(self, ids: list[str]) -> list[FlowRun]:
+        self.batches.append(list(ids))
+        await trio.sleep(1)
+        if self.fail:
+            raise ApiUnavailable("POST", "/flow_runs/filter", 503, "busy")
+        return [FlowRun(i, state=State(StateType.COMPLETED)) for i in ids if i != "gone"]
+
+
+async def test_reads_of_runs_finishing_together_are_one_request(autojump_clock: Any) -> None:
+    client = SlowReads()
+    reads = Reads(client)  # type: ignore[arg-type]
+    found: dict[str, FlowRun | None] = {}
+
+    async def ask(run_id: str) -> None:
+        found[run_id] = await reads.read(run_id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(ask, f"r{i}")
+            await trio.sleep(0.1)  # a finish every 0.1 s, each read takes 1 s
+        nursery.start_soon(ask, "gone")
+    assert len(client.batches) <= 5 and sorted(i for b in client.batches for i in b) == sorted(found)
+    assert found["gone"] is None and all(r is not None for k, r in found.items() if k != "gone")
+    assert reads.waiting == {} and not reads.reading
+
+
+async def test_a_failed_read_fails_its_batch_and_a_cancelled_reader_strands_nobody(
+    autojump_clock: Any,
+) -> None:
+    client = SlowReads(fail=True)
+    reads = Reads(client)  # type: ignore[arg-type]
+    failed: list[str] = []
+
+    async def ask(run_id: str) -> None:
+        try:
+            await reads.read(run_id)
+        except ApiUnavailable:
+            failed.append(run_id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(ask, f"r{i}")
+    assert sorted(failed) == [f"r{i}" for i in range(5)] and reads.waiting == {}
+
+    client.fail = False
+    answered: list[str] = []
+
+    async def ask_ok(run_id: str) -> None:
+        if await reads.read(run_id) is not None:
+            answered.append(run_id)
+
+    leader = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_scoped, leader, reads.read, "first")
+        await trio.sleep(0.5)
+        for i in range(3):
+            nursery.start_soon(ask_ok, f"w{i}")
+        await trio.sleep(0.1)
+        leader.cancel()  # the reader goes away mid-read: a waiter reads in its place
+    assert sorted(answered) == ["w0", "w1", "w2"] and reads.waiting == {}
+
+
+async def _scoped(scope: trio.CancelScope, read: Any, run_id: str) -> None:
+    with scope:
+        await read(run_id)

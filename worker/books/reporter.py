@@ -9,14 +9,18 @@ supervisor's reporter loop) retries it until the API answers. Delivery writes on
 ``decisions.owed_proposal`` says is still needed given the run's current state, so a
 report delivered twice, or after the engine finished the run itself, changes nothing.
 
-How the current state is known (:meth:`Reporter._current`): a crash report (``crash``,
-``crash_if_running``) of a run no peer can have taken (:attr:`Reporter.undisputed`: no
-heartbeat gap since its claim, ``Fencer.undisputed``) is proposed at once, and the
-server's answer says what the read would have: ABORT or REJECT carry the current state
-(final, CANCELLING, or ours replayed), so nothing else is written, or CANCELLED is next;
-only an ACCEPT (a real crash, rare) reads the history, to know what it replaced and to
-put back a SCHEDULED state it must not have replaced. Every other report, and any report
-after a gap, reads the run first (a peer may have it: its owner, ``fleet.owner``).
+How the current state is known (:meth:`Reporter._current`): mostly by a read, but reads
+of runs finishing together are one request (:class:`Reads`: while one
+``POST /flow_runs/filter`` is under way, the runs asked for meanwhile wait for the next),
+so a burst of clean exits costs a few requests, not one per run. A ``crash`` report (a
+non-zero exit: a write follows anyway) of a run no peer can have taken
+(:attr:`Reporter.undisputed`: no heartbeat gap since its claim, ``Fencer.undisputed``) is
+proposed without a read: ABORT or REJECT carry the current state (final, CANCELLING, or
+ours replayed), so nothing else is written, or CANCELLED is next; an ACCEPT reads the
+history, to know what it replaced and to put back a SCHEDULED state it must not have
+replaced. Not for a clean exit (``crash_if_running``): there the engine has nearly always
+finished the run, and a proposal answered ABORT would still take the server's write lock
+(on SQLite, ``BEGIN IMMEDIATE``) where a read takes none.
 
 A flow's hooks ride on the delivery (``rules/hookrules.py``, run by ``runs/hooks.py`` through
 :attr:`Reporter.hooks`): its ``on_cancellation`` hooks just before CANCELLED is proposed,
@@ -26,13 +30,15 @@ its ``on_crashed`` hooks once the delivery is done, from what it found and did.
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import structlog
+import trio
 
 from worker.books.ledger import Entry, Ledger, Report
 from worker.host.metrics import Metrics
@@ -59,6 +65,87 @@ class HookSink(Protocol):
     async def delivered(self, entry: Entry, run_log: Any, delivered: Delivered) -> None: ...
 
 
+BATCH: Final = 100
+"""At most this many runs per read (the server's default page is 200)."""
+
+
+@attrs.define
+class _Asked:
+    done: trio.Event = attrs.Factory(trio.Event)
+    found: FlowRun | None = None
+    error: BaseException | None = None
+    lead: bool = False
+    """Woken to read the next batch itself (the previous reader is done)."""
+
+
+@attrs.define
+class Reads:
+    """Current states of runs, read together: the first asker reads, with one
+    ``POST /flow_runs/filter``, every run asked for until then; who asks while that read
+    is under way waits, and one of them reads the next batch. An answer without a run
+    means it is deleted (None), as a 404 of ``GET /flow_runs/{id}``; a failed read fails
+    every asker of its batch."""
+
+    client: PrefectClient
+    waiting: dict[str, list[_Asked]] = attrs.Factory(dict)
+    reading: bool = False
+
+    async def read(self, run_id: str) -> FlowRun | None:
+        asked = _Asked()
+        self.waiting.setdefault(run_id, []).append(asked)
+        try:
+            if self.reading:
+                await asked.done.wait()
+                if not asked.lead:
+                    return _answer(asked)
+                asked.done, asked.lead = trio.Event(), False  # (still waiting: it reads itself)
+            self.reading = True
+            try:
+                while not asked.done.is_set():
+                    if not self.waiting:  # (another reader has its run: the answer comes)
+                        await asked.done.wait()
+                        break
+                    await self._read_batch()
+            finally:
+                self.reading = False
+            return _answer(asked)
+        finally:  # (answered, failed or cancelled: if runs wait, one of them reads next)
+            askers = self.waiting.get(run_id, [])
+            if asked in askers:
+                askers.remove(asked)
+                if not askers:
+                    del self.waiting[run_id]
+            if not self.reading and self.waiting:
+                first = next(iter(self.waiting.values()))[0]
+                first.lead = True
+                first.done.set()
+
+    async def _read_batch(self) -> None:
+        ids = list(itertools.islice(self.waiting, BATCH))
+        batch = {run_id: self.waiting.pop(run_id) for run_id in ids}
+        try:
+            found = {r.id: r for r in await self.client.filter_flow_runs(ids)}
+        except Exception as exc:
+            for asked in itertools.chain.from_iterable(batch.values()):
+                asked.error = exc
+                asked.done.set()
+            raise
+        except BaseException:  # (cancelled: the batch is the next reader's)
+            for run_id, askers in batch.items():
+                self.waiting.setdefault(run_id, []).extend(askers)
+            raise
+        for run_id, askers in batch.items():
+            for asked in askers:
+                asked.found, asked.lead = found.get(run_id), False
+                asked.done.set()
+
+
+def _answer(asked: _Asked) -> FlowRun | None:
+    if asked.error is not None:
+        raise asked.error
+    return asked.found
+
+
 @attrs.define
 class Reporter:
     client: PrefectClient
@@ -80,9 +167,14 @@ class Reporter:
     delivering: set[str] = attrs.Factory(set)
     """Runs whose report is being delivered now (its hooks may take minutes): the reporter
     loop leaves them alone, so a report is never delivered twice at once."""
+    reads: Reads = attrs.field(init=False)
+    """The runs' current states, read together (:class:`Reads`)."""
     undisputed: Callable[[Entry], bool] = lambda entry: False
     """Whether no peer can have taken the entry's run since its claim (``Fencer.undisputed``,
     set by the runner): its crash report is then proposed without reading the run first."""
+
+    def __attrs_post_init__(self) -> None:
+        self.reads = Reads(self.client)
 
     def owe(self, entry: Entry, kind: str, message: str) -> Entry:
         """Record a report in the ledger (fsync'd) and in :attr:`owed`; deliver later."""
@@ -228,8 +320,8 @@ class Reporter:
         the CRASHED already proposed, if it was (see the module's docstring)."""
         assert entry.report is not None
         run_id = entry.flow_run_id
-        if entry.report.kind not in hookrules.CRASH_KINDS or not self.undisputed(entry):
-            return await self.client.read_flow_run(run_id), None
+        if entry.report.kind != "crash" or not self.undisputed(entry):
+            return await self.reads.read(run_id), None
         try:
             first = await self.client.set_flow_run_state(
                 run_id,
