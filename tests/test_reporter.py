@@ -238,3 +238,34 @@ async def test_a_failed_read_fails_its_batch_and_a_cancelled_reader_strands_nobo
 async def _scoped(scope: trio.CancelScope, read: Any, run_id: str) -> None:
     with scope:
         await read(run_id)
+
+
+# ---------------------------------------------------------------- the labels: once, after the start
+
+
+async def test_a_label_write_is_tried_once_and_again_on_the_next_pass(autojump_clock: Any) -> None:
+    """A 503 (SQLite busy under a burst) is not retried in step with every other run's
+    label write: the write is tried once, and again on the reporter loop's next pass."""
+    import httpx
+
+    from tests.test_answers import client
+    from worker.host.settings import Settings
+    from worker.rules.models import WorkPool
+    from worker.runs.inhand import InHand
+    from worker.runs.labels import Labeller
+
+    sent: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(1)
+        return httpx.Response(503 if len(sent) == 1 else 204, json={"detail": "busy"})
+
+    in_hand = InHand()
+    in_hand.live["r1"] = None
+    labeller = Labeller(client(handler), Settings(pool="pool", api_url="http://x/api"), in_hand, {})
+    pool = WorkPool("pool-id", "pool")
+    labeller.writing.add("r1")  # (as the runner does at the start)
+    await labeller.label(FlowRun("r1"), LOG, pool)
+    assert len(sent) == 1 and labeller.unconfirmed("r1"), "one try, no retry"
+    await labeller.relabel(pool)
+    assert len(sent) == 2 and not labeller.unconfirmed("r1")

@@ -39,6 +39,7 @@ from worker.rules.models import (
     WorkPool,
     structure,
 )
+from worker.rules.retry import RetryPolicy
 
 PAGE: Final = 200
 """Rows asked per page of a filter (the server's default cap, PREFECT_API_DEFAULT_LIMIT)."""
@@ -230,8 +231,11 @@ class PrefectClient(Session):
     async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:
         self._read(await self.request("PATCH", f"flow_runs/{run_id}", json={"infrastructure_pid": str(pid)}))
 
-    async def update_labels(self, run_id: str, labels: dict[str, str]) -> None:
-        self._read(await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels))
+    async def update_labels(
+        self, run_id: str, labels: dict[str, str], retry: RetryPolicy | None = None
+    ) -> None:
+        """Merge ``labels`` into the run's (``retry``: this call's policy, if not the session's)."""
+        self._read(await self.request("PATCH", f"flow_runs/{run_id}/labels", json=labels, retry=retry))
 
     # ---------------------------------------------------------------- template resolution
 

@@ -134,14 +134,19 @@ class Session:
             raise ApiNoAnswer(method, "/" + path, None, f"no answer within {self.deadline:g} s")
 
     async def _send(
-        self, method: str, path: str, deadline: float | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        deadline: float | None = None,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
         """One request with retries of what is safe to retry (see ``retry.py``), all
         within ``deadline`` (trio time; default: :attr:`deadline` from now). A retry that
         could not happen before the deadline is not waited for: the failure is raised."""
         if deadline is None:
             deadline = trio.current_time() + self.deadline
-        policy = self.retry
+        policy = self.retry if retry is None else retry
         with self._within(deadline, method, path):
             while True:
                 try:
@@ -176,7 +181,13 @@ class Session:
         raise AssertionError("unreachable")  # (for mypy: _within either returns or raises)
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> httpx.Response:
         """A request whose non-2xx answer is raised as the matching :class:`ApiError`, and
         whose answer is raised as a :class:`ProtocolError` if it is not the API's (a web
@@ -186,7 +197,9 @@ class Session:
         with self._within(deadline, method, path):
             for attempt in range(2):
                 headers = self.csrf if method in _MUTATING and self.csrf else None
-                response = await self._send(method, path, deadline, json=json, params=params, headers=headers)
+                response = await self._send(
+                    method, path, deadline, retry, json=json, params=params, headers=headers
+                )
                 if attempt == 0 and response.status_code == 403 and "csrf" in detail_of(response).lower():
                     await self._fetch_csrf_token(deadline)  # missing, expired or rotated: get one, once
                     continue

@@ -9,7 +9,7 @@ label may still name a previous owner, which the fence knows (``Fencer.check_liv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import structlog
@@ -19,9 +19,14 @@ from worker.prefect.answers import ApiRefused
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS
 from worker.rules.models import FlowRun, WorkPool
+from worker.rules.retry import RetryPolicy
 from worker.runs.inhand import InHand
 
 log = structlog.get_logger("flow_worker")
+
+ONE_TRY: Final = RetryPolicy(total=0)
+"""A label write is tried once: a busy server's 503 (SQLite under a burst's writes) is not
+retried at once, in step with every other run's, but on the next relabel pass (5 s later)."""
 
 
 @attrs.define
@@ -55,7 +60,7 @@ class Labeller:
         }
         self.writing.add(flow_run.id)
         try:
-            await self.client.update_labels(flow_run.id, labels)
+            await self.client.update_labels(flow_run.id, labels, retry=ONE_TRY)
             self.unlabelled.pop(flow_run.id, None)
         except ApiRefused as exc:
             self.unsupported = True
@@ -64,7 +69,7 @@ class Labeller:
             )
         except API_ERRORS as exc:
             if flow_run.id not in self.unlabelled:
-                run_log.warning("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
+                run_log.info("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
             self.unlabelled[flow_run.id] = flow_run
         finally:
             self.writing.discard(flow_run.id)
