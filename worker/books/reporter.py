@@ -89,6 +89,9 @@ class Reads:
     client: PrefectClient
     waiting: dict[str, list[_Asked]] = attrs.Factory(dict)
     reading: bool = False
+    gather: Callable[[], float] = lambda: 0.0
+    """Seconds a reader waits for other askers before it reads (set by the runner: a
+    moment while other runs are in hand, so that runs ending near each other share a read)."""
 
     async def read(self, run_id: str) -> FlowRun | None:
         asked = _Asked()
@@ -105,6 +108,7 @@ class Reads:
                     if not self.waiting:  # (another reader has its run: the answer comes)
                         await asked.done.wait()
                         break
+                    await trio.sleep(self.gather())
                     await self._read_batch()
             finally:
                 self.reading = False

@@ -71,6 +71,11 @@ CLAIM_CONCURRENCY: Final = 16
 """Claims in flight at once: a burst of due runs starts together without a request storm."""
 
 
+READ_GATHER: Final = 0.25
+"""While other runs are in hand, a run's end waits this long for others' before its state
+is read (``reporter.Reads``): a burst's ends share reads; a lone run's is read at once."""
+
+
 def _leaf(exc: Exception) -> Exception:
     """The one exception inside nested single-exception groups (a nursery wraps what its
     task raised), so it is classified and named by what it is."""
@@ -129,6 +134,7 @@ class Runner:
         )
         self.reporter.hooks = self.hooks
         self.reporter.undisputed = self.fencer.undisputed  # (a crash report needs no read first)
+        self.reporter.reads.gather = lambda: READ_GATHER if len(self.in_hand.live) > 1 else 0.0
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.warm = WarmStarts(enabled=self.settings.warm_start)
         self.faults = Faults(self.reporter, self.metrics, self.lost_claims)
