@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from worker.rules import decisions
 from worker.rules.models import OrchestrationResult, SetStateStatus, State, StateType
 
@@ -93,4 +95,29 @@ def test_a_run_lost_to_a_peer_owes_nothing() -> None:
     assert decisions.run_outcome(False, True, -15, "crash", lost="crashed by a peer") == (
         "none",
         "crashed by a peer",
+    )
+
+
+def test_claimed_from_scheduled() -> None:
+    """The server copies the SCHEDULED state's scheduled_time into the claim's PENDING
+    (CopyScheduledTime), never from a final state: then no race is possible."""
+
+    def answer(status: SetStateStatus, type_: StateType | None, **details: Any) -> OrchestrationResult:
+        return OrchestrationResult(status, State(type_, state_details=details) if type_ else None)
+
+    when = "2026-12-03T04:00:00+00:00"
+    assert decisions.claimed_from_scheduled(
+        answer(SetStateStatus.ACCEPT, StateType.PENDING, scheduled_time=when)
+    )
+    # replayed after a lost answer: the current state is our PENDING, which carries it too
+    replayed = answer(SetStateStatus.REJECT, StateType.PENDING, scheduled_time=when, transition_id="t")
+    assert decisions.claimed_from_scheduled(replayed)
+    # over COMPLETED / FAILED / CRASHED (the race): no scheduled_time, so the history is read
+    assert not decisions.claimed_from_scheduled(answer(SetStateStatus.ACCEPT, StateType.PENDING))
+    assert not decisions.claimed_from_scheduled(
+        answer(SetStateStatus.ACCEPT, StateType.PENDING, scheduled_time=None)
+    )
+    assert not decisions.claimed_from_scheduled(answer(SetStateStatus.ABORT, None))
+    assert not decisions.claimed_from_scheduled(
+        answer(SetStateStatus.REJECT, StateType.SCHEDULED, scheduled_time=when)
     )

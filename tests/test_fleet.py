@@ -6,6 +6,10 @@ import datetime
 from typing import Any
 
 import pytest
+import structlog
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from worker.fleet.reclaim import check_seconds
 from worker.host import settings
@@ -142,6 +146,97 @@ def test_a_run_adopted_under_another_name_is_still_ours() -> None:
     assert fleet.fence_verdict(True, previous, ME, "claim-a").verdict is Fence.LOST
 
 
+# ---------------------------------------------------------------- the owner: claim mark, else label
+
+names = st.text(min_size=1, max_size=40)
+state_types = st.sampled_from(list(StateType))
+messages = st.one_of(
+    st.none(),
+    st.text(max_size=60),
+    names.map(fleet.claim_message),
+    st.text(max_size=20).map(lambda t: fleet.CLAIM_MARK + t),  # a mark's prefix, then anything
+)
+labels = st.dictionaries(
+    st.one_of(st.just(fleet.OWNER_LABEL), st.text(max_size=10)),
+    st.one_of(st.text(max_size=20), st.integers(), st.none()),
+    max_size=3,
+)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(names)
+def test_a_claim_mark_reads_back_any_name(name: str) -> None:
+    pending = State(StateType.PENDING, message=fleet.claim_message(name))
+    assert fleet.claim_mark(pending) == name
+    assert fleet.owner(FlowRun("r", state=pending, labels={fleet.OWNER_LABEL: "someone else"})) == name
+    # the mark counts only on a PENDING state (the claim's): a later state's message is its own
+    assert fleet.claim_mark(State(StateType.RUNNING, message=fleet.claim_message(name))) is None
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(st.one_of(st.none(), state_types), messages, labels)
+def test_the_owner_is_the_claims_mark_on_a_pending_run_else_the_label(
+    type_: StateType | None, message: str | None, run_labels: dict[str, Any]
+) -> None:
+    current = State(type_, message=message) if type_ is not None else None
+    who = fleet.owner(FlowRun("r", state=current, labels=run_labels))
+    mark = fleet.claim_mark(current)
+    label = run_labels.get(fleet.OWNER_LABEL)
+    if mark is not None:
+        assert type_ is StateType.PENDING and who == mark and message == fleet.claim_message(mark)
+    else:
+        assert who == (str(label) if label else None)
+    assert who is None or (isinstance(who, str) and who != "")
+
+
+def test_a_prefect_workers_claim_or_a_users_message_names_nobody() -> None:
+    for message in (
+        None,
+        "",
+        "Pending",
+        "Claimed by worker",
+        fleet.CLAIM_MARK + "x",
+        fleet.CLAIM_MARK + '""',
+    ):
+        assert fleet.claim_mark(State(StateType.PENDING, message=message)) is None, message
+
+
+def test_a_pending_claim_named_by_its_mark_is_judged_by_its_claimer_not_the_stale_label() -> None:
+    """A rescheduled run still labelled with its lost previous owner, claimed by a live peer
+    whose start waits: the reclaim loop sees the claimer (alive), not the lost owner."""
+    claimed = run(StateType.PENDING, owner=LOST, message=fleet.claim_message("host-c pool"))
+    alive = WorkerRecord("host-c pool", ago(5), 30.0)
+    assert verdict(claimed, alive).action is Reclaim.LEAVE
+    # the claimer itself gone silent: its claim goes back to the queue, naming it
+    gone = verdict(claimed, WorkerRecord("host-c pool", ago(1000), 30.0))
+    assert gone.action is Reclaim.RESCHEDULE and "'host-c pool'" in gone.reason
+
+
+def test_the_fence_before_our_label_is_on() -> None:
+    """Started, our label not written yet: a label naming another worker may be the
+    previous owner's, so it decides nothing (the fence then reads the history); the
+    state and a claim mark still do."""
+    stale = run(StateType.RUNNING, owner=LOST)
+    assert fleet.fence_verdict(True, stale, ME, "claim-a", labelled=False).verdict is Fence.KEEP
+    assert fleet.fence_verdict(True, stale, ME, "claim-a").verdict is Fence.LOST
+    other = run(StateType.PENDING, owner=LOST, transition="other", message=fleet.claim_message("host-c pool"))
+    lost = fleet.fence_verdict(True, other, ME, "claim-a", labelled=False)
+    assert lost.verdict is Fence.LOST and "host-c pool" in lost.reason
+    back = run(StateType.SCHEDULED, owner=LOST)
+    assert fleet.fence_verdict(True, back, ME, "claim-a", labelled=False).verdict is Fence.LOST
+
+
+def test_claimed_since() -> None:
+    ours = state("s1", "t1", "claim-a")
+    running = state("s2", "t2", "engine", StateType.RUNNING)
+    assert fleet.claimed_since([ours, running], "claim-a") is None
+    again = [ours, running, state("s3", "t3", "reclaim", StateType.SCHEDULED), state("s4", "t4", "claim-c")]
+    assert fleet.claimed_since(again, "claim-a") == again[-1]
+    # an older claim (the previous owner's) is not a later one; ours missing: nothing to judge
+    assert fleet.claimed_since([state("s0", "t0", "claim-z"), ours, running], "claim-a") is None
+    assert fleet.claimed_since(again, "not-ours") is None
+
+
 def state(sid: str, ts: str, transition: str | None = None, type_: StateType = StateType.PENDING) -> State:
     return State(type_, id=sid, timestamp=ts, state_details={"transition_id": transition})
 
@@ -246,3 +341,69 @@ async def test_the_fence_waits_for_a_heartbeat_then_checks_the_claim(autojump_cl
     client.current = run(StateType.PENDING, owner="host-c pool", transition="claim-c")
     assert "host-c pool" in await fencer.still_ours("run-1", "claim-a", claimed)
     assert fencer.beat(trio.current_time()) is False  # no new gap
+
+
+async def test_undisputed_claims_are_those_of_this_process_with_no_gap_since(autojump_clock: Any) -> None:
+    import time
+
+    import trio
+
+    from worker.books.ledger import Entry
+    from worker.fleet.reclaim import Fencer
+    from worker.host.metrics import Metrics
+
+    fencer = Fencer(settings.Settings(pool="p", name=ME, reclaim_after=10), FakeClient(None), Metrics())  # type: ignore[arg-type]
+
+    def claim(at: float | None) -> Entry:
+        return Entry("run-1", "r", "p", ME, "started", claimed_at=at)
+
+    before = claim(fencer.since_wall - 1)  # claimed by a previous process: a restart is a gap
+    now = claim(time.time())
+    assert fencer.undisputed(now) and not fencer.undisputed(before) and not fencer.undisputed(claim(None))
+    await trio.sleep(6)  # fenced now: a peer may be about to take it
+    assert not fencer.undisputed(now)
+    assert fencer.beat(trio.current_time()) is True  # the gap ends: anything claimed before it is disputed
+    assert not fencer.undisputed(now)
+    assert fencer.undisputed(claim(time.time() + 1))
+
+
+class HandleStub:
+    def __init__(self) -> None:
+        self.claim, self.owner, self.lost, self.pid = "claim-a", None, "", 1
+        self.log = structlog.get_logger()
+
+    def lose(self, reason: str) -> None:
+        self.lost = reason
+
+
+class GapClient(FakeClient):
+    def __init__(self, current: FlowRun, history: list[State]) -> None:
+        super().__init__(current)
+        self.history = history
+
+    async def filter_flow_runs(self, ids: Any) -> list[FlowRun]:
+        assert self.current is not None
+        return [self.current]
+
+    async def read_flow_run_states(self, run_id: str) -> list[State]:
+        self.reads += 1
+        return self.history
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_started_run_whose_label_is_not_on_yet_is_judged_by_its_history(taken: bool) -> None:
+    """After a gap, a started run still carries its previous owner's label (ours failed):
+    the history says whether another claim came after ours."""
+    from worker.fleet.reclaim import Fencer
+    from worker.host.metrics import Metrics
+
+    history = [state("s1", "t1", "claim-a"), state("s2", "t2", "engine", StateType.RUNNING)]
+    if taken:
+        history += [state("s3", "t3", "r", StateType.SCHEDULED), state("s4", "t4", "claim-c")]
+        history += [state("s5", "t5", "engine-c", StateType.RUNNING)]
+    client = GapClient(run(StateType.RUNNING, owner=LOST), history)
+    fencer = Fencer(settings.Settings(pool="p", name=ME, reclaim_after=10), client, Metrics())  # type: ignore[arg-type]
+    fencer.unlabelled = lambda run_id: True
+    handle = HandleStub()
+    await fencer.check_live({"run-1": handle})  # type: ignore[dict-item]
+    assert client.reads == 1 and bool(handle.lost) is taken

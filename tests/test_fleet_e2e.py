@@ -24,6 +24,7 @@ import pytest
 from tests import postgres
 from tests.conftest import Api, PrefectServer, WorkerProcess, running_server, wait_for
 from tests.cut_proxy import CutProxy
+from worker.rules import fleet as fleet_rules
 
 pytestmark = pytest.mark.skipif(
     postgres.bin_dir() is None, reason="PostgreSQL is not installed (apt-get install postgresql)"
@@ -244,11 +245,13 @@ def test_a_claim_left_by_a_vanished_worker_runs_once(fleet: Fleet) -> None:
 
 
 def test_a_claim_names_its_worker_before_the_start_waits(fleet: Fleet, tmp_path: Path) -> None:
-    """A run a lost worker left (a rescheduled one) names that worker until its next claimer
-    labels it. Here the claimer's start waits (its interpreter check takes 25 s; on a loaded
-    host, any slow step): its peer must not take the claim for the lost worker's and
-    reschedule it. (CI, 2026-11-30: a rescheduled run was reclaimed a second time this way,
-    when labels went on only after the start.)"""
+    """A run a lost worker left (a rescheduled one) is labelled with that worker until its
+    next claimer labels it, after its start. Here the claimer's start waits (its interpreter
+    check takes 25 s; on a loaded host, any slow step): its peer must not take the claim for
+    the lost worker's and reschedule it. The claim itself names its worker (the PENDING
+    state's message), and the peer's reclaim loop reads it in the pool's runs. (CI,
+    2026-11-30: a rescheduled run was reclaimed a second time when nothing named the
+    claimer before the start.)"""
     ghost = fleet.name("ghost")
     api = fleet.api
     api.call(
@@ -264,12 +267,15 @@ def test_a_claim_names_its_worker_before_the_start_waits(fleet: Fleet, tmp_path:
 
     d = fleet.start("host-d", reclaim_after=6, FLOW_WORKER_PYTHON=str(slow))
     wait_for(lambda: d.saw("run.claimed", flow_run_id=run), 30, what="host-d to claim the run")
-    e = fleet.start("host-e", reclaim_after=6)  # sees a PENDING run; the ghost is silent
-    named = wait_for(
-        lambda: api.flow_run(run)["labels"].get(OWNER) == fleet.name("host-d"), 10, what="labels"
-    )
-    assert named and not d.saw("run.started", flow_run_id=run), "labelled only once started"
+    claim = api.flow_run(run)
+    assert claim["state"]["message"] == fleet_rules.claim_message(fleet.name("host-d"))
+    assert claim["labels"][OWNER] == ghost, "no label write before the start"
+    e = fleet.start("host-e", reclaim_after=6)  # sees a PENDING run labelled for the silent ghost
+    time.sleep(12)  # two reclaim_after: e has looked at the pool's runs since
+    assert not d.saw("run.started", flow_run_id=run), "still waiting for its start"
+    assert not e.saw("run.reclaimed") and not lost_states(api, run)
     wait_for(lambda: d.saw("run.started", flow_run_id=run), 60, what="host-d to start it")
+    wait_for(lambda: api.flow_run(run)["labels"].get(OWNER) == fleet.name("host-d"), 30, what="labels")
     assert api.wait_final(run, 120)["state_type"] == "COMPLETED"
     assert fleet.executions()[run] == 1
     assert not e.saw("run.reclaimed") and not lost_states(api, run)

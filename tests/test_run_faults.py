@@ -63,7 +63,10 @@ class FakeApi:
     async def read_flow_run_states(self, run_id: str) -> list[State]:
         return []
 
-    async def update_labels(self, run_id: str, labels: dict[str, str]) -> None:
+    async def filter_flow_runs(self, ids: list[str]) -> list[FlowRun]:
+        return [await self.read_flow_run(run_id) for run_id in ids]
+
+    async def update_labels(self, run_id: str, labels: dict[str, str], **kw: Any) -> None:
         pass
 
     async def set_infrastructure_pid(self, run_id: str, pid: int) -> None:

@@ -166,6 +166,9 @@ class FakeClient:
         labels = {"prefect.worker.name": self.owner} if self.owner else {}
         return None if self.state is None else FlowRun(run_id, state=State(self.state), labels=labels)
 
+    async def filter_flow_runs(self, ids: list[str]) -> list[FlowRun]:
+        return [r for run_id in ids if (r := await self.read_flow_run(run_id)) is not None]
+
     async def set_flow_run_state(self, run_id: str, state_type: StateType, *args: Any, **kw: Any) -> Any:
         self._maybe_fail()
         self.written.append((state_type, args[1] if len(args) > 1 else None))

@@ -5,10 +5,22 @@ the reason, CANCELLED, SCHEDULED again, or "CRASHED if the engine did not finish
 (``crash_if_running``, the common case after a clean exit). :meth:`Reporter.finish`
 records it and tries to deliver it at once; what cannot be delivered stays in
 :attr:`Reporter.owed` and in the ledger, and :meth:`Reporter.deliver_owed` (the
-supervisor's reporter loop) retries it until the API answers. Delivery reads the run's
-current state first and writes only what ``decisions.owed_proposal`` says is still
-needed, so a report delivered twice, or after the engine finished the run itself,
-changes nothing.
+supervisor's reporter loop) retries it until the API answers. Delivery writes only what
+``decisions.owed_proposal`` says is still needed given the run's current state, so a
+report delivered twice, or after the engine finished the run itself, changes nothing.
+
+How the current state is known (:meth:`Reporter._current`): mostly by a read, but reads
+of runs finishing together are one request (:class:`Reads`: while one
+``POST /flow_runs/filter`` is under way, the runs asked for meanwhile wait for the next),
+so a burst of clean exits costs a few requests, not one per run. A ``crash`` report (a
+non-zero exit: a write follows anyway) of a run no peer can have taken
+(:attr:`Reporter.undisputed`: no heartbeat gap since its claim, ``Fencer.undisputed``) is
+proposed without a read: ABORT or REJECT carry the current state (final, CANCELLING, or
+ours replayed), so nothing else is written, or CANCELLED is next; an ACCEPT reads the
+history, to know what it replaced and to put back a SCHEDULED state it must not have
+replaced. Not for a clean exit (``crash_if_running``): there the engine has nearly always
+finished the run, and a proposal answered ABORT would still take the server's write lock
+(on SQLite, ``BEGIN IMMEDIATE``) where a read takes none.
 
 A flow's hooks ride on the delivery (``rules/hookrules.py``, run by ``runs/hooks.py`` through
 :attr:`Reporter.hooks`): its ``on_cancellation`` hooks just before CANCELLED is proposed,
@@ -18,20 +30,24 @@ its ``on_crashed`` hooks once the delivery is done, from what it found and did.
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 import uuid
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 import attrs
 import structlog
+import trio
 
 from worker.books.ledger import Entry, Ledger, Report
 from worker.host.metrics import Metrics
+from worker.prefect.answers import ApiNotFound
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.rules import decisions, fleet, hookrules
 from worker.rules.hookrules import Delivered
-from worker.rules.models import StateType
+from worker.rules.models import FlowRun, OrchestrationResult, StateType
 
 log = structlog.get_logger("flow_worker")
 
@@ -47,6 +63,91 @@ class HookSink(Protocol):
     async def before_cancelled(self, entry: Entry, run_log: Any) -> None: ...
 
     async def delivered(self, entry: Entry, run_log: Any, delivered: Delivered) -> None: ...
+
+
+BATCH: Final = 100
+"""At most this many runs per read (the server's default page is 200)."""
+
+
+@attrs.define
+class _Asked:
+    done: trio.Event = attrs.Factory(trio.Event)
+    found: FlowRun | None = None
+    error: BaseException | None = None
+    lead: bool = False
+    """Woken to read the next batch itself (the previous reader is done)."""
+
+
+@attrs.define
+class Reads:
+    """Current states of runs, read together: the first asker reads, with one
+    ``POST /flow_runs/filter``, every run asked for until then; who asks while that read
+    is under way waits, and one of them reads the next batch. An answer without a run
+    means it is deleted (None), as a 404 of ``GET /flow_runs/{id}``; a failed read fails
+    every asker of its batch."""
+
+    client: PrefectClient
+    waiting: dict[str, list[_Asked]] = attrs.Factory(dict)
+    reading: bool = False
+    gather: Callable[[], float] = lambda: 0.0
+    """Seconds a reader waits for other askers before it reads (set by the runner: a
+    moment while other runs are in hand, so that runs ending near each other share a read)."""
+
+    async def read(self, run_id: str) -> FlowRun | None:
+        asked = _Asked()
+        self.waiting.setdefault(run_id, []).append(asked)
+        try:
+            if self.reading:
+                await asked.done.wait()
+                if not asked.lead:
+                    return _answer(asked)
+                asked.done, asked.lead = trio.Event(), False  # (still waiting: it reads itself)
+            self.reading = True
+            try:
+                while not asked.done.is_set():
+                    if not self.waiting:  # (another reader has its run: the answer comes)
+                        await asked.done.wait()
+                        break
+                    await trio.sleep(self.gather())
+                    await self._read_batch()
+            finally:
+                self.reading = False
+            return _answer(asked)
+        finally:  # (answered, failed or cancelled: if runs wait, one of them reads next)
+            askers = self.waiting.get(run_id, [])
+            if asked in askers:
+                askers.remove(asked)
+                if not askers:
+                    del self.waiting[run_id]
+            if not self.reading and self.waiting:
+                first = next(iter(self.waiting.values()))[0]
+                first.lead = True
+                first.done.set()
+
+    async def _read_batch(self) -> None:
+        ids = list(itertools.islice(self.waiting, BATCH))
+        batch = {run_id: self.waiting.pop(run_id) for run_id in ids}
+        try:
+            found = {r.id: r for r in await self.client.filter_flow_runs(ids)}
+        except Exception as exc:
+            for asked in itertools.chain.from_iterable(batch.values()):
+                asked.error = exc
+                asked.done.set()
+            raise
+        except BaseException:  # (cancelled: the batch is the next reader's)
+            for run_id, askers in batch.items():
+                self.waiting.setdefault(run_id, []).extend(askers)
+            raise
+        for run_id, askers in batch.items():
+            for asked in askers:
+                asked.found, asked.lead = found.get(run_id), False
+                asked.done.set()
+
+
+def _answer(asked: _Asked) -> FlowRun | None:
+    if asked.error is not None:
+        raise asked.error
+    return asked.found
 
 
 @attrs.define
@@ -70,6 +171,14 @@ class Reporter:
     delivering: set[str] = attrs.Factory(set)
     """Runs whose report is being delivered now (its hooks may take minutes): the reporter
     loop leaves them alone, so a report is never delivered twice at once."""
+    reads: Reads = attrs.field(init=False)
+    """The runs' current states, read together (:class:`Reads`)."""
+    undisputed: Callable[[Entry], bool] = lambda entry: False
+    """Whether no peer can have taken the entry's run since its claim (``Fencer.undisputed``,
+    set by the runner): its crash report is then proposed without reading the run first."""
+
+    def __attrs_post_init__(self) -> None:
+        self.reads = Reads(self.client)
 
     def owe(self, entry: Entry, kind: str, message: str) -> Entry:
         """Record a report in the ledger (fsync'd) and in :attr:`owed`; deliver later."""
@@ -132,7 +241,7 @@ class Reporter:
         assert entry.report is not None
         report = entry.report
         run_log = run_log or run_logger(entry.flow_run_id, entry.flow_run_name, self.pool)
-        current = await self.client.read_flow_run(entry.flow_run_id)
+        current, first = await self._current(entry)
         current_type = current.state_type if current is not None else None
         owner = fleet.owner(current) if current is not None else None
         taken = owner is not None and owner not in (entry.worker_name, self.worker_name)
@@ -170,15 +279,18 @@ class Reporter:
                 message = decisions.CANCELLED_MESSAGE
             elif proposal.type is StateType.SCHEDULED:
                 details = {"scheduled_time": datetime.datetime.now(datetime.UTC).isoformat()}
-            result = await self.client.set_flow_run_state(
-                entry.flow_run_id,
-                proposal.type,
-                proposal.name,
-                message,
-                force=proposal.force,
-                state_details=details,
-                transition_id=report.transition_id,
-            )
+            if first is not None and proposal.type is StateType.CRASHED:
+                result = first  # (proposed already: its answer is the outcome)
+            else:
+                result = await self.client.set_flow_run_state(
+                    entry.flow_run_id,
+                    proposal.type,
+                    proposal.name,
+                    message,
+                    force=proposal.force,
+                    state_details=details,
+                    transition_id=report.transition_id,
+                )
             outcome = f"{proposal.type.value} {result.status.value}"
             status = result.status
             if report.kind == "crash_if_running" and outcome == "CRASHED ACCEPT":
@@ -206,6 +318,34 @@ class Reporter:
         if self.hooks is not None:
             await self.hooks.delivered(entry, run_log, done)
         return done
+
+    async def _current(self, entry: Entry) -> tuple[FlowRun | None, OrchestrationResult | None]:
+        """The run as it is before the report is written (None: deleted), and the answer to
+        the CRASHED already proposed, if it was (see the module's docstring)."""
+        assert entry.report is not None
+        run_id = entry.flow_run_id
+        if entry.report.kind != "crash" or not self.undisputed(entry):
+            return await self.reads.read(run_id), None
+        try:
+            first = await self.client.set_flow_run_state(
+                run_id,
+                StateType.CRASHED,
+                "Crashed",
+                entry.report.message,
+                transition_id=entry.report.transition_id,
+            )
+        except ApiNotFound:
+            return None, None
+        if first.status.value != "ACCEPT":
+            return FlowRun(run_id, entry.flow_run_name, state=first.state), first
+        replaced = decisions.newest_other(
+            await self.client.read_flow_run_states(run_id), entry.report.transition_id
+        )
+        if replaced is None:  # (our CRASHED alone in the history: it replaced nothing known)
+            return FlowRun(run_id, entry.flow_run_name, state=first.state), first
+        if decisions.owed_proposal(entry.report.kind, replaced.type) is None:
+            await self.client.restore_state(run_id, replaced)  # e.g. SCHEDULED: it will run again
+        return FlowRun(run_id, entry.flow_run_name, state=replaced), first
 
     async def deliver_owed(self) -> bool:
         """Try every owed report once; False if the API failed (the rest wait)."""

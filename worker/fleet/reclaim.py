@@ -20,6 +20,7 @@ import datetime
 import itertools
 import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Container, Mapping
 from typing import Any, Final
@@ -28,6 +29,7 @@ import attrs
 import structlog
 import trio
 
+from worker.books.ledger import Entry
 from worker.books.reporter import run_logger
 from worker.host.logs import Once
 from worker.host.metrics import Metrics
@@ -224,8 +226,15 @@ class Fencer:
     than the time since then."""
     gap_ended: float = -math.inf
     """trio time at which the last gap ended (its heartbeat got through)."""
+    gap_ended_wall: float = -math.inf
+    """The same, on the wall clock (``time.time()``, as the ledger's ``claimed_at``)."""
+    since_wall: float = attrs.Factory(time.time)
+    """When this worker started (wall clock): what it knows of gaps begins there."""
     heard: trio.Event = attrs.Factory(trio.Event)
     """Set (and replaced) whenever a heartbeat gets through."""
+    unlabelled: Callable[[str], bool] = lambda run_id: False
+    """Whether our label is not known to be on a run yet (``Labeller.unconfirmed``, set
+    by the runner): its label may still name a previous owner."""
 
     @property
     def threshold(self) -> float:
@@ -244,10 +253,23 @@ class Fencer:
         self.last_beat = max(self.last_beat, sent_at)
         if gap:
             self.gap_ended = now
+            self.gap_ended_wall = time.time()
             log.warning("fence.gap_ended", threshold_seconds=self.threshold)
         self.heard.set()
         self.heard = trio.Event()
         return gap
+
+    def undisputed(self, entry: Entry) -> bool:
+        """No peer can have taken the entry's run since this worker claimed it: claimed by
+        this very process, no gap has ended since, none is under way (as ``still_ours``
+        judges before a start). The reporter then proposes a crash without reading the run."""
+        claimed = entry.claimed_at
+        return (
+            claimed is not None
+            and claimed >= self.since_wall
+            and self.gap_ended_wall < claimed
+            and not self.fenced()
+        )
 
     async def still_ours(self, run_id: str, transition_id: str | None, claimed_at: float) -> str:
         """Before starting a run claimed at trio time ``claimed_at``: "" if it is still
@@ -268,10 +290,17 @@ class Fencer:
         if not started:
             return
         current = {r.id: r for r in await self.client.filter_flow_runs(started)}
+        me = self.settings.worker_name
         for run_id, handle in started.items():
-            verdict = fleet.fence_verdict(
-                True, current.get(run_id), self.settings.worker_name, handle.claim, handle.owner
-            )
+            now, unlabelled = current.get(run_id), self.unlabelled(run_id)
+            verdict = fleet.fence_verdict(True, now, me, handle.claim, handle.owner, not unlabelled)
+            named = fleet.owner(now) if now is not None else None
+            if verdict.verdict is fleet.Fence.KEEP and unlabelled and named not in (None, me, handle.owner):
+                # our label is not on yet and another's is: a previous owner's, or a later
+                # claim's? The history says (a rare read: a gap, and a label write that failed)
+                later = fleet.claimed_since(await self.client.read_flow_run_states(run_id), handle.claim)
+                if later is not None:
+                    verdict = fleet.FenceVerdict(fleet.Fence.LOST, f"worker {named!r} has claimed it since")
             if verdict.verdict is fleet.Fence.LOST and not handle.lost:
                 self.metrics.runs_lost += 1
                 handle.log.warning("run.lost_to_peer", pid=handle.pid, reason=verdict.reason)

@@ -152,6 +152,31 @@ def claim_outcome(result: OrchestrationResult, transition_id: str) -> ClaimOutco
     return ClaimOutcome(False, f"Server returned a non-pending state {shown!r}{why}")
 
 
+def claimed_from_scheduled(result: OrchestrationResult) -> bool:
+    """The answer to a claim shows that it replaced a SCHEDULED state, so no race with a
+    worker that finished the run meanwhile is possible (``displaced_state`` need not be read).
+
+    The claim proposes PENDING without a ``scheduled_time``; the server's ``CopyScheduledTime``
+    rule (Prefect's core flow policy, only for SCHEDULED → PENDING) copies the SCHEDULED
+    state's ``scheduled_time`` into it. A PENDING written over COMPLETED, FAILED or CRASHED
+    (the race of PROTOCOL §7.6) keeps none. So a ``scheduled_time`` in the answer's PENDING
+    state proves the state it replaced was SCHEDULED; without one (also a SCHEDULED state
+    that had none), the history is read as before.
+
+    ==========================================  ============================================
+    the claim's answer                          race ruled out?
+    ==========================================  ============================================
+    PENDING (accepted, or ours replayed) with   yes: it replaced a SCHEDULED state
+    a scheduled_time
+    anything else                               no: read the history (``displaced_state``)
+    ==========================================  ============================================
+    """
+    state = result.state
+    return bool(
+        state is not None and state.type is StateType.PENDING and state.state_details.get("scheduled_time")
+    )
+
+
 def displaced_state(history: list[State], transition_id: str) -> State | None:
     """The state our accepted claim replaced, if it was not SCHEDULED; else None.
 

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-Many workers serve one pool. Each labels the runs it claims with its name
-(``prefect.worker.name``, as Prefect's worker does), and heartbeats the pool, so the
-server knows every run's owner and when that owner was last heard from. Two rules keep
+Many workers serve one pool. Each names itself in the claim (the PENDING state's
+message, ``claim_message``), labels the runs it starts with its name
+(``prefect.worker.name``, as Prefect's worker does, written after the start), and
+heartbeats the pool, so the server knows every run's owner (``owner``) and when that
+owner was last heard from. Two rules keep
 a dead host from holding runs for ever without ever running a flow twice:
 
 * **Reclaim** (``reclaim_verdict``, run by every worker's reclaim loop, ``reclaim.py``):
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import json
 from typing import Final
 
 import attrs
@@ -46,8 +49,57 @@ WATCHED: Final = (StateType.PENDING, StateType.RUNNING, StateType.CANCELLING)
 """The states a run can be stuck in when its worker is gone."""
 
 
+CLAIM_MARK: Final = "Claimed by worker "
+"""How a claim names its worker: the PENDING state's message is this, then the worker's
+name as a JSON string (``claim_message``), so any name (quotes, spaces) reads back exactly."""
+
+
+def claim_message(name: str) -> str:
+    """The message of the PENDING state a claim proposes: names the claiming worker.
+
+    Why the message: a peer's reclaim loop reads the pool's runs with
+    ``POST /flow_runs/filter``, whose rows carry the current ``state`` with its message
+    (verified against Prefect 3.9.1, ``test_fleet_e2e``): the owner of a PENDING run is
+    known from the claim itself, which the worker writes anyway, so no label write has to
+    come before the start. (A transition id derived from the name would be readable only
+    by trying every worker name of the pool; the state name is shown as the state in the
+    UI and Prefect's worker says "Pending" there.) The message is visible in the UI too,
+    as the reason of the PENDING state, which is what it says.
+    """
+    return CLAIM_MARK + json.dumps(name)
+
+
+def claim_mark(state: State | None) -> str | None:
+    """The worker a PENDING state names as its claimant (``claim_message``); None if the
+    state is not PENDING or its message is not a claim mark (Prefect's worker, a user)."""
+    if state is None or state.type is not StateType.PENDING or not state.message:
+        return None
+    if not state.message.startswith(CLAIM_MARK):
+        return None
+    try:
+        name, _ = json.JSONDecoder().raw_decode(state.message, len(CLAIM_MARK))
+    except ValueError:
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def owner(flow_run: FlowRun) -> str | None:
-    """The worker that claimed the run, by its label (None: unlabelled)."""
+    """The worker that holds the run (None: unknown).
+
+    ================================  ==============================================
+    the run                           owner
+    ================================  ==============================================
+    PENDING with a claim mark         the mark's worker: the claim is the newest act
+                                      (a label may still name a previous owner)
+    otherwise                         its ``prefect.worker.name`` label, if any: the
+                                      engine's RUNNING state carries no mark, so a
+                                      started run is known by the label its worker
+                                      writes right after the start
+    ================================  ==============================================
+    """
+    mark = claim_mark(flow_run.state)
+    if mark is not None:
+        return mark
     value = flow_run.labels.get(OWNER_LABEL)
     return str(value) if value else None
 
@@ -57,7 +109,7 @@ def owner(flow_run: FlowRun) -> str | None:
 
 class Reclaim(enum.Enum):
     LEAVE = "leave"  # nothing to do (why: the verdict's reason)
-    UNOWNED = "unowned"  # no owner label: left alone, said once
+    UNOWNED = "unowned"  # no claim mark, no owner label: left alone, said once
     RESCHEDULE = "reschedule"  # back to SCHEDULED: run once by whoever claims it
     CRASH = "crash"  # CRASHED, naming the lost worker
     CANCEL = "cancel"  # CANCELLED: its cancellation cannot finish without its worker
@@ -115,8 +167,8 @@ def reclaim_verdict(
     this worker's name
     not PENDING, RUNNING or CANCELLING     LEAVE        nothing is stuck
     state changed within reclaim_after     LEAVE        someone acted on it lately (e.g. a
-                                                        claim whose label is on its way)
-    no owner label                         UNOWNED      nobody to ask about: left alone
+                                                        start whose label is on its way)
+    no owner (``owner``)                   UNOWNED      nobody to ask about: left alone
     owner heard from within reclaim_after  LEAVE        alive, however long the run takes
     (or 3 of its heartbeat intervals)
     PENDING                                RESCHEDULE   claimed, never started
@@ -138,7 +190,9 @@ def reclaim_verdict(
     if unchanged is None or unchanged < reclaim_after:
         return ReclaimVerdict(Reclaim.LEAVE, "its state changed less than reclaim_after ago")
     if name is None:
-        return ReclaimVerdict(Reclaim.UNOWNED, "no prefect.worker.name label: its worker is unknown")
+        return ReclaimVerdict(
+            Reclaim.UNOWNED, "no claim mark nor prefect.worker.name label: its worker is unknown"
+        )
     silent = silence(owner_record, now)
     interval = (owner_record.heartbeat_interval_seconds or 0.0) if owner_record else 0.0
     limit = max(reclaim_after, ONLINE_HEARTBEATS * interval)
@@ -188,13 +242,17 @@ def fence_verdict(
     me: str,
     claim_transition_id: str | None,
     claimed_as: str | None = None,
+    labelled: bool = True,
 ) -> FenceVerdict:
     """After a heartbeat gap: is a run this worker holds still its own?
 
     ``started``: its process was started (else it was claimed and not started yet);
     ``current``: the run as the server has it now (None: deleted); ``claimed_as``: the
     name it was claimed under, when that was not ``me`` (a run adopted after a restart
-    under another name: both names are ours).
+    under another name: both names are ours); ``labelled``: our label is known to be on
+    the run (it is written after the start, in the background): until then a label naming
+    another worker may be a previous owner's, so only a claim mark says who has it (the
+    caller reads the history for a later claim, ``claimed_since``).
 
     ==========  ==============================================  =======  =====================
     started?    the run now                                     verdict  then
@@ -202,7 +260,7 @@ def fence_verdict(
     any         deleted                                         LOST     stop it, report nothing
     no          PENDING by our claim (our transition id)        KEEP     start it
     no          anything else                                   LOST     never started: drop it
-    yes         labelled with another worker's name             LOST     another worker has it
+    yes         owned by another worker (``owner``)             LOST     another worker has it
     yes         SCHEDULED                                       LOST     a peer returned it
     yes         CRASHED or CANCELLED                            LOST     a peer ended it
     yes         PENDING by another claim                        LOST     someone else claimed it
@@ -212,7 +270,7 @@ def fence_verdict(
     if current is None or current.state is None:
         return FenceVerdict(Fence.LOST, "the run was deleted (or has no state)")
     state = current.state
-    name = owner(current)
+    name = owner(current) if labelled else claim_mark(state)
     by_someone_else = name is not None and name not in (me, claimed_as)
     by_our_claim = state.state_details.get("transition_id") == claim_transition_id
     if not started and state.type is StateType.PENDING and by_our_claim:
@@ -231,6 +289,23 @@ def fence_verdict(
     if state.type is StateType.PENDING and not by_our_claim:
         return FenceVerdict(Fence.LOST, "another claim replaced ours")
     return FenceVerdict(Fence.KEEP)
+
+
+def claimed_since(history: list[State], transition_id: str | None) -> State | None:
+    """A PENDING state newer than our claim (``transition_id``) and not ours: another claim
+    came after ours (a peer returned the run to the queue and someone took it). None if
+    there is none, or our claim is not in the history."""
+    ours = next((s for s in history if s.state_details.get("transition_id") == transition_id), None)
+    if ours is None or transition_id is None:
+        return None
+    later = [
+        s
+        for s in history
+        if s.type is StateType.PENDING
+        and s.state_details.get("transition_id") != transition_id
+        and (s.timestamp or "") > (ours.timestamp or "")
+    ]
+    return max(later, key=lambda s: s.timestamp or "") if later else None
 
 
 FENCE_SHARE: Final = 0.5

@@ -1,7 +1,10 @@
 """Claiming a due run: the claim written to the ledger first, PENDING proposed with a fixed
-``transition_id``, the answer judged (``decisions.claim_outcome``), and the run's history
-checked for a state another worker finished meanwhile (``decisions.displaced_state``, put
-back if so). After a heartbeat gap, whether a peer took the run meanwhile (``Fencer``)."""
+``transition_id`` and this worker's name in its message (``fleet.claim_message``: how peers
+know the owner of a PENDING run), the answer judged (``decisions.claim_outcome``), and,
+unless the answer shows the claim replaced a SCHEDULED state
+(``decisions.claimed_from_scheduled``), the run's history checked for a state another
+worker finished meanwhile (``decisions.displaced_state``, put back if so). After a
+heartbeat gap, whether a peer took the run meanwhile (``Fencer``)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from worker.host.settings import Settings
 from worker.prefect.api import PrefectClient
 from worker.prefect.cache import DEPLOYMENT_TTL, ReadCache
 from worker.prefect.outage import API_ERRORS, Outage
-from worker.rules import decisions
+from worker.rules import decisions, fleet
 from worker.rules.models import Deployment, FlowRun, StateType
 
 
@@ -74,14 +77,20 @@ class Claimer:
         self.ledger.write(entry)
         try:
             result = await self.client.set_flow_run_state(
-                flow_run.id, StateType.PENDING, "Pending", transition_id=transition_id
+                flow_run.id,
+                StateType.PENDING,
+                "Pending",
+                fleet.claim_message(self.settings.worker_name),
+                transition_id=transition_id,
             )
             claim = decisions.claim_outcome(result, transition_id)
             if not claim.proceed:
                 self.ledger.remove(flow_run.id)
                 run_log.info("run.not_claimed", reason=claim.reason)
                 return None
-            if not await self._undo_if_raced(flow_run, transition_id, run_log):
+            if not decisions.claimed_from_scheduled(result) and not await self._undo_if_raced(
+                flow_run, transition_id, run_log
+            ):
                 return None
             entry = self.ledger.update(entry, phase="claimed")
         except Exception:

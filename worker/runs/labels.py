@@ -1,5 +1,11 @@
 """The labels Prefect's worker gives a run (its worker and pool), so the UI shows who runs it
-and peers know its owner; a label write that failed is tried again for live runs."""
+and peers know the owner of a started run; a label write that failed is tried again for
+live runs (every 5 s, by the reconciler: one write, never a storm of them).
+
+The labels are written once, in the background right after the start, never before it:
+the owner of a PENDING run is named by the claim itself (``fleet.claim_message``), so the
+start waits for no write. Until a run's labels are on (:meth:`Labeller.unconfirmed`), its
+label may still name a previous owner, which the fence knows (``Fencer.check_live``)."""
 
 from __future__ import annotations
 
@@ -29,6 +35,12 @@ class Labeller:
     """Live runs whose labels could not be set yet (shared with ``Reconciler.unlabelled``)."""
     unsupported: bool = False
     """The server has no labels endpoint (before 3.1): said once, never tried again."""
+    writing: set[str] = attrs.Factory(set)
+    """Runs whose label write is under way."""
+
+    def unconfirmed(self, run_id: str) -> bool:
+        """Our labels are not known to be on the run (being written, or failed)."""
+        return run_id in self.writing or run_id in self.unlabelled
 
     async def label(self, flow_run: FlowRun, run_log: Any, pool: WorkPool) -> None:
         """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.
@@ -41,7 +53,10 @@ class Labeller:
             "prefect.work-pool.name": pool.name,
             "prefect.work-pool.id": pool.id,
         }
+        self.writing.add(flow_run.id)
         try:
+            # not essential (``throttle.py``): held back while the server is busy and not
+            # retried then, in step with every other run's; the next relabel pass (5 s) tries again
             await self.client.update_labels(flow_run.id, labels)
             self.unlabelled.pop(flow_run.id, None)
         except ApiRefused as exc:
@@ -51,8 +66,10 @@ class Labeller:
             )
         except API_ERRORS as exc:
             if flow_run.id not in self.unlabelled:
-                run_log.warning("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
+                run_log.info("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
             self.unlabelled[flow_run.id] = flow_run
+        finally:
+            self.writing.discard(flow_run.id)
 
     async def relabel(self, pool: WorkPool | None) -> None:
         """Try again to label the live runs whose labels could not be set (or, adopted,

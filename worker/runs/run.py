@@ -3,14 +3,16 @@
 :meth:`Runner.run` is the task the poll starts for each due run. Read it in order:
 
 1. ``claim.Claimer.claim``: read the deployment (cached), write the claim to the ledger,
-   propose PENDING with a fixed ``transition_id``, judge the answer
-   (``decisions.claim_outcome``), and check the run's history for a state another
-   worker finished meanwhile (``decisions.displaced_state``): if so, put it back and
-   run nothing.
+   propose PENDING with a fixed ``transition_id`` and this worker's name in its message
+   (``fleet.claim_message``), judge the answer (``decisions.claim_outcome``), and unless
+   the answer shows it replaced a SCHEDULED state (``decisions.claimed_from_scheduled``),
+   check the run's history for a state another worker finished meanwhile
+   (``decisions.displaced_state``): if so, put it back and run nothing.
 2. :meth:`Runner.configure`: the pool's base job template + the deployment's and run's
    job variables → a :class:`~worker.job.ProcessJobConfiguration`.
 3. :meth:`Runner.execute`: spawn the child (``spawned.RunHandle``), record pid and start
-   time in the ledger, report ``infrastructure_pid``, watch it until it is reaped.
+   time in the ledger, report ``infrastructure_pid`` and write the run's labels
+   (``labels.Labeller``) in the background, watch it until it is reaped.
 4. ``decisions.run_outcome`` → :meth:`Reporter.finish <worker.reporter.Reporter.finish>`:
    what the server is owed, written to the ledger first, delivered once.
 
@@ -67,6 +69,11 @@ log = structlog.get_logger("flow_worker")
 
 CLAIM_CONCURRENCY: Final = 16
 """Claims in flight at once: a burst of due runs starts together without a request storm."""
+
+
+READ_GATHER: Final = 0.25
+"""While other runs are in hand, a run's end waits this long for others' before its state
+is read (``reporter.Reads``): a burst's ends share reads; a lone run's is read at once."""
 
 
 def _leaf(exc: Exception) -> Exception:
@@ -126,10 +133,13 @@ class Runner:
             self.settings, self.uplink, self.in_hand, self.ledger.output_dir, self.hook_context
         )
         self.reporter.hooks = self.hooks
+        self.reporter.undisputed = self.fencer.undisputed  # (a crash report needs no read first)
+        self.reporter.reads.gather = lambda: READ_GATHER if len(self.in_hand.live) > 1 else 0.0
         self.interpreter = InterpreterCheck(self.settings.python or sys.executable)
         self.warm = WarmStarts(enabled=self.settings.warm_start)
         self.faults = Faults(self.reporter, self.metrics, self.lost_claims)
         self.labels = Labeller(self.client, self.settings, self.in_hand, self.unlabelled)
+        self.fencer.unlabelled = self.labels.unconfirmed
         self.claimer = Claimer(
             self.settings,
             self.client,
@@ -163,12 +173,9 @@ class Runner:
             if claimed is None:
                 return
             deployment, entry, run_log = claimed
-            # Peers judge a PENDING run by the worker its labels name: until ours are on it, a
-            # rescheduled run still names its lost previous owner, and a start that waits
-            # (interpreter check, block reads, a slow server) would look to them like a claim
-            # that owner never started. So the labels go on before anything else.
-            assert self.pool is not None
-            await self.labels.label(flow_run, run_log, self.pool)
+            # Peers know the owner of a PENDING run by the claim's own mark (its message:
+            # ``fleet.claim_message``), so no label write comes before the start: the labels
+            # go on in the background right after it (``execute``).
             # From here the run is ours: every path ends in a started child, a state owed,
             # or (after a heartbeat gap) the finding that a peer has taken it.
             try:
@@ -205,6 +212,7 @@ class Runner:
             peak = handle.usage.peak if handle is not None and handle.usage is not None else None
             self.book.finished(flow_run.id, flow_run.deployment_id, peak)
             self.control.unregister(flow_run.id)
+            self.labels.writing.discard(flow_run.id)
             self.in_hand.release(flow_run.id)
 
     async def configure(
@@ -278,6 +286,7 @@ class Runner:
             why = decisions.START_FAILED.format(config.mask(str(exc)))
             await self.reporter.finish(entry, run_log, "crash", why)
             return
+        self.labels.writing.add(flow_run.id)  # our labels are not on yet: the fence knows
         self.in_hand.live[flow_run.id] = handle  # at once: whatever happens next, it is watched
         self.faults.started()
         exact = handle.cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
@@ -316,14 +325,28 @@ class Runner:
         if self.in_hand.stopped_runs:
             handle.stop("worker stopping", self.stop_intent)
 
+        pool = self.pool
+        assert pool is not None
+
         async def report_pid() -> None:  # beside the output's following: a flood never waits for the API
             try:
                 await self.client.set_infrastructure_pid(flow_run.id, pid)
             except Exception as exc:  # (a bug here must not cost the run: it is only the UI's)
                 run_log.warning("run.pid_not_reported", error=f"{type(exc).__name__}: {exc}"[:500])
 
+        async def label() -> None:  # the UI's and the fleet's labels, once, after the start
+            try:
+                await self.labels.label(flow_run, run_log, pool)
+            except Exception as exc:  # (a bug here must not cost the run)
+                run_log.warning("run.labels_not_set", error=f"{type(exc).__name__}: {exc}"[:500])
+
+        async def beside() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report_pid)
+                nursery.start_soon(label)
+
         try:
-            returncode = await handle.wait(beside=report_pid)
+            returncode = await handle.wait(beside=beside)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 rc = handle.status if handle.status is not None else -15
