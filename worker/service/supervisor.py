@@ -6,7 +6,7 @@ Shape (nested nurseries are the shutdown structure)::
 
     Supervisor.run
     └── loops nursery ─── heartbeat loop   sync: read/create pool, fix an empty template, heartbeat
-                      ├── cancel loop      CANCELLING among live runs → kill policy → CANCELLED
+                      ├── cancel loop      CANCELLING among live runs → kill policy (cancelpoll.py)
                       ├── reporter loop    delivers states owed to the API (reporter.py)
                       ├── reaper loop      reaps re-parented orphans (the worker is a subreaper)
                       ├── probe loop       while the API is unreachable: GET /health (outage.py)
@@ -60,13 +60,13 @@ from worker.process import reaper
 from worker.process.cgroups import Cgroups
 from worker.process.usage import Meter
 from worker.rules.admission import Book
-from worker.rules.models import StateType
 from worker.rules.retry import jittered
 from worker.runs.control import ControlChannel
 from worker.runs.inhand import InHand
 from worker.runs.reconcile import Reconciler
 from worker.runs.run import Runner
 from worker.service import guard
+from worker.service.cancelpoll import CancelPoll
 from worker.service.liveness import Liveness
 from worker.service.poller import Poller
 from worker.service.status import Status
@@ -100,6 +100,8 @@ class Supervisor:
     poller: Poller = attrs.field(init=False)
     """The poll loop: which due runs to take, and when to look again (``poller.py``)."""
     once: Once = attrs.Factory(Once)
+    cancels: CancelPoll = attrs.field(init=False)
+    """The cancellation poll, rarer while the events stream is up (``cancelpoll.py``)."""
     stopper: Stopper = attrs.field(init=False)
     status: Status = attrs.field(init=False)
     poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -152,6 +154,7 @@ class Supervisor:
             self.rng,
         )
         self.in_hand.released = self.poller.released
+        self.cancels = CancelPoll(self.settings, self.client, self.in_hand, self.outage, self.rng)
         self.stopper = Stopper(self.settings, self.in_hand, self.notifier, self.poll_scope, self.status.line)
 
     @property
@@ -190,7 +193,7 @@ class Supervisor:
             # each loop is restarted after a bug (``guard.py``): never a reason to stop
             for name, loop, *args in (
                 ("heartbeat", self.liveness.judged("heartbeat", self.heartbeat_loop)),
-                ("cancel", self.cancel_loop),
+                ("cancel", self.cancels.loop),
                 ("reporter", self.reporter_loop),
                 ("reaper", reaper.reap_loop),
                 ("probe", self.outage.probe_loop, self.client),
@@ -307,23 +310,14 @@ class Supervisor:
                 pool_id,
                 self.poller.run_became_due,
                 check.heard,
-                self.poller.connected,
+                self.connected,
                 self.outage.pause,
             )
 
-    async def cancel_loop(self) -> None:
-        while True:
-            await trio.sleep(jittered(self.settings.cancel_poll_seconds, self.rng))
-            watched = self.in_hand.watched()
-            if not watched:
-                continue
-            try:
-                found = await self.client.filter_flow_runs(watched, [StateType.CANCELLING])
-            except API_ERRORS as exc:
-                self.outage.failed(exc, "cancel_check")
-                continue
-            for flow_run in found:
-                self.in_hand.cancel(flow_run.id, via="poll")
+    def connected(self, up: bool) -> None:
+        """The events stream is up, or dropped: the poll and the cancellation poll adapt."""
+        self.poller.connected(up)
+        self.cancels.connected(up)
 
     async def reporter_loop(self) -> None:
         while True:
