@@ -82,3 +82,10 @@ def test_snapshots_and_strange_frames() -> None:
             channel.read_snapshot(strange)
     with pytest.raises(ChannelUnavailable, match="unknown shape"):
         channel.read_snapshot(json.dumps({"type": "work_pool.snapshot.v1", "payload": {"work_pool": 3}}))
+
+
+def test_a_refused_upgrade_is_told_by_its_status() -> None:
+    from trio_websocket import ConnectionRejected, HandshakeError
+
+    assert channel.rejected_status(ConnectionRejected(403, (), b"")) == 403  # a server before 3.8
+    assert channel.rejected_status(HandshakeError("reset")) is None

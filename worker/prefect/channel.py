@@ -129,6 +129,15 @@ def read_snapshot(message: str | bytes) -> WorkPool:
     return _pool(data.get("payload"))
 
 
+def rejected_status(exc: BaseException) -> int | None:
+    """The HTTP status of a refused websocket upgrade (trio-websocket's
+    ``ConnectionRejected.status_code``), None if there was none."""
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def _json(message: str | bytes) -> dict[str, Any]:
     try:
         data = json.loads(message)
@@ -194,9 +203,9 @@ class Channel:
             except ChannelUnavailable as exc:
                 return self._unavailable(str(exc))
             except HandshakeError as exc:
-                status = getattr(getattr(exc, "response", None), "status_code", None)
-                if status is not None and 400 <= status < 500:  # no such route: Prefect < 3.9
-                    return self._unavailable(f"HTTP {status} on the websocket upgrade (Prefect before 3.9)")
+                status = rejected_status(exc)
+                if status is not None and 400 <= status < 500:  # no such route: Prefect < 3.8
+                    return self._unavailable(f"HTTP {status} on the websocket upgrade (Prefect before 3.8)")
                 failures += 1
                 self._failed(failures, exc)
             except ConnectionClosed as exc:
