@@ -1,6 +1,6 @@
-"""Prefect's worker channel: heartbeats and the work pool over one websocket (Prefect ≥ 3.9).
+"""Prefect's worker channel: heartbeats and the work pool over one websocket (Prefect 3.8.8, 3.9).
 
-Prefect 3.9's worker heartbeats over ``/api/work_pools/<pool>/workers/connect`` instead of
+Prefect's worker (3.8.8 and 3.9 of the tested releases) heartbeats over ``/api/work_pools/<pool>/workers/connect`` instead of
 ``POST …/workers/heartbeat``, and is told of its pool's changes there instead of reading
 the pool at every heartbeat: idle, it costs its server one poll per interval (issue 22).
 flow-worker does the same where the server offers the channel, and keeps the REST
@@ -9,7 +9,7 @@ is false).
 
 The protocol (``work_pool_worker_channel.v1``, read in Prefect 3.9.1's
 ``client/schemas/worker_channel.py``, ``server/api/workers.py`` and
-``server/utilities/worker_channel.py``): subprotocol ``prefect``; the events stream's auth
+``server/utilities/worker_channel.py``; 3.8.8's schema is the same): subprotocol ``prefect``; the events stream's auth
 frame ``{"type":"auth","token":…}`` answered by ``{"type":"auth_success"}``; then every
 frame is ``{"type","id","sent_at","payload"}``:
 
@@ -28,7 +28,7 @@ frame is ``{"type","id","sent_at","payload"}``:
 
 Close codes: 1008 (authentication, authorization: also an unknown pool without
 ``create_pool_if_not_found``) and 1002 (protocol) are final, 1011 is transient. A server
-without the route (before 3.9) refuses the upgrade with HTTP 403 or 404: then the worker
+without the route (3.6.29 and older) refuses the upgrade with HTTP 403 or 404: then the worker
 heartbeats over REST for the life of the process, said once (``channel.unavailable``).
 Any other failure is retried with a backoff, REST heartbeats meanwhile.
 """
