@@ -1,17 +1,17 @@
 """Prefect's worker channel: heartbeats and the work pool over one websocket (Prefect 3.8.8, 3.9).
 
 Prefect's worker (3.8.8 and 3.9 of the tested releases) heartbeats over
-``/api/work_pools/<pool>/workers/connect`` instead of ``POST …/workers/heartbeat``, and is told of its pool's changes there instead of reading
-the pool at every heartbeat: idle, it costs its server one poll per interval (issue 22).
-flow-worker does the same where the server offers the channel, and keeps the REST
-heartbeat elsewhere (the supervisor's heartbeat loop sends it whenever :attr:`Channel.up`
-is false).
+``/api/work_pools/<pool>/workers/connect`` instead of ``POST …/workers/heartbeat``, and
+is told of its pool's changes there instead of reading the pool at every heartbeat:
+idle, it costs its server one poll per interval (issue 22). flow-worker does the same
+where the server offers the channel, and keeps the REST heartbeat elsewhere (the
+supervisor's heartbeat loop sends it whenever :attr:`Channel.up` is false).
 
 The protocol (``work_pool_worker_channel.v1``, read in Prefect 3.9.1's
 ``client/schemas/worker_channel.py``, ``server/api/workers.py`` and
 ``server/utilities/worker_channel.py``; 3.8.8's schema is the same): subprotocol
-``prefect``; the events stream's auth frame ``{"type":"auth","token":…}`` answered by ``{"type":"auth_success"}``; then every
-frame is ``{"type","id","sent_at","payload"}``:
+``prefect``; the events stream's auth frame ``{"type":"auth","token":…}`` answered by
+``{"type":"auth_success"}``; then every frame is ``{"type","id","sent_at","payload"}``:
 
 * ``worker.hello.v1`` (ours): consumer id, worker name and type, heartbeat interval (whole
   seconds), the channel versions and capabilities we speak (``worker_heartbeat.v1``,
