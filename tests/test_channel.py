@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -89,3 +91,49 @@ def test_a_refused_upgrade_is_told_by_its_status() -> None:
 
     assert channel.rejected_status(ConnectionRejected(403, (), b"")) == 403  # a server before 3.8
     assert channel.rejected_status(HandshakeError("reset")) is None
+
+
+async def test_the_channel_against_a_server_that_speaks_it() -> None:
+    """Heartbeats and snapshots over one connection; a transient close (1011) is
+    reconnected, a final one (1008) turns the channel off (REST heartbeats)."""
+    from trio_websocket import serve_websocket
+
+    frames: list[object] = []
+    connections = 0
+
+    async def handler(request: Any) -> None:
+        nonlocal connections
+        connections += 1
+        ws = await request.accept()
+        assert json.loads(await ws.get_message()) == {"type": "auth", "token": None}
+        await ws.send_message(json.dumps({"type": "auth_success"}))
+        hello = wc.validate_worker_channel_frame(json.loads(await ws.get_message()))
+        frames.append(hello)
+        await ws.send_message(json.dumps(ready(str(hello.payload.consumer_id), 1)))
+        beat = wc.validate_worker_channel_frame(json.loads(await ws.get_message()))
+        frames.append(beat)
+        snapshot = ready(str(hello.payload.consumer_id))["payload"]["initial_snapshot"]  # type: ignore[index]
+        await ws.send_message(json.dumps({"type": "work_pool.snapshot.v1", "payload": snapshot}))
+        frames.append(wc.validate_worker_channel_frame(json.loads(await ws.get_message())))
+        await trio.sleep(
+            0.3
+        )  # the ping after it answered (trio-websocket's server pongs while closing: an error)
+        await ws.aclose(1011 if connections == 1 else 1008, "bye")
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        port = server.port
+        pools: list[object] = []
+        beats: list[float] = []
+        s = Settings(pool="p", name="w", api_url=f"http://127.0.0.1:{port}/api", heartbeat_seconds=1)
+        synced = trio.Event()
+        synced.set()
+        ch = channel.Channel(s, pools.append, beats.append, pause=lambda _: trio.sleep(0.05))
+        with trio.fail_after(30):
+            await ch.run(synced)
+        nursery.cancel_scope.cancel()
+    assert connections == 2 and ch.off is not None and "1008" in ch.off and not ch.up
+    kinds = [type(f).__name__ for f in frames]
+    assert kinds == ["WorkerHelloFrame", "WorkerHeartbeatFrame", "WorkerHeartbeatFrame"] * 2
+    assert len(pools) == 4  # each ready frame, each snapshot
+    assert len(beats) >= 4  # each hello (the server records one), each heartbeat answered

@@ -196,10 +196,7 @@ class Channel:
                     interval = await self._setup(ws)
                     log.info("channel.connected", heartbeat_seconds=interval, after_failures=failures)
                     failures = 0
-                    async with trio.open_nursery() as tasks:
-                        tasks.start_soon(self._beats, ws, interval)
-                        while True:
-                            self.on_pool(read_snapshot(await ws.get_message()))
+                    await self._serve(ws, interval)
             except ChannelUnavailable as exc:
                 return self._unavailable(str(exc))
             except HandshakeError as exc:
@@ -237,15 +234,21 @@ class Channel:
         self.on_beat(sent)  # the server recorded a heartbeat before it answered our hello
         return interval
 
-    async def _beats(self, ws: Any, interval: int) -> None:
+    async def _serve(self, ws: Any, interval: int) -> None:
+        """Heartbeats every ``interval``, and the pool's snapshots between them (one task:
+        no exception group to unwrap; trio-websocket answers pings in its own reader)."""
+        beat_at = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
+            with trio.move_on_at(beat_at):
+                while True:
+                    self.on_pool(read_snapshot(await ws.get_message()))
             sent = trio.current_time()
             beat = heartbeat(self.consumer_id, self.settings.worker_name, interval)
             with trio.fail_after(PONG_TIMEOUT):  # a server that stopped reading: reconnect
                 await ws.send_message(json.dumps(beat))
                 await ws.ping()  # answered after the server has read the heartbeat
             self.on_beat(sent)
+            beat_at = sent + interval
 
     def _unavailable(self, reason: str) -> None:
         self.off = reason
