@@ -8,10 +8,13 @@ them closed and reconnects) and relays again.
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import threading
 import time
+
+REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
 
 
 class CutProxy:
@@ -25,6 +28,8 @@ class CutProxy:
         self._open: list[socket.socket] = []
         self._held: list[socket.socket] = []
         self._stop = False
+        self.requests: list[tuple[float, str]] = []
+        """(time.monotonic(), path) of each HTTP request relayed to the server."""
 
     def __enter__(self) -> CutProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -38,6 +43,11 @@ class CutProxy:
     def cut(self) -> None:
         with self._lock:
             self.is_cut = True
+
+    def count(self, since: float) -> int:
+        """Requests relayed since ``since`` (``time.monotonic()``), a websocket's upgrade included."""
+        with self._lock:
+            return sum(1 for t, _ in self.requests if t >= since)
 
     def heal(self) -> None:
         self._drop_all()
@@ -81,6 +91,10 @@ class CutProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if src is a:
+                        found = [m.group(1).decode() for m in REQUEST_LINE.finditer(data)]
+                        with self._lock:
+                            self.requests += [(time.monotonic(), path) for path in found]
                     peer[src].sendall(data)
         except (OSError, ValueError):
             return

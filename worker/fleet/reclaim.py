@@ -2,9 +2,11 @@
 
 The decisions are the tables in ``fleet.py``; this module does the I/O around them.
 
-* :class:`Reclaimer` — every ``check_seconds`` (jittered, so peers do not act in step):
-  read the pool's workers (with the server's clock) and its PENDING, RUNNING and
-  CANCELLING runs, and resolve each run ``fleet.reclaim_verdict`` says is lost. The
+* :class:`Reclaimer` — when a peer seen at the last look could cross its line, at the
+  latest every ``look_ceiling`` (``cadence.next_look``; jittered, so peers do not act in
+  step): read the pool's workers (with the server's clock) and, when one has just gone
+  silent or a sweep is due, its PENDING, RUNNING and CANCELLING runs, and resolve each
+  run ``fleet.reclaim_verdict`` says is lost. The
   proposal's transition id is derived from the state it replaces (``uuid5``), so a
   second peer proposing the same transition is rejected by the server; a reclaim that
   displaced a state newer than the one read is undone (``fleet.reclaim_raced``).
@@ -17,7 +19,6 @@ The decisions are the tables in ``fleet.py``; this module does the I/O around th
 from __future__ import annotations
 
 import datetime
-import itertools
 import math
 import random
 import time
@@ -37,10 +38,9 @@ from worker.host.settings import Settings
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS, Outage
 from worker.process.handle import Supervised
-from worker.rules import fleet
+from worker.rules import cadence, fleet
 from worker.rules.fleet import Reclaim
 from worker.rules.models import FlowRun, StateType, WorkerRecord
-from worker.rules.retry import jittered
 
 log = structlog.get_logger("flow_worker")
 
@@ -62,17 +62,34 @@ every 2 s: that traffic would compete with claims on a busy (SQLite) server."""
 
 
 def check_seconds(settings: Settings) -> float:
-    """How often the pool's workers are looked at: every half poll interval (one small
-    request; at least ``MIN_CHECK_SECONDS``), so a lost peer's runs are resolved within
-    ``reclaim_after`` plus one poll interval, request times included; never less often
-    than ``reclaim_after``."""
+    """The short interval between looks: half a poll interval (at least
+    ``MIN_CHECK_SECONDS``, at most ``reclaim_after``). The loop looks this often only
+    while a peer has just gone silent (its runs are being resolved) or after a failed
+    look; a peer's deadline is looked at no sooner than this after the previous look."""
     return min(max(settings.query_seconds / 2, MIN_CHECK_SECONDS), settings.reclaim_after)
+
+
+def look_ceiling(settings: Settings) -> float:
+    """The longest time between two looks at the pool, and between two sweeps of its
+    runs: half of ``reclaim_after``.
+
+    Why it is enough (issue 22: the look every half poll interval was 12 of an idle
+    worker's 22 requests a minute): between looks, the loop sleeps until the first peer
+    it saw could cross its line (``cadence.next_look``), so a peer that dies is looked at
+    within ``DEADLINE_MARGIN`` plus the jitter of its line, and its runs are resolved
+    within ``reclaim_after`` plus one poll interval as before. A worker first heard from
+    after a look cannot cross its line before ``reclaim_after`` after that look, so any
+    ceiling up to ``reclaim_after`` catches it in time. The ceiling bounds what only a
+    sweep finds (a run whose owner the pool has no record of, or whose state changed
+    after its owner went silent): resolved within ``1.5 * reclaim_after``. Idle, with
+    the default 300 s, that is two requests every 150 s."""
+    return max(settings.reclaim_after / 2, MIN_CHECK_SECONDS)
 
 
 SWEEP_EVERY: Final = 10
 """The pool's runs are read when a worker of the pool has just gone silent for longer
-than ``reclaim_after`` (within the last ``SWEEP_EVERY`` checks), and otherwise every
-``SWEEP_EVERY`` checks: for runs whose state changed after their owner went silent, and
+than ``reclaim_after`` (within the last ``SWEEP_EVERY`` short intervals), and otherwise
+every ``look_ceiling``: for runs whose state changed after their owner went silent, and
 owners the pool has no record of."""
 
 
@@ -88,6 +105,8 @@ class Reclaimer:
     """True once the server is known to have no run labels (before Prefect 3.1)."""
     rng: random.Random = attrs.Factory(random.Random)
     once: Once = attrs.Factory(Once)
+    seen: tuple[list[WorkerRecord], datetime.datetime] | None = None
+    """The pool's workers and the server's clock, as the last look read them."""
 
     @property
     def pool(self) -> str:
@@ -98,18 +117,37 @@ class Reclaimer:
         if self.settings.reclaim_after <= 0 or self.settings.once:
             return  # off; and --once drains and exits, it does not keep watch
         await synced.wait()
-        interval = check_seconds(self.settings)
-        for count in itertools.count():
-            await trio.sleep(jittered(interval, self.rng, spread=0.2))
+        short, ceiling = check_seconds(self.settings), look_ceiling(self.settings)
+        swept = -math.inf
+        while True:  # the first look right away: it learns when the peers could be lost
             if self.unlabelled():  # no owner can be known: every run would be "unowned"
                 log.info("reclaim.off", reason="the server has no run labels (Prefect before 3.1)")
                 return
+            self.seen = None
+            sweep = trio.current_time() - swept >= ceiling
             try:
-                await self.check(sweep=count % SWEEP_EVERY == 0)
+                await self.check(sweep=sweep)
+                swept = trio.current_time() if sweep else swept
             except API_ERRORS as exc:
                 self.outage.failed(exc, "reclaim")
             except Exception as exc:  # a bug here must never stop the supervision of runs
                 self.once.say(("bug", type(exc)), log, "exception", "reclaim.failed", error=repr(exc))
+            wait = short if self.seen is None else self.next_look(short, ceiling)
+            await trio.sleep(wait + self.rng.uniform(0, 0.2 * short))
+
+    def next_look(self, short: float, ceiling: float) -> float:
+        """Seconds until the next look, from the workers the last one read."""
+        assert self.seen is not None
+        workers, now = self.seen
+        peers = [
+            (
+                fleet.silence(w, now),
+                cadence.lost_after(self.settings.reclaim_after, w.heartbeat_interval_seconds),
+            )
+            for w in workers
+            if w.name != self.settings.worker_name
+        ]
+        return cadence.next_look(peers, short, ceiling, SWEEP_EVERY * short * 1.2)
 
     async def check(self, sweep: bool = True) -> int:
         """One look at the pool; returns how many runs this worker resolved. Its runs
@@ -121,6 +159,7 @@ class Reclaimer:
         before anything is written.
         """
         workers, now = await self.client.read_workers(self.pool)
+        self.seen = workers, now  # for the loop's next look (issue 22)
         window = SWEEP_EVERY * check_seconds(self.settings) * 1.2  # (the loop's jitter)
         if not sweep and not fleet.newly_silent(workers, now, self.settings.reclaim_after, window):
             return 0

@@ -42,12 +42,17 @@ async def ensure_pool(client: PrefectClient, settings: Settings, once: Once) -> 
         await client.set_base_job_template(name, template)
         pool = attrs.evolve(pool, base_job_template=template)
         log.info("pool.template_set", work_pool=name)
+    said(pool, once)
+    return pool
+
+
+def said(pool: WorkPool, once: Once) -> None:
+    """A pool of another type, or paused, is said once (until it changes)."""
     for key, condition, fields in (
         ("pool.type_mismatch", pool.type != "process", {"pool_type": pool.type}),
         ("pool.paused", pool.is_paused, {}),
     ):
         if condition:
-            once.say(key, log, "warning", key, work_pool=name, **fields)
+            once.say(key, log, "warning", key, work_pool=pool.name, **fields)
         else:
             once.clear(key)
-    return pool

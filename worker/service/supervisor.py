@@ -6,7 +6,8 @@ Shape (nested nurseries are the shutdown structure)::
 
     Supervisor.run
     └── loops nursery ─── heartbeat loop   sync: read/create pool, fix an empty template, heartbeat
-                      ├── cancel loop      CANCELLING among live runs → kill policy → CANCELLED
+                      ├── worker channel   where the server has one: heartbeats, the pool (channel.py)
+                      ├── cancel loop      CANCELLING among live runs → kill policy (cancelpoll.py)
                       ├── reporter loop    delivers states owed to the API (reporter.py)
                       ├── reaper loop      reaps re-parented orphans (the worker is a subreaper)
                       ├── probe loop       while the API is unreachable: GET /health (outage.py)
@@ -54,19 +55,21 @@ from worker.host.metrics import Metrics
 from worker.host.settings import Settings
 from worker.host.systemd import Notifier
 from worker.prefect.api import PrefectClient
+from worker.prefect.channel import Channel
 from worker.prefect.outage import API_ERRORS, Outage
-from worker.prefect.pool import ensure_pool
+from worker.prefect.pool import ensure_pool, said
 from worker.process import reaper
 from worker.process.cgroups import Cgroups
 from worker.process.usage import Meter
 from worker.rules.admission import Book
-from worker.rules.models import StateType
+from worker.rules.models import WorkPool
 from worker.rules.retry import jittered
 from worker.runs.control import ControlChannel
 from worker.runs.inhand import InHand
 from worker.runs.reconcile import Reconciler
 from worker.runs.run import Runner
 from worker.service import guard
+from worker.service.cancelpoll import CancelPoll
 from worker.service.liveness import Liveness
 from worker.service.poller import Poller
 from worker.service.status import Status
@@ -100,6 +103,10 @@ class Supervisor:
     poller: Poller = attrs.field(init=False)
     """The poll loop: which due runs to take, and when to look again (``poller.py``)."""
     once: Once = attrs.Factory(Once)
+    cancels: CancelPoll = attrs.field(init=False)
+    channel: Channel = attrs.field(init=False)  # heartbeats and the pool, where the server has it
+    channel_up: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) by each pool it brings
+    """The cancellation poll, rarer while the events stream is up (``cancelpoll.py``)."""
     stopper: Stopper = attrs.field(init=False)
     status: Status = attrs.field(init=False)
     poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -152,6 +159,8 @@ class Supervisor:
             self.rng,
         )
         self.in_hand.released = self.poller.released
+        self.channel = Channel(self.settings, self.channel_pool, self.beat, self.outage.pause)
+        self.cancels = CancelPoll(self.settings, self.client, self.in_hand, self.outage, self.rng)
         self.stopper = Stopper(self.settings, self.in_hand, self.notifier, self.poll_scope, self.status.line)
 
     @property
@@ -190,7 +199,7 @@ class Supervisor:
             # each loop is restarted after a bug (``guard.py``): never a reason to stop
             for name, loop, *args in (
                 ("heartbeat", self.liveness.judged("heartbeat", self.heartbeat_loop)),
-                ("cancel", self.cancel_loop),
+                ("cancel", self.cancels.loop),
                 ("reporter", self.reporter_loop),
                 ("reaper", reaper.reap_loop),
                 ("probe", self.outage.probe_loop, self.client),
@@ -201,6 +210,7 @@ class Supervisor:
                 ("uplink", self.runner.uplink.loop),
                 ("liveness", self.liveness.watch, self.notifier, self.status.line),
                 ("cgroups", cgroups.watch),
+                ("channel", self.channel.run, self.status.synced),
             ):
                 loops.start_soon(guard.forever, name, loop, *args)
             await loops.start(self.control.serve)
@@ -265,19 +275,21 @@ class Supervisor:
 
     async def heartbeat_loop(self) -> None:
         while True:
-            self.liveness.calls("heartbeat", 4)  # the sync: up to 3; the fence check: 1
-            sent_at = trio.current_time()
-            try:
-                await self.sync()
-            except API_ERRORS as exc:
-                self.outage.failed(exc, "sync")
-                pause = min(self.settings.heartbeat_seconds, self.outage.delay())
-                self.liveness.pause("heartbeat", pause)
-                await self.outage.pause(pause)
-                continue
-            self.outage.succeeded()
-            self.fence_check_owed |= self.fencer.beat(sent_at)
+            if not self.channel.up:  # else the channel heartbeats and brings the pool (channel.py)
+                self.liveness.calls("heartbeat", 4)  # the sync: up to 3; the fence check: 1
+                sent_at = trio.current_time()
+                try:
+                    await self.sync()
+                except API_ERRORS as exc:
+                    self.outage.failed(exc, "sync")
+                    pause = min(self.settings.heartbeat_seconds, self.outage.delay())
+                    self.liveness.pause("heartbeat", pause)
+                    await self.outage.pause(pause)
+                    continue
+                self.outage.succeeded()
+                self.beat(sent_at)
             if self.fence_check_owed:  # peers may have taken runs while we were silent
+                self.liveness.calls("heartbeat", 1)
                 try:
                     await self.fencer.check_live(self.in_hand.live)
                     self.fence_check_owed = False
@@ -285,7 +297,18 @@ class Supervisor:
                     self.outage.failed(exc, "fence")
             pause = jittered(self.settings.heartbeat_seconds, self.rng)
             self.liveness.pause("heartbeat", pause)
-            await trio.sleep(pause)
+            with trio.move_on_after(pause):  # the channel's beats (a gap may end), or its coming up
+                await (self.fencer.heard if self.channel.up else self.channel_up).wait()
+
+    def beat(self, sent_at: float) -> None:
+        """A heartbeat sent at trio time ``sent_at`` got through (REST or the channel)."""
+        self.fence_check_owed |= self.fencer.beat(sent_at)
+
+    def channel_pool(self, pool: WorkPool) -> None:
+        self.runner.pool = pool
+        said(pool, self.once)
+        self.channel_up.set()
+        self.channel_up = trio.Event()
 
     def known(self) -> set[str]:
         """Runs this worker holds, owes a report for, or has not resolved yet."""
@@ -307,23 +330,14 @@ class Supervisor:
                 pool_id,
                 self.poller.run_became_due,
                 check.heard,
-                self.poller.connected,
+                self.connected,
                 self.outage.pause,
             )
 
-    async def cancel_loop(self) -> None:
-        while True:
-            await trio.sleep(jittered(self.settings.cancel_poll_seconds, self.rng))
-            watched = self.in_hand.watched()
-            if not watched:
-                continue
-            try:
-                found = await self.client.filter_flow_runs(watched, [StateType.CANCELLING])
-            except API_ERRORS as exc:
-                self.outage.failed(exc, "cancel_check")
-                continue
-            for flow_run in found:
-                self.in_hand.cancel(flow_run.id, via="poll")
+    def connected(self, up: bool) -> None:
+        """The events stream is up, or dropped: the poll and the cancellation poll adapt."""
+        self.poller.connected(up)
+        self.cancels.connected(up)
 
     async def reporter_loop(self) -> None:
         while True:

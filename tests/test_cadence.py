@@ -1,0 +1,202 @@
+"""When the idle loops look again (issue 22): the pure rules, then the loops on a mock clock."""
+
+from __future__ import annotations
+
+import datetime
+import random
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.fleet.reclaim import Reclaimer, check_seconds, look_ceiling
+from worker.host.metrics import Metrics
+from worker.host.settings import Settings
+from worker.prefect.outage import Outage
+from worker.rules import cadence
+from worker.rules.models import FlowRun, StateType, WorkerRecord
+from worker.runs.inhand import InHand
+from worker.service.cancelpoll import CancelPoll
+
+# ---------------------------------------------------------------- the pure rules
+
+
+def test_the_cancel_poll_backs_off_only_while_the_stream_is_steady() -> None:
+    assert cadence.cancel_poll_pause(10, stream_steady=False) == 10
+    assert cadence.cancel_poll_pause(10, stream_steady=True) == cadence.CANCEL_SAFETY_SECONDS
+    assert cadence.cancel_poll_pause(600, stream_steady=True) == 600  # never more often than asked
+
+
+def test_the_reclaim_intervals() -> None:
+    s = Settings(pool="p")
+    assert (check_seconds(s), look_ceiling(s)) == (5.0, 150.0)
+    s = Settings(pool="p", query_seconds=2, reclaim_after=6)
+    assert (check_seconds(s), look_ceiling(s)) == (2.0, 3.0)
+    assert cadence.lost_after(300, 30) == 300
+    assert cadence.lost_after(300, 200) == 600  # Prefect calls it ONLINE for 3 intervals
+    assert cadence.lost_after(300, None) == 300
+
+
+silences = st.lists(
+    st.tuples(st.none() | st.floats(0, 10_000), st.floats(1, 1_000)),
+    max_size=8,
+)
+
+
+@given(
+    peers=silences,
+    short=st.floats(0.5, 60),
+    ceiling=st.floats(1, 600),
+    linger=st.floats(0, 600),
+)
+def test_the_next_look_is_never_after_a_peer_could_be_lost(
+    peers: list[tuple[float | None, float]], short: float, ceiling: float, linger: float
+) -> None:
+    wait = cadence.next_look(peers, short, ceiling, linger)
+    assert min(short, ceiling) <= wait <= max(ceiling, short)
+    for silent, limit in peers:
+        if silent is None:
+            continue
+        if limit < silent <= limit + linger:
+            assert wait == short  # one just lost: watched closely
+        elif silent <= limit:
+            # looked at within the margin of its line (or at the short interval)
+            assert wait <= max(limit - silent + cadence.DEADLINE_MARGIN, short)
+
+
+def test_an_idle_pool_of_live_peers_is_looked_at_rarely() -> None:
+    peers = [(5.0, 300.0), (25.0, 300.0), (86_400.0, 300.0), (None, 300.0)]  # two alive, one long gone
+    assert cadence.next_look(peers, 5, 150, 60) == 150
+    assert cadence.next_look([(290.0, 300.0)], 5, 150, 60) == 11.5  # its deadline, and a margin
+    assert cadence.next_look([(310.0, 300.0)], 5, 150, 60) == 5  # just lost: its runs, closely
+
+
+# ---------------------------------------------------------------- the reclaim loop
+
+
+EPOCH = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+
+
+def server_time() -> datetime.datetime:
+    return EPOCH + datetime.timedelta(seconds=trio.current_time())
+
+
+class FakePool:
+    """The pool's worker records as a server keeps them; peers that heartbeat until they die."""
+
+    def __init__(self, peers: dict[str, float]) -> None:
+        self.interval = 30.0
+        self.death: dict[str, float] = peers  # name -> trio time of death (inf: never)
+        self.reads: list[float] = []
+        self.sweeps: list[float] = []
+
+    def last_beat(self, name: str) -> float:
+        now = min(trio.current_time(), self.death[name])
+        return now - now % self.interval  # every `interval`, on the dot
+
+    async def read_workers(self, pool: str) -> tuple[list[WorkerRecord], datetime.datetime]:
+        self.reads.append(trio.current_time())
+        records = [
+            WorkerRecord(
+                name,
+                (EPOCH + datetime.timedelta(seconds=self.last_beat(name))).isoformat(),
+                self.interval,
+            )
+            for name in self.death
+        ]
+        return records, server_time()
+
+    async def pool_flow_runs(self, pool: str, states: Any) -> list[FlowRun]:
+        self.sweeps.append(trio.current_time())
+        return []
+
+
+def reclaimer(pool: FakePool, **settings: Any) -> Reclaimer:
+    s = Settings(pool="p", name="me", **settings)
+    metrics = Metrics()
+    return Reclaimer(s, pool, Outage(metrics=metrics), metrics, set, rng=random.Random(7))  # type: ignore[arg-type]
+
+
+async def test_an_idle_fleet_costs_a_few_looks_an_hour(autojump_clock: trio.testing.MockClock) -> None:
+    pool = FakePool({"me": float("inf"), "peer-1": float("inf"), "peer-2": float("inf")})
+    synced = trio.Event()
+    synced.set()
+    with trio.move_on_after(3600):
+        await reclaimer(pool).loop(synced)
+    # every half poll interval (5 s) was 720 looks an hour; now every 150 s (with jitter)
+    assert 20 <= len(pool.reads) <= 25, len(pool.reads)
+    assert 20 <= len(pool.sweeps) <= 25
+
+
+@pytest.mark.parametrize("dies_at", [100.0, 431.0, 1000.0, 1013.0])
+async def test_a_dead_peer_is_looked_at_as_it_crosses_its_line(
+    autojump_clock: trio.testing.MockClock, dies_at: float
+) -> None:
+    """The bound of the dead-host test: resolved within reclaim_after plus one poll
+    interval of the peer's last heartbeat (here: the look that reads its runs)."""
+    pool = FakePool({"me": float("inf"), "peer": dies_at})
+    synced = trio.Event()
+    synced.set()
+    with trio.move_on_after(dies_at + 700):
+        await reclaimer(pool).loop(synced)
+    last = pool.last_beat("peer")
+    lost_at = last + 300
+    first_look_after = min(t for t in pool.reads if t > lost_at)
+    assert first_look_after - lost_at <= cadence.DEADLINE_MARGIN + 1.0 + 1.0  # margin, jitter, clock
+    assert any(lost_at < t <= lost_at + 10 for t in pool.sweeps), "its runs were read"
+
+
+# ---------------------------------------------------------------- the cancellation poll
+
+
+class FakeRuns:
+    def __init__(self) -> None:
+        self.reads: list[float] = []
+        self.cancelling: set[str] = set()
+
+    async def filter_flow_runs(self, ids: list[str], states: list[StateType]) -> list[FlowRun]:
+        self.reads.append(trio.current_time())
+        return [FlowRun(id=i, name=i) for i in ids if i in self.cancelling]
+
+
+class FakeHandle:
+    stop_requested = False
+    pid = 1
+
+    def __init__(self) -> None:
+        self.log = self
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def cancel(self, reason: str) -> None:
+        self.stop_requested = True
+
+
+async def test_the_cancel_poll_backs_off_while_the_stream_is_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runs, in_hand = FakeRuns(), InHand()
+    in_hand.live["run-1"] = FakeHandle()  # type: ignore[assignment]
+    s = Settings(pool="p", cancel_poll_seconds=10)
+    poll = CancelPoll(s, runs, in_hand, Outage(metrics=Metrics()), random.Random(3))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll.loop)
+        await trio.sleep(60)
+        assert 5 <= len(runs.reads) <= 8, "the stream is down: every 10 s"
+        poll.connected(True)
+        await trio.sleep(25)  # one more look at 10 s: the stream came up after the last one
+        before = len(runs.reads)
+        await trio.sleep(600)
+        assert len(runs.reads) - before <= 600 / (0.7 * cadence.CANCEL_SAFETY_SECONDS) + 1
+        assert len(runs.reads) - before >= 3, "a safety net all the same"
+        poll.connected(False)
+        dropped = trio.current_time()
+        runs.cancelling.add("run-1")
+        await trio.sleep(14)
+        assert runs.reads[-1] >= dropped, "back to cancel_poll_seconds the moment the stream drops"
+        assert in_hand.live["run-1"].stop_requested  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
