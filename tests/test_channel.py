@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.host.settings import Settings
-from worker.prefect import channel
+from worker.prefect import channel, events
 from worker.prefect.channel import ChannelUnavailable
 
 wc = pytest.importorskip("prefect.client.schemas.worker_channel")
@@ -89,8 +89,8 @@ def test_snapshots_and_strange_frames() -> None:
 def test_a_refused_upgrade_is_told_by_its_status() -> None:
     from trio_websocket import ConnectionRejected, HandshakeError
 
-    assert channel.rejected_status(ConnectionRejected(403, (), b"")) == 403  # a server before 3.8
-    assert channel.rejected_status(HandshakeError("reset")) is None
+    assert events.rejected_status(ConnectionRejected(403, (), b"")) == 403  # a server before 3.8
+    assert events.rejected_status(HandshakeError("reset")) is None
 
 
 async def test_the_channel_against_a_server_that_speaks_it() -> None:

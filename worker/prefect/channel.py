@@ -47,7 +47,7 @@ import structlog
 import trio
 
 from worker.host.settings import Settings
-from worker.prefect.session import tls_context
+from worker.prefect.events import EventsUnavailable, Socket, rejected_status
 from worker.rules.job import ProcessJobConfiguration
 from worker.rules.models import WorkPool, structure
 from worker.rules.retry import backoff
@@ -129,15 +129,6 @@ def read_snapshot(message: str | bytes) -> WorkPool:
     return _pool(data.get("payload"))
 
 
-def rejected_status(exc: BaseException) -> int | None:
-    """The HTTP status of a refused websocket upgrade (trio-websocket's
-    ``ConnectionRejected.status_code``), None if there was none."""
-    status = getattr(exc, "status_code", None)
-    if status is None:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status if isinstance(status, int) else None
-
-
 def _json(message: str | bytes) -> dict[str, Any]:
     try:
         data = json.loads(message)
@@ -174,30 +165,23 @@ class Channel:
 
     async def run(self, synced: trio.Event) -> None:
         """Keep the channel open, after the first (REST) sync; return if the server has none."""
-        from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+        from trio_websocket import ConnectionClosed, HandshakeError
 
         if self.settings.once:
             return  # --once drains and exits: REST heartbeats suffice
         await synced.wait()
         assert self.settings.api_url is not None and self.settings.pool is not None
-        url = channel_url(self.settings.api_url, self.settings.pool)
-        context = tls_context(self.settings) if url.startswith("wss://") else None
-        headers = [(k.encode(), v.encode()) for k, v in self.settings.custom_headers().items()]
+        socket = Socket.at(self.settings, channel_url(self.settings.api_url, self.settings.pool))
         failures = 0
         while True:
             try:
-                async with open_websocket_url(
-                    url,
-                    ssl_context=context,
-                    subprotocols=["prefect"],
-                    extra_headers=headers,
-                    connect_timeout=SETUP_TIMEOUT,
-                ) as ws:
+                async with socket.open() as ws:
+                    await socket.authenticate(ws)
                     interval = await self._setup(ws)
                     log.info("channel.connected", heartbeat_seconds=interval, after_failures=failures)
                     failures = 0
                     await self._serve(ws, interval)
-            except ChannelUnavailable as exc:
+            except (ChannelUnavailable, EventsUnavailable) as exc:
                 return self._unavailable(str(exc))
             except HandshakeError as exc:
                 status = rejected_status(exc)
@@ -220,12 +204,7 @@ class Channel:
             await self.pause(backoff(failures, 1.0, 60.0, 0.2))
 
     async def _setup(self, ws: Any) -> int:
-        token = self.settings.api_auth_string or self.settings.api_key
-        with trio.fail_after(SETUP_TIMEOUT):
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
-            answer = _json(await ws.get_message())
-            if answer.get("type") != "auth_success":
-                raise ChannelUnavailable(f"authentication refused: {str(answer)[:200]}")
+        with trio.fail_after(SETUP_TIMEOUT):  # (authenticated by ``Socket.authenticate``)
             sent = trio.current_time()
             await ws.send_message(json.dumps(hello(self.consumer_id, self.settings)))
             interval, pool = read_ready(await ws.get_message(), self.consumer_id)

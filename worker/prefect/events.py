@@ -100,6 +100,14 @@ class Socket:
             return cls(url, token, context, headers, handshake=False)
         return cls(url, token, context, headers)
 
+    @classmethod
+    def at(cls, settings: Settings, url: str) -> Socket:
+        """Another of the server's websockets that authenticates with the auth frame (the
+        worker channel, ``channel.py``): the same TLS, headers and token."""
+        plain = cls.of(settings)
+        context = tls_context(settings) if url.startswith("wss://") else None
+        return cls(url, plain.token, context, plain.headers)
+
     def _options(self) -> dict[str, Any]:
         return {
             "ssl_context": self.context,
@@ -126,6 +134,15 @@ class Socket:
             raise ValueError(f"unexpected answer to auth: {str(message)[:120]!r}")
         if answer.get("type") != "auth_success":
             raise EventsUnavailable(f"authentication refused: {str(answer)[:200]}")
+
+
+def rejected_status(exc: BaseException) -> int | None:
+    """The HTTP status of a refused websocket upgrade (trio-websocket's
+    ``ConnectionRejected.status_code``), None if there was none."""
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
 
 
 def auth_frame(token: str | None) -> dict[str, Any]:
@@ -305,7 +322,7 @@ async def stream(
             log.warning("events.unavailable", reason=str(exc), fallback="polling only")
             return
         except HandshakeError as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
+            status = rejected_status(exc)
             if status is not None and 400 <= status < 500:
                 on_connected(False)
                 log.info(
