@@ -200,3 +200,24 @@ async def test_the_cancel_poll_backs_off_while_the_stream_is_up(
         assert runs.reads[-1] >= dropped, "back to cancel_poll_seconds the moment the stream drops"
         assert in_hand.live["run-1"].stop_requested  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cancel_event_that_could_not_be_checked_brings_the_poll_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Review of issue 22: when the read confirming a CANCELLING event fails (a busy
+    server), the poll looks again within ``cancel_poll_seconds``, not its safety interval."""
+    runs, in_hand = FakeRuns(), InHand()
+    in_hand.live["run-1"] = FakeHandle()  # type: ignore[assignment]
+    s = Settings(pool="p", cancel_poll_seconds=10)
+    poll = CancelPoll(s, runs, in_hand, Outage(metrics=Metrics()), random.Random(3))  # type: ignore[arg-type]
+    poll.connected(True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll.loop)
+        await trio.sleep(300)  # steady: looks at the safety interval
+        runs.cancelling.add("run-1")
+        poll.unchecked()
+        asked = trio.current_time()
+        await trio.sleep(15)
+        assert runs.reads[-1] >= asked and in_hand.live["run-1"].stop_requested  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()

@@ -74,73 +74,65 @@ class _Asked:
     done: trio.Event = attrs.Factory(trio.Event)
     found: FlowRun | None = None
     error: BaseException | None = None
-    lead: bool = False
-    """Woken to read the next batch itself (the previous reader is done)."""
 
 
 @attrs.define
 class Reads:
-    """Current states of runs, read together: the first asker reads, with one
-    ``POST /flow_runs/filter``, every run asked for until then; who asks while that read
-    is under way waits, and one of them reads the next batch. An answer without a run
-    means it is deleted (None), as a 404 of ``GET /flow_runs/{id}``; a failed read fails
-    every asker of its batch."""
+    """Current states of runs, read together: one reader at a time (a fair lock) reads,
+    with one ``POST /flow_runs/filter``, every run asked for until then; who asks
+    meanwhile queues on the lock, and finds its answer there or reads the next batch
+    itself. An answer without a run means it is deleted (None), as a 404 of
+    ``GET /flow_runs/{id}``; a failed read fails every asker of its batch; a reader
+    cancelled mid-read puts its batch back for the next. No asker waits on another's
+    promise to wake it (review of issue 22: such a hand-over could be lost, and every
+    later read then waited for ever)."""
 
     client: PrefectClient
     waiting: dict[str, list[_Asked]] = attrs.Factory(dict)
-    reading: bool = False
     gather: Callable[[], float] = lambda: 0.0
     """Seconds a reader waits for other askers before it reads (set by the runner: a
     moment while other runs are in hand, so that runs ending near each other share a read)."""
+    _turn: trio.Lock = attrs.Factory(trio.Lock)
+
+    @property
+    def reading(self) -> bool:
+        return self._turn.locked()
 
     async def read(self, run_id: str) -> FlowRun | None:
         asked = _Asked()
         self.waiting.setdefault(run_id, []).append(asked)
         try:
-            if self.reading:
-                await asked.done.wait()
-                if not asked.lead:
-                    return _answer(asked)
-                asked.done, asked.lead = trio.Event(), False  # (still waiting: it reads itself)
-            self.reading = True
-            try:
-                while not asked.done.is_set():
-                    if not self.waiting:  # (another reader has its run: the answer comes)
-                        await asked.done.wait()
+            while not asked.done.is_set():
+                async with self._turn:
+                    if asked.done.is_set():  # answered by the batch of the reader before
                         break
                     await trio.sleep(self.gather())
                     await self._read_batch()
-            finally:
-                self.reading = False
             return _answer(asked)
-        finally:  # (answered, failed or cancelled: if runs wait, one of them reads next)
+        finally:  # (answered, failed or cancelled: nothing of it stays)
             askers = self.waiting.get(run_id, [])
             if asked in askers:
                 askers.remove(asked)
                 if not askers:
                     del self.waiting[run_id]
-            if not self.reading and self.waiting:
-                first = next(iter(self.waiting.values()))[0]
-                first.lead = True
-                first.done.set()
 
     async def _read_batch(self) -> None:
         ids = list(itertools.islice(self.waiting, BATCH))
         batch = {run_id: self.waiting.pop(run_id) for run_id in ids}
         try:
-            found = {r.id: r for r in await self.client.filter_flow_runs(ids)}
-        except Exception as exc:
+            found = {r.id: r for r in await self.client.filter_flow_runs(ids)} if ids else {}
+        except Exception as exc:  # (each asker of the batch raises it)
             for asked in itertools.chain.from_iterable(batch.values()):
                 asked.error = exc
                 asked.done.set()
-            raise
+            return
         except BaseException:  # (cancelled: the batch is the next reader's)
             for run_id, askers in batch.items():
                 self.waiting.setdefault(run_id, []).extend(askers)
             raise
         for run_id, askers in batch.items():
             for asked in askers:
-                asked.found, asked.lead = found.get(run_id), False
+                asked.found = found.get(run_id)
                 asked.done.set()
 
 

@@ -180,7 +180,10 @@ class Channel:
                     interval = await self._setup(ws)
                     log.info("channel.connected", heartbeat_seconds=interval, after_failures=failures)
                     failures = 0
-                    await self._serve(ws, interval)
+                    try:
+                        await self._serve(ws, interval)
+                    finally:
+                        self.up = False  # REST heartbeats at once, not after the close handshake
             except (ChannelUnavailable, EventsUnavailable) as exc:
                 return self._unavailable(str(exc))
             except HandshakeError as exc:

@@ -119,7 +119,8 @@ class Socket:
         """The websocket, opened (not yet authenticated: :meth:`authenticate`)."""
         from trio_websocket import open_websocket_url
 
-        return open_websocket_url(self.url, connect_timeout=HANDSHAKE_TIMEOUT, **self._options())
+        wait = HANDSHAKE_TIMEOUT  # to open, and to close (a dead peer's close handshake)
+        return open_websocket_url(self.url, connect_timeout=wait, disconnect_timeout=wait, **self._options())
 
     async def authenticate(self, ws: WebSocketConnection) -> None:
         """The auth frame and its answer: :class:`EventsUnavailable` if refused, ValueError
@@ -228,6 +229,9 @@ class CancelCheck:
     nursery: trio.Nursery
     limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(CANCEL_READS))
     reading: set[str] = attrs.Factory(set)
+    unchecked: Callable[[], None] = lambda: None
+    """A read failed: the cancellation poll looks soon (``CancelPoll.unchecked``), not at
+    its safety interval."""
 
     def heard(self, run_id: str) -> None:
         """A CANCELLING event named ``run_id``."""
@@ -254,6 +258,7 @@ class CancelCheck:
             log.debug(
                 "events.cancel_unchecked", flow_run_id=run_id, error=str(exc), fallback="the cancel poll"
             )
+            self.unchecked()
             return
         finally:
             self.reading.discard(run_id)

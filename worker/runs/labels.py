@@ -76,6 +76,8 @@ class Labeller:
         carry a previous worker's name)."""
         if pool is None:
             return  # not synced yet: the pool's id is part of the labels
+        if self.client.throttle.state.busy:  # each write would be held up to 5 s, one by one,
+            return  # and the reporter loop (which calls this) with them: the next pass (5 s)
         for run_id, flow_run in list(self.unlabelled.items()):
             if run_id not in self.in_hand.live:
                 self.unlabelled.pop(run_id, None)

@@ -51,6 +51,15 @@ class CancelPoll:
             self.dropped.set()
             self.dropped = trio.Event()
 
+    def unchecked(self) -> None:
+        """A CANCELLING event could not be checked (its read failed): the next look is
+        ``cancel_poll_seconds`` after the last, as after a drop (review of issue 22: a
+        busy server's cancel waited the safety interval)."""
+        if self.up_since != math.inf:
+            self.up_since = trio.current_time()  # not steady until a look after now
+        self.dropped.set()
+        self.dropped = trio.Event()
+
     def steady(self) -> bool:
         """The stream has been up since before the last look: no event was missed."""
         return self.up_since <= self.last_look

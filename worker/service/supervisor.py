@@ -324,7 +324,9 @@ class Supervisor:
         held = lambda run_id: self.in_hand.live.get(run_id) is not None  # noqa: E731
         async with trio.open_nursery() as reads:
             # a CANCELLING event is a hint: the run is read, and cancelled only if the server agrees
-            check = events.CancelCheck(self.client.read_flow_run, held, self.in_hand.cancel, reads)
+            check = events.CancelCheck(
+                self.client.read_flow_run, held, self.in_hand.cancel, reads, unchecked=self.cancels.unchecked
+            )
             await events.stream(
                 self.settings,
                 pool_id,
