@@ -42,9 +42,10 @@ class Labeller:
         """Our labels are not known to be on the run (being written, or failed)."""
         return run_id in self.writing or run_id in self.unlabelled
 
-    async def label(self, flow_run: FlowRun, run_log: Any, pool: WorkPool) -> None:
+    async def label(self, flow_run: FlowRun, run_log: Any, pool: WorkPool, essential: bool = False) -> None:
         """Give the run the labels Prefect's worker gives it, so the UI shows who runs it.
-        A server without the labels endpoint (before 3.1) is said once, not per run."""
+        A server without the labels endpoint (before 3.1) is said once, not per run.
+        ``essential``: the last try, at the run's end (waits out a busy server, retried)."""
         if self.unsupported:
             return
         labels = {
@@ -57,7 +58,7 @@ class Labeller:
         try:
             # not essential (``throttle.py``): held back while the server is busy and not
             # retried then, in step with every other run's; the next relabel pass (5 s) tries again
-            await self.client.update_labels(flow_run.id, labels)
+            await self.client.update_labels(flow_run.id, labels, essential)
             self.unlabelled.pop(flow_run.id, None)
         except ApiRefused as exc:
             self.unsupported = True
