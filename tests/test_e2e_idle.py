@@ -52,6 +52,10 @@ def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
             f"flow_runs/{run_id}/set_state",
             {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
         )
-        # the cancel poll is backed off to 120 s while the stream is up: only the event explains this
-        assert api.wait_final(run_id, 40)["state_type"] == "CANCELLED"
-        assert worker.saw("run.cancelling", flow_run_id=run_id, via="event")
+        # the cancel poll is backed off to 120 s while the stream is up: only the event explains
+        # a cancel begun within 30 s; CANCELLED follows once the flow's on_cancellation hooks'
+        # process (it imports Prefect: many seconds on a loaded host) is done (issue 21)
+        wait_for(
+            lambda: worker.saw("run.cancelling", flow_run_id=run_id, via="event"), 30, what="the cancel by event"
+        )
+        assert api.wait_final(run_id, 120)["state_type"] == "CANCELLED"
