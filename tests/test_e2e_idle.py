@@ -55,7 +55,6 @@ def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
         # the cancel poll is backed off to 120 s while the stream is up: only the event explains
         # a cancel begun within 30 s; CANCELLED follows once the flow's on_cancellation hooks'
         # process (it imports Prefect: many seconds on a loaded host) is done (issue 21)
-        wait_for(
-            lambda: worker.saw("run.cancelling", flow_run_id=run_id, via="event"), 30, what="the cancel by event"
-        )
+        by_event = lambda: worker.saw("run.cancelling", flow_run_id=run_id, via="event")  # noqa: E731
+        wait_for(by_event, 30, what="the cancel by event")
         assert api.wait_final(run_id, 120)["state_type"] == "CANCELLED"
