@@ -28,6 +28,9 @@ FAST = {
 }
 LOOPS = ("work_pools read", "heartbeat", "get_scheduled_flow_runs")
 """Endpoint families the worker's loops call whether or not a run comes."""
+RACES_ONLY = ("flow_run_states",)
+"""Endpoint families a run meets only in a race (issue 22: the claim's race check reads the
+history only when the claim's answer does not show it replaced a SCHEDULED state)."""
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 SOAK_SECONDS = float(os.environ.get("FLOW_WORKER_TEST_STRANGE_SECONDS", "180"))
 """How long the proxy corrupts a share of the answers while runs go through."""
@@ -63,7 +66,7 @@ def test_a_web_page_from_each_endpoint_in_turn(
         try:
             wait_for(lambda: worker.saw("worker.synced"), 60, what="the first sync")
             runs = []
-            for family in FAMILIES:
+            for family in (f for f in FAMILIES if f not in RACES_ONLY):
                 before = len(api_warnings(worker))
                 proxy.family = family
                 if family not in LOOPS:  # an endpoint of a run's life: a run meets it
