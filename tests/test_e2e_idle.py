@@ -41,7 +41,10 @@ def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
         paths = [p for t, p in proxy.requests if t >= t0]
         print(f"idle: {counted} requests in {time.monotonic() - t0:.0f} s: {paths}")
         assert counted <= IDLE_PER_MINUTE, paths
-        assert not any(p.endswith("/workers/heartbeat") for p in paths), "heartbeats over the channel"
+        # heartbeats over the channel; over REST only while it was down (a busy SQLite server
+        # may close it: 1011 heartbeat_persistence_failed), and then it says so
+        rest = any(p.endswith("/workers/heartbeat") for p in paths)
+        assert not rest or worker.saw("channel.disconnected"), "heartbeats over the channel"
         record = next(w for w in api.call("POST", f"work_pools/{pool_name}/workers/filter", {}) if w["name"])
         assert record["status"] == "ONLINE"
 

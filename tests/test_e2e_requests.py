@@ -100,7 +100,11 @@ def test_one_runs_requests(prefect_server: PrefectServer, api: Api, pool_name: s
     assert labels and claim["message"] == fleet.claim_message(labels), claim
     # the claim, the labels (after the start), the pid; nothing else names the run:
     # no race check (the claim replaced SCHEDULED), no read of the run before the report
-    assert sorted(p.split(run)[-1] or "/" for p in about_run) == ["/", "/labels", "/set_state"], seen
+    suffixes = [p.split(run)[-1] or "/" for p in about_run]
+    assert sorted(set(suffixes)) == ["/", "/labels", "/set_state"], seen
+    # one of each; more label writes only if a busy server refused the first (then once more,
+    # essential, at the run's end, and its retry)
+    assert suffixes.count("/") == suffixes.count("/set_state") == 1 and suffixes.count("/labels") <= 3, seen
     # the report's read: one POST /flow_runs/filter (no cancellation poll or reclaim sweep
     # runs in so short a time: the events stream watches cancellations)
     assert sum(p.startswith("/api/flow_runs/filter") for p in seen) <= 2, seen
