@@ -205,9 +205,9 @@ class Reconciler:
         exact = cgroup is not None and "memory" in self.cgroups.controllers  # memory.peak at its end
         handle.usage = Usage() if exact else self.meter.track(entry.pid or 0)
         self.book.book(entry.flow_run_id, None)
-        if entry.worker_name != self.settings.worker_name:  # e.g. a fresh default name
-            # peers judge the owner by the label: name this worker, or they see it silent
-            self.unlabelled[entry.flow_run_id] = FlowRun(id=entry.flow_run_id, name=entry.flow_run_name)
+        # peers judge a started run's owner by its label: name this worker (a fresh default
+        # name, or the previous worker died before its label write, made after the start, landed)
+        self.unlabelled[entry.flow_run_id] = FlowRun(id=entry.flow_run_id, name=entry.flow_run_name)
         run_log.info("run.adopted", started_at=entry.started_at, cgroup=cgroup.path.name if cgroup else None)
         runs.start_soon(self._watch_adopted, entry, handle, run_log)
 
