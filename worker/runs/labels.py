@@ -73,14 +73,15 @@ class Labeller:
             self.writing.discard(flow_run.id)
 
     async def relabel(self, pool: WorkPool | None) -> None:
-        """Try again to label the live runs whose labels could not be set (or, adopted,
-        carry a previous worker's name)."""
+        """Try again to label the runs whose labels could not be set (or, adopted, may
+        lack ours); a run that has ended meanwhile gets one last, essential try (the UI
+        shows who ran it), then is forgotten whatever the answer."""
         if pool is None:
             return  # not synced yet: the pool's id is part of the labels
         if self.client.throttle.state.busy:  # each write would be held up to 5 s, one by one,
             return  # and the reporter loop (which calls this) with them: the next pass (5 s)
         for run_id, flow_run in list(self.unlabelled.items()):
-            if run_id not in self.in_hand.live:
+            ended = run_id not in self.in_hand.live
+            await self.label(flow_run, log.bind(flow_run_id=run_id), pool, essential=ended)
+            if ended:
                 self.unlabelled.pop(run_id, None)
-            else:
-                await self.label(flow_run, log.bind(flow_run_id=run_id), pool)
