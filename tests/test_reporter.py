@@ -329,3 +329,27 @@ async def test_a_label_write_is_tried_once_and_again_on_the_next_pass(autojump_c
     await labeller.client.request("GET", "work_pools/pool")  # essential: the probe, answered
     await labeller.relabel(pool)
     assert len(sent) == 3 and not labeller.unconfirmed("r1")
+
+
+async def test_a_deleted_run_does_not_turn_the_labels_off(autojump_clock: Any) -> None:
+    """A 404 naming the flow run (deleted before its label write) drops that run; only a 404
+    of the endpoint itself (a server before 3.1) turns labels off for the worker's life."""
+    import httpx
+
+    from tests.test_answers import client
+    from worker.host.settings import Settings
+    from worker.rules.models import WorkPool
+    from worker.runs.inhand import InHand
+    from worker.runs.labels import Labeller
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "gone" in request.url.path:
+            return httpx.Response(404, json={"detail": "Flow run with id gone not found"})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    labeller = Labeller(client(handler), Settings(pool="pool", api_url="http://x/api"), InHand(), {})
+    pool = WorkPool("pool-id", "pool")
+    await labeller.label(FlowRun("gone"), LOG, pool)
+    assert not labeller.unsupported and not labeller.unconfirmed("gone")
+    await labeller.label(FlowRun("r1"), LOG, pool)
+    assert labeller.unsupported

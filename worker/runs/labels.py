@@ -15,7 +15,7 @@ import attrs
 import structlog
 
 from worker.host.settings import Settings
-from worker.prefect.answers import ApiRefused
+from worker.prefect.answers import ApiNotFound, ApiRefused
 from worker.prefect.api import PrefectClient
 from worker.prefect.outage import API_ERRORS
 from worker.rules.models import FlowRun, WorkPool
@@ -61,6 +61,9 @@ class Labeller:
             await self.client.update_labels(flow_run.id, labels, essential)
             self.unlabelled.pop(flow_run.id, None)
         except ApiRefused as exc:
+            if isinstance(exc, ApiNotFound) and "flow run" in str(exc).lower():
+                self.unlabelled.pop(flow_run.id, None)  # the run is gone (deleted), not the endpoint
+                return
             self.unsupported = True
             log.info(
                 "api.labels_unsupported", error=str(exc), effect="runs are not labelled with their worker"
