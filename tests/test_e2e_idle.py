@@ -22,6 +22,14 @@ given minute), and the look at the pool's workers (every 150 s) that it does not
 the counted minute holds at most 8 requests."""
 
 
+LINKS = ("channel.connected", "channel.disconnected", "events.connected", "events.reconnected")
+
+
+def links_changed(worker: WorkerProcess) -> int:
+    """How often the worker's channel or events stream connected or dropped so far."""
+    return sum(1 for e in worker.events() if e.get("event") in LINKS)
+
+
 @pytest.mark.no_engine_run
 def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
     api: Api, pool_name: str, prefect_server: PrefectServer, start_worker: Callable[..., WorkerProcess]
@@ -31,20 +39,29 @@ def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
         worker = start_worker("--pool", pool_name, PREFECT_API_URL=f"{proxy.url}/api")
         wait_for(lambda: worker.saw("events.connected"), 60, what="the event subscription")
         wait_for(lambda: worker.saw("channel.connected"), 60, what="the worker channel")
-        t0 = time.monotonic()
-        counted = wait_for(
-            lambda: (time.monotonic() - t0 >= 60 or proxy.count(t0) > IDLE_PER_MINUTE) and proxy.count(t0),
-            90,
-            1.0,
-            "a minute of idling",
-        )
-        paths = [p for t, p in proxy.requests if t >= t0]
-        print(f"idle: {counted} requests in {time.monotonic() - t0:.0f} s: {paths}")
+
+        # A minute with the stream and the channel up the whole time: on a loaded host (CI's
+        # side pass) a busy SQLite server may close the channel (1011), and the REST
+        # heartbeats and pool reads meanwhile are the fallback working, not idle cost; such a
+        # minute is measured again (at most 4 times).
+        def idle_minute(t0: float) -> int:
+            def done() -> int:
+                n = proxy.count(t0)
+                return n if (time.monotonic() - t0 >= 60 or n > IDLE_PER_MINUTE) else 0
+
+            return wait_for(done, 90, 1.0, "a minute of idling")
+
+        for _ in range(4):
+            links, t0 = links_changed(worker), time.monotonic()
+            counted = idle_minute(t0)
+            paths = [p for t, p in proxy.requests if t >= t0]
+            print(f"idle: {counted} requests in {time.monotonic() - t0:.0f} s: {paths}")
+            rest_beats = any(p.endswith("/workers/heartbeat") for p in paths)  # the channel was down
+            clean = links_changed(worker) == links and not rest_beats
+            if clean:
+                break
+        assert clean, "the stream and the channel were never up for a whole minute"
         assert counted <= IDLE_PER_MINUTE, paths
-        # heartbeats over the channel; over REST only while it was down (a busy SQLite server
-        # may close it: 1011 heartbeat_persistence_failed), and then it says so
-        rest = any(p.endswith("/workers/heartbeat") for p in paths)
-        assert not rest or worker.saw("channel.disconnected"), "heartbeats over the channel"
         record = next(w for w in api.call("POST", f"work_pools/{pool_name}/workers/filter", {}) if w["name"])
         assert record["status"] == "ONLINE"
 
