@@ -199,6 +199,11 @@ class Api:
     def flow_run(self, run_id: str) -> dict[str, Any]:
         return dict(self.call("GET", f"flow_runs/{run_id}"))
 
+    def cancel(self, run_id: str) -> None:
+        """Ask for the run's cancellation, as the UI's Cancel does (CANCELLING, forced)."""
+        state = {"type": "CANCELLING", "name": "Cancelling"}
+        self.call("POST", f"flow_runs/{run_id}/set_state", {"state": state, "force": True})
+
     def state_type(self, run_id: str) -> str:
         return str(self.flow_run(run_id)["state_type"])
 

@@ -186,8 +186,7 @@ class Flows:
         return self.api.run(self.api.deployment(POOL, job_variables={"command": command, "env": env}))
 
     def cancel(self, run_id: str) -> None:
-        state = {"type": "CANCELLING", "name": "Cancelling"}
-        self.api.call("POST", f"flow_runs/{run_id}/set_state", {"state": state, "force": True})
+        self.api.cancel(run_id)
 
     def running(self, box: Vm, run_id: str, key: str | None = None) -> None:
         def ready() -> bool:

@@ -138,11 +138,7 @@ def test_event_pickup_and_cancellation(
         assert time.monotonic() - created < 15
         wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 120, what="the run's start")
         wait_for(lambda: vapi.state_type(run_id) == "RUNNING", 60, what="the engine to start the flow")
-        vapi.call(
-            "POST",
-            f"flow_runs/{run_id}/set_state",
-            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-        )
+        vapi.cancel(run_id)
         # the cancel poll is a minute away (>= 42 s): the event did it; CANCELLED follows the
         # flow's on_cancellation hooks (a process of the run's runtime, after the kill)
         final = vapi.wait_final(run_id, 40)
@@ -194,11 +190,7 @@ def test_hooks_on_the_oldest_and_newest_releases_that_run_them(
             60,
             what="the flow body to start",
         )
-        vapi.call(
-            "POST",
-            f"flow_runs/{runs['cancelled']}/set_state",
-            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-        )
+        vapi.cancel(runs["cancelled"])
         for name, run_id in runs.items():
             final = vapi.wait_final(run_id, 120)
             assert final["state_type"] == ("CANCELLED" if name == "cancelled" else "CRASHED"), (name, final)

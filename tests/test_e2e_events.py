@@ -32,11 +32,7 @@ def test_pickup_and_cancel_by_event(
     run_id = api.run(dep)
     # the next regular poll is >= 42 s away (60 s -30 %): only the event can explain a claim now
     wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 15, what="a claim triggered by the event")
-    api.call(
-        "POST",
-        f"flow_runs/{run_id}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(run_id)
     # the cancel poll is >= 42 s away; CANCELLED follows the flow's on_cancellation hooks
     assert api.wait_final(run_id, 40)["state_type"] == "CANCELLED"
     assert worker.saw("run.cancelling", flow_run_id=run_id, via="event")

@@ -163,11 +163,7 @@ def test_a_flood_beside_a_sleeping_run_costs_the_worker_nothing(
         sampler.start()
 
     time.sleep(FLOOD_SECONDS / 3)  # mid-flood: cancel the sleeping run
-    api.call(
-        "POST",
-        f"flow_runs/{sleeper}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(sleeper)
     asked = time.monotonic()
     wait_for(lambda: worker.saw("run.exited", flow_run_id=sleeper), 60, 0.05, what="the sleeping run to stop")
     cancelled_in = time.monotonic() - asked

@@ -47,11 +47,7 @@ def marker_lines(path: Path) -> list[str]:
 
 
 def cancel(api: Api, run_id: str) -> None:
-    api.call(
-        "POST",
-        f"flow_runs/{run_id}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(run_id)
 
 
 def started(worker: WorkerProcess, api: Api, run_id: str) -> None:

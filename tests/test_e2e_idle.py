@@ -67,11 +67,7 @@ def test_an_idle_worker_costs_one_poll_an_interval_and_cancels_by_event(
 
         run_id = api.run(dep)
         wait_for(lambda: worker.saw("run.started", flow_run_id=run_id), 60, what="the run to start")
-        api.call(
-            "POST",
-            f"flow_runs/{run_id}/set_state",
-            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-        )
+        api.cancel(run_id)
         # the cancel poll is backed off to 120 s while the stream is up: only the event explains
         # a cancel begun within 30 s; CANCELLED follows once the flow's on_cancellation hooks'
         # process (it imports Prefect: many seconds on a loaded host) is done (issue 21)

@@ -187,11 +187,7 @@ def test_cancel_kills_setsid_escapees(
     dep = api.deployment(pool_name, job_variables={"command": "sh -c 'sleep 300 & setsid sleep 301 & wait'"})
     run_id = api.run(dep)
     wait_for(lambda: len(run_processes(run_id)) >= 3, 60, what="sh and both sleeps")
-    api.call(
-        "POST",
-        f"flow_runs/{run_id}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(run_id)
     assert api.wait_final(run_id, 60)["state_type"] == "CANCELLED"
     wait_for(lambda: not run_processes(run_id), 10, what="every process of the run to be gone")
 
@@ -242,11 +238,7 @@ def test_cancellation_runs_the_flows_on_cancellation_hook(
         30,
         what="the flow body to start",
     )
-    api.call(
-        "POST",
-        f"flow_runs/{run_id}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(run_id)
     assert api.wait_final(run_id, 60)["state_type"] == "CANCELLED"
     wait_for(marker.exists, 30, what="the on_cancellation hook's marker")
     assert worker.saw("run.terminating", flow_run_id=run_id, intent="cancel", intent_acknowledged=True)

@@ -111,11 +111,7 @@ def test_cancelling_kills_the_whole_process_group(
     run_id = api.run(dep)
     pid = int(wait_for(lambda: api.flow_run(run_id)["infrastructure_pid"], 60, what="infrastructure_pid"))
     wait_for(lambda: len(_group_members(pid)) >= 2, 10, what="sh and its sleep")
-    api.call(
-        "POST",
-        f"flow_runs/{run_id}/set_state",
-        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
-    )
+    api.cancel(run_id)
     final = api.wait_final(run_id, 60)
     assert final["state_type"] == "CANCELLED"
     assert final["state"]["message"] == "Flow run was cancelled successfully."
