@@ -48,8 +48,7 @@ class CancelPoll:
             self.up_since = trio.current_time()
         elif not connected and self.up_since != math.inf:
             self.up_since = math.inf
-            self.dropped.set()
-            self.dropped = trio.Event()
+            self._look_soon()
 
     def unchecked(self) -> None:
         """A CANCELLING event could not be checked (its read failed): the next look is
@@ -57,6 +56,10 @@ class CancelPoll:
         busy server's cancel waited the safety interval)."""
         if self.up_since != math.inf:
             self.up_since = trio.current_time()  # not steady until a look after now
+        self._look_soon()
+
+    def _look_soon(self) -> None:
+        """Wake :meth:`pause`: the next look is ``cancel_poll_seconds`` after the last."""
         self.dropped.set()
         self.dropped = trio.Event()
 
