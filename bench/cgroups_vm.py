@@ -27,14 +27,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import spy  # noqa: E402
 from tests.conftest import Api, running_server, wait_for  # noqa: E402
 from tests.test_cgroups_vm import (  # noqa: E402
     SETTINGS,
@@ -55,10 +57,17 @@ MODES = ("on", "off")
 HOLD_MIB = 64
 
 
-def worker_cpu(box: Vm, pid: str, tick: int) -> float:
-    """``utime + stime`` of the worker process, in seconds (its children are not counted)."""
+def worker_times(box: Vm, pid: str, tick: int) -> tuple[float, float]:
+    """``utime`` and ``stime`` of the worker process, in seconds (its children are not counted)."""
     fields = box.sh(f"cat /proc/{pid}/stat").rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / tick  # fields 14 and 15 of proc(5)
+    return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
+
+
+def worker_cpu(box: Vm, pid: str, tick: int) -> float:
+    return sum(worker_times(box, pid, tick))
+
+
+PROFILE: Final = "/tmp/flow-worker-profile.txt"
 
 
 def switch(box: Vm, mode: str) -> str:
@@ -75,7 +84,9 @@ def switch(box: Vm, mode: str) -> str:
     return pid
 
 
-def measure(box: Vm, api: Api, mode: str, runs: int, sleep: float, idle: float, tick: int) -> dict[str, Any]:
+def measure(
+    box: Vm, api: Api, mode: str, runs: int, sleep: float, idle: float, tick: int, sampled: bool = False
+) -> dict[str, Any]:
     flows = Flows(api)
     pid = switch(box, mode)
     print(f"[{time.strftime('%H:%M:%S')}] cgroups {mode}: worker pid {pid}", flush=True)
@@ -94,18 +105,33 @@ def measure(box: Vm, api: Api, mode: str, runs: int, sleep: float, idle: float, 
 
     # ---- the batch
     print(f"[{time.strftime('%H:%M:%S')}] cgroups {mode}: {runs} runs of {sleep:g} s", flush=True)
-    cpu0, t0 = worker_cpu(box, pid, tick), time.monotonic()
+    if sampled:  # py-spy samples the worker without stopping it (its own CPU is not the worker's)
+        record = shlex.join(spy.command("/opt/payload/py-spy", pid, PROFILE, rate=20))
+        box.sh(f"rm -f {PROFILE}; nohup {record} >/tmp/py-spy.log 2>&1 &")
+    (user0, system0), t0 = worker_times(box, pid, tick), time.monotonic()
+    cpu0 = user0 + system0
     ids = [flows.engine(sleep) for _ in range(runs)]
     for run_id in ids:
         assert api.wait_final(run_id, 600)["state_type"] == "COMPLETED", tail(box)
     for run_id in ids:
         event(box, run_id, "run.exited", timeout=120)
     wait_for(lambda: only_the_worker_left(box), 120, 0.5, what="every run gone")
-    cpu, wall = worker_cpu(box, pid, tick) - cpu0, time.monotonic() - t0
+    (user1, system1), wall = worker_times(box, pid, tick), time.monotonic() - t0
+    cpu = user1 + system1 - cpu0
+    if sampled:
+        box.sh(
+            "pkill -INT -x py-spy; for i in $(seq 60); do pgrep -x py-spy >/dev/null || break; sleep 1; done",
+            timeout=120,
+        )
+        summary = spy.top(box.sh(f"cat {PROFILE} 2>/dev/null || cat /tmp/py-spy.log", timeout=300))
+        Path(f"/tmp/flow-worker-profile-{mode}.txt").write_text(summary + "\n")
+        print(f"cgroups {mode}: profile of the batch\n{summary}", flush=True)
     assert show(box, "MainPID") == pid, f"the worker restarted during the batch\n{tail(box)}"
     result = {
         "cpu_per_run_ms": 1000 * cpu / runs,
         "net_cpu_per_run_ms": 1000 * (cpu - idle_rate * wall) / runs,
+        "user_per_run_ms": 1000 * (user1 - user0) / runs,
+        "system_per_run_ms": 1000 * (system1 - system0) / runs,
         "wall_s": wall,
         "idle_ms_per_s": 1000 * idle_rate,
         "peak_mib": peak_mib,
@@ -120,6 +146,8 @@ def table(results: dict[str, dict[str, Any]], meta: str) -> str:
     rows = [
         ("worker CPU per run (ms)", "cpu_per_run_ms", True),
         ("worker CPU per run, idle rate taken off (ms)", "net_cpu_per_run_ms", True),
+        ("of which user time (ms)", "user_per_run_ms", True),
+        ("of which system time (ms)", "system_per_run_ms", True),
         ("worker idle CPU (ms per s)", "idle_ms_per_s", True),
         ("batch: created → all ended and gone (s)", "wall_s", True),
         (f"reported peak memory of a run holding {HOLD_MIB} MiB (MiB)", "peak_mib", False),
@@ -145,6 +173,13 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=3.0, help="how long each run sleeps (s)")
     parser.add_argument("--idle", type=float, default=10.0, help="idle measure before each batch (s)")
     parser.add_argument("--first", choices=MODES, default="on", help="which setting is measured first")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PY_SPY",
+        help="a static py-spy binary: sample the worker during each batch (summaries in "
+        "/tmp/flow-worker-profile-MODE.txt; the wheel's binary is static)",
+    )
     args = parser.parse_args()
     reason = why_not_available()
     if reason:
@@ -155,11 +190,13 @@ def main() -> int:
     with running_server(prefix="flow-worker-bench-vm-") as server:
         api = Api(server)
         print(f"Prefect server at {server.api_url}; booting the VM ...", flush=True)
-        with installed_vm(server) as box:
+        with installed_vm(server, [args.profile] if args.profile else []) as box:
             tick = int(box.sh("getconf CLK_TCK"))
             kernel = box.sh("uname -r").strip()
             for mode in sorted(MODES, key=lambda m: m != args.first):
-                results[mode] = measure(box, api, mode, args.runs, args.sleep, args.idle, tick)
+                results[mode] = measure(
+                    box, api, mode, args.runs, args.sleep, args.idle, tick, args.profile is not None
+                )
             accel, cpus, memory = box.accel, box.cpus, box.memory_mb
         api.http.close()
     meta = (

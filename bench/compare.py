@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import spy  # noqa: E402
 from tests import postgres  # noqa: E402  (the fleet tests' throwaway PostgreSQL cluster)
 from tests.conftest import FLOWS, Api, PrefectServer, running_server, wait_for  # noqa: E402
 from worker.process.usage import tree, tree_pss  # noqa: E402  (the worker's own /metrics measures)
@@ -65,6 +66,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # ---------------------------------------------------------------- counting proxy
@@ -89,7 +91,8 @@ class CountingProxy:
         self.port = 0
         self.lock = threading.Lock()
         self.requests: list[tuple[float, str]] = []
-        self.responses: list[tuple[float, int]] = []
+        self.responses: list[tuple[float, int, str]] = []
+        """(when, status, the path of the request it answers: HTTP/1.1 answers in order)"""
         self.websockets: list[list[Any]] = []
         self.open: set[socket.socket] = set()
         self.restore()
@@ -151,7 +154,7 @@ class CountingProxy:
                                 self.requests.extend((now, path.decode()) for path in found)
                                 conn.path = found[-1].decode()
                             else:
-                                self.responses.extend((now, int(status)) for status in found)
+                                self.responses.extend((now, int(status), conn.path) for status in found)
                                 if found[-1] == b"101":  # switching protocols: a websocket
                                     conn.websocket = [conn.path, now, None]
                                     self.websockets.append(conn.websocket)
@@ -177,8 +180,27 @@ class CountingProxy:
         """How many answers with this HTTP status went back to clients in the window."""
         with self.lock:
             return sum(
-                1 for t, s in self.responses if s == status and t >= since and (until is None or t <= until)
+                1
+                for t, s, _ in self.responses
+                if s == status and t >= since and (until is None or t <= until)
             )
+
+    def breakdown(self, since: float, status: int = 503) -> dict[str, tuple[int, int]]:
+        """Per request (path and method-less, ids as ``{id}``): requests sent since ``since``,
+        and answers with ``status`` among them: where a scenario's requests went."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.lock:
+            for t, path in self.requests:
+                if t >= since:
+                    key = UUID.sub("{id}", path.split("?")[0])
+                    sent, answered = out.get(key, (0, 0))
+                    out[key] = (sent + 1, answered)
+            for t, s, path in self.responses:
+                if t >= since and s == status:
+                    key = UUID.sub("{id}", path.split("?")[0])
+                    sent, answered = out.get(key, (0, 0))
+                    out[key] = (sent, answered + 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
     def websocket_seconds(self, pattern: str, since: float, until: float) -> float:
         """For how much of ``[since, until]`` a websocket whose path contains ``pattern`` was
@@ -306,6 +328,10 @@ class Bench:
         self.stack = contextlib.ExitStack()
         """What :meth:`on_postgres` started (a PostgreSQL cluster, a server on it): closed last."""
         self.pg: Bench | None = None
+        self.py_spy: Path | None = None
+        """A static py-spy binary (``--profile``): flow-worker sampled during the bursts."""
+        self.profiles: dict[str, str] = {}
+        self.requests_by_path: dict[str, dict[str, tuple[int, int]]] = {}
 
     def on_postgres(self) -> Bench:
         """A second bench on a Prefect server backed by a throwaway PostgreSQL cluster (a temp
@@ -316,6 +342,8 @@ class Bench:
             server = self.stack.enter_context(running_server("flow-worker-bench-pg-", database_url=url))
             self.pg = Bench(server, CountingProxy(server.port), self.home, self.quick)
             self.pg.results = self.results
+            self.pg.py_spy, self.pg.profiles = self.py_spy, self.profiles
+            self.pg.requests_by_path = self.requests_by_path
         return self.pg
 
     def pool(self, kind: str, scenario: str) -> str:
@@ -376,6 +404,11 @@ class Bench:
         time.sleep(2)
         cpu0, req0 = proc_cpu(w.proc.pid), time.monotonic()
         peak = proc_rss(w.proc.pid)
+        sampled = (
+            spy.Recording(self.py_spy, w.proc.pid, self.home / f"burst-{kind}.txt")
+            if self.py_spy is not None and kind != "prefect"
+            else None
+        )
         runs = [self.api.run(dep) for _ in range(n)]
 
         def all_running() -> bool:
@@ -389,15 +422,30 @@ class Bench:
         created = [ts(self.api.flow_run(r)["created"]) for r in runs]
         started = [state_time(self.api, r, "RUNNING") for r in runs]
         span = max(t for t in started if t is not None) - min(created)
-        wait_for(
-            lambda: all(self.api.state_type(r) == "COMPLETED" for r in runs), 600, 0.5, f"{kind}: burst done"
-        )
+        final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        wait_for(lambda: all(self.api.state_type(r) in final for r in runs), 600, 0.5, f"{kind}: burst done")
+        # Prefect's worker crashes a run whose label write got a 503 ("Failed to submit flow
+        # run to infrastructure"): counted, not waited for
+        lost = sum(self.api.state_type(r) != "COMPLETED" for r in runs)
         requests, busy = self.proxy.count(req0), self.proxy.statuses(503, req0)
         cpu = proc_cpu(w.proc.pid) - cpu0
+        where_to = self.proxy.breakdown(req0)
+        self.requests_by_path[f"burst of {n}{where}, {kind}"] = where_to
+        print(
+            f"{kind}'s requests in the burst{where} (per run; 503 answers per run):\n"
+            + "\n".join(f"  {sent / n:6.2f} {busy / n:6.2f}  {p}" for p, (sent, busy) in where_to.items()),
+            flush=True,
+        )
+        if sampled is not None:
+            summary = sampled.stop()
+            self.profiles[f"burst of {n}{where}, {kind}"] = summary
+            print(f"where {kind}'s CPU went in the burst{where}:\n{summary}", flush=True)
         w.stop()
         self.results[kind][f"burst of {n}{where}: runs started per second"] = n / span
         self.results[kind][f"API requests per run{where}"] = requests / n
         self.results[kind][f"503 answers per run{where}"] = busy / n
+        self.results[kind][f"burst of {n}{where}: runs not COMPLETED"] = lost
+        ABSOLUTE[f"burst of {n}{where}: runs not COMPLETED"] = (0, "runs")
         if not where:
             self.results[kind]["worker CPU per run (ms)"] = 1000 * cpu / n
             self.results[kind]["peak RSS during the burst (MiB)"] = peak / 2**20
@@ -763,6 +811,13 @@ def main() -> int:
         metavar="DIR",
         help="where the results go (default bench/results; a scratch dir keeps smoke runs out of it)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PY_SPY",
+        help="a static py-spy binary (the py-spy wheel's): sample flow-worker during the bursts; "
+        "the summaries go to DIR/burst-profile.md",
+    )
     args = parser.parse_args()
     if args.growth is not None and args.growth < 20:
         parser.error("--growth takes 20 runs at least (two windows of 10)")
@@ -775,6 +830,7 @@ def main() -> int:
     server.start()
     proxy = CountingProxy(server.port)
     bench = Bench(server, proxy, home, args.quick, idle_minutes)
+    bench.py_spy = args.profile
     n_pick = 8 if args.quick else 20
     n_burst = 20 if args.quick else 50
     steps: list[tuple[str, Callable[[str], None], tuple[str, ...]]] = [
@@ -830,8 +886,23 @@ def main() -> int:
     stem = "latest" if not only else "latest-partial"  # a partial run keeps the full table
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "results": bench.results, "pickups": bench.pickups}, indent=1)
+        json.dumps(
+            {
+                "meta": meta,
+                "results": bench.results,
+                "pickups": bench.pickups,
+                "requests_by_path": bench.requests_by_path,
+            },
+            indent=1,
+        )
     )
+    if bench.profiles:
+        (out / "burst-profile.md").write_text(
+            meta
+            + "\n\nflow-worker sampled by py-spy (--nonblocking, 50 Hz) from the burst's first run "
+            + "created to its last COMPLETED: the frames most often on the stack, then on its top.\n"
+            + "".join(f"\n## {name}\n\n```\n{summary}\n```\n" for name, summary in bench.profiles.items())
+        )
     if bench.pickups["flow-worker"]:
         plot(bench, out / "pickup.png")
     print("\n" + text)

@@ -48,10 +48,11 @@ SETTINGS: Final = (
 
 
 @contextlib.contextmanager
-def installed_vm(server: PrefectServer) -> Iterator[Vm]:
+def installed_vm(server: PrefectServer, extra: Sequence[Path] = ()) -> Iterator[Vm]:
     """A booted VM with the ``.deb`` built from this checkout installed (with apt, from the
     payload disk), the guest reaching ``server`` at :data:`API_PORT`; shut down on exit,
-    saying how long each step took. Also used by ``bench/cgroups_vm.py``."""
+    saying how long each step took. Also used by ``bench/cgroups_vm.py``. ``extra``: files
+    copied to the payload disk too (``/opt/payload/NAME`` in the guest)."""
     work = Path(tempfile.mkdtemp(prefix="flow-worker-vm-"))
     payload = work / "payload"
     payload.mkdir()
@@ -59,6 +60,8 @@ def installed_vm(server: PrefectServer) -> Iterator[Vm]:
     build_deb(payload / "flow-worker.deb")
     for flow in ("fake_engine.py", "vm_flows.py"):
         shutil.copy(FLOWS / flow, payload / flow)
+    for path in extra:
+        shutil.copy(path, payload / path.name)
     box = Vm(work, forwards={API_PORT: server.port}, payload=payload)
     box.timings["build-deb"] = time.monotonic() - t0
     try:
