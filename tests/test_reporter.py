@@ -6,6 +6,7 @@ transition → REJECT, else ACCEPT), and its history."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,46 @@ async def test_a_deleted_run_does_not_turn_the_labels_off(autojump_clock: Any) -
     assert not labeller.unsupported and not labeller.unconfirmed("gone")
     await labeller.label(FlowRun("r1"), LOG, pool)
     assert labeller.unsupported
+
+
+async def test_label_writes_go_one_at_a_time_and_a_waiting_one_goes_later(autojump_clock: Any) -> None:
+    """Fifty runs started together sent fifty label writes at once, and a busy SQLite server
+    refused each 4-5 times (the burst bench): one write is out at a time; a run's write that
+    would wait goes to the relabel pass, and a run's last (essential) write waits its turn."""
+    import httpx
+
+    from tests.test_answers import client
+    from worker.host.settings import Settings
+    from worker.rules.models import WorkPool
+    from worker.runs.inhand import InHand
+    from worker.runs.labels import Labeller
+
+    out, most = 0, 0
+    written: list[str] = []
+    release = trio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal out, most
+        out += 1
+        most = max(most, out)
+        await release.wait()
+        out -= 1
+        written.append(request.url.path.split("/")[-2])
+        return httpx.Response(204)
+
+    in_hand = InHand()
+    in_hand.live.update({"r1": None, "r2": None, "r3": None})
+    labeller = Labeller(client(handler), Settings(pool="pool", api_url="http://x/api"), in_hand, {})
+    pool = WorkPool("pool-id", "pool")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(labeller.label, FlowRun("r1"), LOG, pool)
+        await trio.sleep(0.1)
+        await labeller.label(FlowRun("r2"), LOG, pool)  # r1's write is out: r2's goes later
+        assert labeller.unconfirmed("r2") and written == []
+        nursery.start_soon(functools.partial(labeller.label, FlowRun("r3"), LOG, pool, essential=True))
+        await trio.sleep(0.1)
+        assert most == 1, "the essential write waits for its turn"
+        release.set()
+    assert written == ["r1", "r3"] and most == 1
+    await labeller.relabel(pool)  # the pass: r2, alone
+    assert written == ["r1", "r3", "r2"] and not labeller.unconfirmed("r2")

@@ -2,6 +2,14 @@
 and peers know the owner of a started run; a label write that failed is tried again for
 live runs (every 5 s, by the reconciler: one write, never a storm of them).
 
+One label write at a time, per worker. A label write is a read-modify-write in one
+transaction on the server, the kind a busy SQLite server refuses (``503``): fifty runs
+started together sent fifty at once, and each was refused 4 to 5 times (4.4 ``503`` answers
+per run in the burst bench, against Prefect's worker's 2.1). So a write that would have to
+wait for another is not sent now: its run goes to the relabel pass (in 5 s, one by one),
+or to its end's essential write, whichever comes first; only essential writes (a run's
+last try, at its end) queue for their turn.
+
 The labels are written once, in the background right after the start, never before it:
 the owner of a PENDING run is named by the claim itself (``fleet.claim_message``), so the
 start waits for no write. Until a run's labels are on (:meth:`Labeller.unconfirmed`), its
@@ -13,6 +21,7 @@ from typing import Any
 
 import attrs
 import structlog
+import trio
 
 from worker.host.settings import Settings
 from worker.prefect.answers import ApiNotFound, ApiRefused
@@ -37,6 +46,8 @@ class Labeller:
     """The server has no labels endpoint (before 3.1): said once, never tried again."""
     writing: set[str] = attrs.Factory(set)
     """Runs whose label write is under way."""
+    _turn: trio.Lock = attrs.Factory(trio.Lock)
+    """One label write at a time (module doc); fair: essential writes go in turn."""
 
     def unconfirmed(self, run_id: str) -> bool:
         """Our labels are not known to be on the run (being written, or failed)."""
@@ -54,7 +65,17 @@ class Labeller:
             "prefect.work-pool.name": pool.name,
             "prefect.work-pool.id": pool.id,
         }
+        if not essential and self._turn.locked():  # another write is out: this one goes later
+            self.unlabelled[flow_run.id] = flow_run
+            return
         self.writing.add(flow_run.id)
+        try:
+            async with self._turn:
+                await self._write(flow_run, labels, run_log, essential)
+        finally:
+            self.writing.discard(flow_run.id)
+
+    async def _write(self, flow_run: FlowRun, labels: dict[str, str], run_log: Any, essential: bool) -> None:
         try:
             # not essential (``throttle.py``): held back while the server is busy and not
             # retried then, in step with every other run's; the next relabel pass (5 s) tries again
@@ -72,8 +93,6 @@ class Labeller:
             if flow_run.id not in self.unlabelled:
                 run_log.info("run.labels_not_set", error=str(exc), effect="tried again every 5 s")
             self.unlabelled[flow_run.id] = flow_run
-        finally:
-            self.writing.discard(flow_run.id)
 
     async def relabel(self, pool: WorkPool | None) -> None:
         """Try again to label the runs whose labels could not be set (or, adopted, may
@@ -84,6 +103,8 @@ class Labeller:
         if self.client.throttle.state.busy:  # each write would be held up to 5 s, one by one,
             return  # and the reporter loop (which calls this) with them: the next pass (5 s)
         for run_id, flow_run in list(self.unlabelled.items()):
+            if self._turn.locked():  # runs' own writes are out (their ends): the next pass
+                return
             ended = run_id not in self.in_hand.live
             await self.label(flow_run, log.bind(flow_run_id=run_id), pool, essential=ended)
             if ended:
