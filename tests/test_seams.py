@@ -362,6 +362,30 @@ def test_an_orphan_is_still_reaped() -> None:
     orphan.returncode = 0  # reaped above; keep Popen's own __del__ from waiting again
 
 
+def test_orphans_are_found_among_every_threads_children_and_by_the_full_pass() -> None:
+    """On SIGCHLD the reaper looks only at the worker's children (every thread's
+    ``/proc/.../children``: a child a thread started, or an orphan re-parented to any
+    thread, is listed under that thread); the periodic pass looks at every process."""
+    import threading
+
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(subprocess.Popen(["true"])))
+    thread.start()
+    thread.join()
+    by_thread = started[0]
+    os.waitid(os.P_PID, by_thread.pid, os.WEXITED | os.WNOWAIT)
+    listed = reaper.children()
+    if listed is None:
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+    assert by_thread.pid in listed
+    assert by_thread.pid in reaper.CHILDREN.reap_orphans()
+    by_thread.returncode = 0
+    other = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, other.pid, os.WEXITED | os.WNOWAIT)
+    assert other.pid in reaper.CHILDREN.reap_orphans(everywhere=True)
+    other.returncode = 0
+
+
 def test_a_crash_message_carries_the_stderr_tail() -> None:
     kind, message = decisions.run_outcome(False, False, 1, "crash", stderr_tail="ModuleNotFoundError: x")
     assert kind == "crash"
