@@ -123,7 +123,9 @@ def measure(
             "pkill -INT -x py-spy; for i in $(seq 60); do pgrep -x py-spy >/dev/null || break; sleep 1; done",
             timeout=120,
         )
-        summary = spy.top(box.sh(f"cat {PROFILE} 2>/dev/null || cat /tmp/py-spy.log", timeout=300))
+        summary = spy.top(box.sh(f"cat {PROFILE} 2>/dev/null; true", timeout=300))
+        if summary.startswith("0 samples"):
+            summary += "\npy-spy said: " + box.sh("tail -c 2000 /tmp/py-spy.log; true")
         Path(f"/tmp/flow-worker-profile-{mode}.txt").write_text(summary + "\n")
         print(f"cgroups {mode}: profile of the batch\n{summary}", flush=True)
     assert show(box, "MainPID") == pid, f"the worker restarted during the batch\n{tail(box)}"

@@ -185,18 +185,20 @@ class CountingProxy:
                 if s == status and t >= since and (until is None or t <= until)
             )
 
-    def breakdown(self, since: float, status: int = 503) -> dict[str, tuple[int, int]]:
+    def breakdown(
+        self, since: float, status: int = 503, until: float = math.inf
+    ) -> dict[str, tuple[int, int]]:
         """Per request (path and method-less, ids as ``{id}``): requests sent since ``since``,
         and answers with ``status`` among them: where a scenario's requests went."""
         out: dict[str, tuple[int, int]] = {}
         with self.lock:
             for t, path in self.requests:
-                if t >= since:
+                if since <= t <= until:
                     key = UUID.sub("{id}", path.split("?")[0])
                     sent, answered = out.get(key, (0, 0))
                     out[key] = (sent + 1, answered)
             for t, s, path in self.responses:
-                if t >= since and s == status:
+                if since <= t <= until and s == status:
                     key = UUID.sub("{id}", path.split("?")[0])
                     sent, answered = out.get(key, (0, 0))
                     out[key] = (sent, answered + 1)
@@ -391,6 +393,13 @@ class Bench:
         self.results[kind]["idle RSS of the process tree (MiB)"] = statistics.median(rss) / 2**20
         self.results[kind]["idle CPU (% of a core)"] = 100 * (proc_cpu(w.proc.pid) - cpu0) / (t1 - t0)
         self.results[kind][IDLE_REQUESTS] = 60 * self.proxy.count(t0, t1) / (t1 - t0)
+        where_to = self.proxy.breakdown(t0, until=t1)
+        self.requests_by_path[f"idle, {kind}"] = where_to
+        print(
+            f"{kind}'s requests while idle (per minute):\n"
+            + "\n".join(f"  {60 * sent / (t1 - t0):6.2f}  {p}" for p, (sent, _) in where_to.items()),
+            flush=True,
+        )
         stream = self.proxy.websocket_seconds("/events/out", t0, t1)
         self.results[kind][IDLE_STREAM] = 100 * stream / (t1 - t0)
         w.stop()
