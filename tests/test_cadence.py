@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import random
 from typing import Any
 
@@ -92,6 +93,7 @@ class FakePool:
         self.death: dict[str, float] = peers  # name -> trio time of death (inf: never)
         self.reads: list[float] = []
         self.sweeps: list[float] = []
+        self.born: dict[str, float] = {}  # name -> trio time it joins (absent: from the start)
 
     def last_beat(self, name: str) -> float:
         now = min(trio.current_time(), self.death[name])
@@ -106,6 +108,7 @@ class FakePool:
                 self.interval,
             )
             for name in self.death
+            if self.born.get(name, -math.inf) <= trio.current_time()
         ]
         return records, server_time()
 
@@ -129,6 +132,31 @@ async def test_an_idle_fleet_costs_a_few_looks_an_hour(autojump_clock: trio.test
     # every half poll interval (5 s) was 720 looks an hour; now every 150 s (with jitter)
     assert 20 <= len(pool.reads) <= 25, len(pool.reads)
     assert 20 <= len(pool.sweeps) <= 25
+
+
+async def test_a_lone_worker_looks_once_per_reclaim_after_and_still_catches_a_newcomer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Alone in its pool, nothing can be reclaimed (only from a worker the pool lists as
+    silent): one read of the pool's workers per ``reclaim_after``, no sweep of its runs.
+    A peer that joins after a look and dies at once is still looked at as it crosses its
+    line, and its runs are read."""
+    pool = FakePool({"me": float("inf")})
+    synced = trio.Event()
+    synced.set()
+    with trio.move_on_after(3600):
+        await reclaimer(pool).loop(synced)
+    assert 11 <= len(pool.reads) <= 13, len(pool.reads)  # every 300 s: 2 requests/10 min were 8
+    assert pool.sweeps == []
+    joins, dies_at = 3601.0, 3625.0
+    pool.death["peer"] = dies_at
+    pool.born = {"peer": joins}
+    with trio.move_on_after(900):
+        await reclaimer(pool).loop(synced)
+    lost_at = pool.last_beat("peer") + 300
+    first_look_after = min(t for t in pool.reads if t > lost_at)
+    assert first_look_after - lost_at <= cadence.DEADLINE_MARGIN + 1.0 + 1.0
+    assert any(lost_at < t <= lost_at + 10 for t in pool.sweeps), "its runs were read"
 
 
 @pytest.mark.parametrize("dies_at", [100.0, 431.0, 1000.0, 1013.0])

@@ -390,3 +390,62 @@ async def test_output_written_after_the_exit_by_a_leftover_does_not_hold_the_fol
 
 def test_the_tail_window_holds_the_whole_tail() -> None:
     assert TAIL_WINDOW >= 2 * STDERR_TAIL_BYTES
+
+
+async def test_a_silent_run_costs_no_looks_and_a_write_is_seen_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With inotify (``inotify.py``), a follower of a silent file sleeps (a look every
+    ``WATCHED_POLL`` s at most, where it looked every 0.2 s), and a line written after a
+    silence is logged within a few tenths of a second; without inotify it looks on a timer."""
+    from worker.process import inotify
+
+    looks = 0
+    step = Follower.step
+
+    async def counted(self: Follower, fd: int) -> str:
+        nonlocal looks
+        looks += 1
+        return await step(self, fd)
+
+    monkeypatch.setattr(Follower, "step", counted)
+    path = tmp_path / "out"
+    path.write_bytes(b"")
+    log = Said()
+    exited = trio.Event()
+    seen: list[float] = []
+
+    async def write_after_silence() -> None:
+        await trio.sleep(4.0)  # (the pause doubles from FAST_POLL: 8 looks; on a 0.2 s timer, 23)
+        silent_looks = looks
+        with path.open("ab") as f:
+            f.write(b"after the silence\n")
+        written = trio.current_time()
+        while not log.lines():
+            await trio.sleep(0.01)
+        seen.append(trio.current_time() - written)
+        exited.set()
+        assert silent_looks <= 10, f"{silent_looks} looks in 4 s of silence"
+
+    if inotify.instance() is None:
+        pytest.skip("no inotify instance here")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_after_silence)
+        await RunOutput(log).follow([(path, "out")], exited, from_end=False)
+    assert log.lines() == ["after the silence"]
+    assert seen[0] < 0.5
+
+
+def test_inotify_events_wake_their_watchers_and_an_overflow_wakes_all() -> None:
+    from worker.process.inotify import _EVENT, IN_IGNORED, IN_MODIFY, IN_Q_OVERFLOW, Inotify
+
+    woken: list[str] = []
+    watcher = Inotify(-1, None)  # type: ignore[arg-type]  (dispatch only: no fd, no libc)
+    watcher.watchers = {1: [lambda: woken.append("a")], 2: [lambda: woken.append("b")]}
+    watcher.dispatch(_EVENT.pack(2, IN_MODIFY, 0, 0) + _EVENT.pack(9, IN_MODIFY, 0, 16) + b"\0" * 16)
+    assert woken == ["b"], "its own watcher only; an unknown watch is ignored"
+    watcher.dispatch(_EVENT.pack(-1, IN_Q_OVERFLOW, 0, 0))
+    assert sorted(woken) == ["a", "b", "b"]
+    watcher.dispatch(_EVENT.pack(1, IN_IGNORED, 0, 0) + _EVENT.pack(1, IN_MODIFY, 0, 0))
+    assert 1 not in watcher.watchers and sorted(woken) == ["a", "b", "b"]
+    watcher.dispatch(_EVENT.pack(2, IN_MODIFY, 0, 0)[:10])  # a short read: nothing, no error

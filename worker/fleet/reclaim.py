@@ -82,7 +82,8 @@ def look_ceiling(settings: Settings) -> float:
     ceiling up to ``reclaim_after`` catches it in time. The ceiling bounds what only a
     sweep finds (a run whose owner the pool has no record of, or whose state changed
     after its owner went silent): resolved within ``1.5 * reclaim_after``. Idle, with
-    the default 300 s, that is two requests every 150 s."""
+    the default 300 s, that is two requests every 150 s; alone in its pool, a worker
+    asks once every 300 s (``Reclaimer.alone``)."""
     return max(settings.reclaim_after / 2, MIN_CHECK_SECONDS)
 
 
@@ -132,8 +133,21 @@ class Reclaimer:
                 self.outage.failed(exc, "reclaim")
             except Exception as exc:  # a bug here must never stop the supervision of runs
                 self.once.say(("bug", type(exc)), log, "exception", "reclaim.failed", error=repr(exc))
-            wait = short if self.seen is None else self.next_look(short, ceiling)
+            if self.seen is None:
+                wait = short
+            elif self.alone():
+                wait = max(self.settings.reclaim_after, short)  # see `alone`
+            else:
+                wait = self.next_look(short, ceiling)
             await trio.sleep(wait + self.rng.uniform(0, 0.2 * short))
+
+    def alone(self) -> bool:
+        """The last look found no other worker in the pool: nothing to sweep (a run is
+        reclaimed only from a worker the pool lists as silent), and the next look may wait
+        ``reclaim_after``: a worker first heard from after a look cannot cross its line
+        sooner (``look_ceiling``). A lone idle worker then asks once per ``reclaim_after``
+        (issue 22: no more idle requests than Prefect's worker)."""
+        return self.seen is not None and all(w.name == self.settings.worker_name for w in self.seen[0])
 
     def next_look(self, short: float, ceiling: float) -> float:
         """Seconds until the next look, from the workers the last one read."""
@@ -161,7 +175,9 @@ class Reclaimer:
         workers, now = await self.client.read_workers(self.pool)
         self.seen = workers, now  # for the loop's next look (issue 22)
         window = SWEEP_EVERY * check_seconds(self.settings) * 1.2  # (the loop's jitter)
-        if not sweep and not fleet.newly_silent(workers, now, self.settings.reclaim_after, window):
+        if (not sweep or self.alone()) and not fleet.newly_silent(
+            workers, now, self.settings.reclaim_after, window
+        ):
             return 0
         runs = await self.client.pool_flow_runs(self.pool, fleet.WATCHED)
         ours = self.ours()

@@ -60,6 +60,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from worker.process import inotify
 from worker.rules import decisions
 from worker.rules.budget import (
     TAIL_WINDOW,
@@ -78,10 +79,12 @@ EMIT_BATCH: Final = 64
 
 FAST_POLL: Final = 0.02
 OUTPUT_POLL: Final = 0.2
+WATCHED_POLL: Final = 5.0
 """How often an output file is looked at: every ``FAST_POLL`` s while the run writes (and
-while the budget is spent), backing off to every ``OUTPUT_POLL`` s once it is silent.
-A flood is thus seen within ``OUTPUT_POLL`` s even after a silence; an idle run costs
-two ``fstat`` calls per ``OUTPUT_POLL``."""
+while the budget is spent), backing off once it is silent to every ``WATCHED_POLL`` s
+where inotify wakes the follower when the file is written (``inotify.py``: a silent run
+costs nothing), else to every ``OUTPUT_POLL`` s (a flood is then seen within that even
+after a silence, and a silent run costs two ``fstat`` calls per ``OUTPUT_POLL``)."""
 
 BIG_SKIP: Final = 4 * 1024 * 1024
 """A skip this large means a fast flood: the follower looks again at once (after its
@@ -123,9 +126,12 @@ class RunOutput:
         skipped); then say what was dropped, if anything."""
         try:
             async with trio.open_nursery() as nursery:
-                for path, name in paths:
-                    follower = Follower(path, STREAMS[name], self)
+                followers = [Follower(path, STREAMS[name], self) for path, name in paths]
+                for follower in followers:
                     nursery.start_soon(follower.run_until, exited, from_end)
+                await exited.wait()  # a follower asleep until its file is written wakes now
+                for follower in followers:
+                    follower.poke()
         finally:
             self.say_dropped(final=True)
 
@@ -174,6 +180,11 @@ class Follower:
     writer: int | None = None
     """A descriptor open for writing, to punch holes with (never written to)."""
     release_failed: bool = False
+    wake: trio.Event = attrs.Factory(trio.Event)
+    """Set when the file was written (inotify) or the run exited: look now."""
+
+    def poke(self) -> None:
+        self.wake.set()
 
     @property
     def budget(self) -> Budget:
@@ -218,6 +229,9 @@ class Follower:
         fd = await self._open(exited)
         if fd is None:
             return
+        watcher = inotify.instance()
+        watch = watcher.watch(fd, self.poke) if watcher is not None else None
+        slowest = OUTPUT_POLL if watch is None else WATCHED_POLL
         try:
             if from_end:
                 self.pos = os.fstat(fd).st_size
@@ -237,12 +251,16 @@ class Follower:
                 elif self.end_at is not None:
                     break
                 else:
-                    with trio.move_on_after(pause):
-                        await exited.wait()
-                    pause = min(2 * pause, OUTPUT_POLL)
+                    if not exited.is_set():
+                        with trio.move_on_after(pause):
+                            await self.wake.wait()
+                        self.wake = trio.Event()  # before the next look: a write from now on wakes it
+                    pause = min(2 * pause, slowest)
             if self.partial and not self.resync:  # the last line, without its newline
                 await self.emit(self.split(b"\n"))
         finally:
+            if watch is not None and watcher is not None:
+                watcher.unwatch(watch, self.poke)
             os.close(fd)
             if self.writer is not None:
                 os.close(self.writer)

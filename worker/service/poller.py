@@ -141,7 +141,7 @@ class Poller:
         ):
             return due
         book = self.runner.book
-        for run_id, handle in self.in_hand.live.items():
+        for run_id, handle in self.in_hand.live.items() if due else ():  # (else: not needed now)
             if handle is not None:
                 book.using(run_id, handle.memory_now())  # its cgroup's memory.current, or the sample
         mem = memory.read()
