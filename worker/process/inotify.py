@@ -94,24 +94,24 @@ class Inotify:
             os.close(self.fd)
 
 
-_INSTANCE: trio.lowlevel.RunVar[Inotify | None] = trio.lowlevel.RunVar("inotify")
+_INSTANCE: trio.lowlevel.RunVar[Inotify | None] = trio.lowlevel.RunVar("inotify", None)
 
 
 def instance() -> Inotify | None:
     """The worker's inotify instance (made on first use, in this trio run); None where
-    there is none to be had (then followers look on a timer)."""
-    try:
-        return _INSTANCE.get()
-    except LookupError:
-        pass
-    made: Inotify | None = None
+    there is none to be had now (then followers look on a timer; the next follower tries
+    again: the worker may have been short of descriptors only for a moment)."""
+    made = _INSTANCE.get(None)
+    if made is not None:
+        return made
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        if fd >= 0:
-            made = Inotify(fd, libc)
-            trio.lowlevel.spawn_system_task(made.read_loop, name="flow-worker inotify")
     except (OSError, AttributeError):
-        made = None
+        return None
+    if fd < 0:
+        return None
+    made = Inotify(fd, libc)
+    trio.lowlevel.spawn_system_task(made.read_loop, name="flow-worker inotify")
     _INSTANCE.set(made)
     return made
