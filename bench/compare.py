@@ -172,6 +172,12 @@ class CountingProxy:
                 except OSError:
                     pass
 
+    def quiet_for(self, seconds: float) -> bool:
+        """No request went through for ``seconds``."""
+        with self.lock:
+            last = self.requests[-1][0] if self.requests else -math.inf
+        return time.monotonic() - last >= seconds
+
     def count(self, since: float, until: float | None = None) -> int:
         with self.lock:
             return sum(1 for t, _ in self.requests if t >= since and (until is None or t <= until))
@@ -436,6 +442,9 @@ class Bench:
         # Prefect's worker crashes a run whose label write got a 503 ("Failed to submit flow
         # run to infrastructure"): counted, not waited for
         lost = sum(self.api.state_type(r) != "COMPLETED" for r in runs)
+        # what the worker still writes about the burst (labels, logs) counts too: until it
+        # has sent nothing for 3 s (its idle polls come every 10 s)
+        wait_for(lambda: self.proxy.quiet_for(3.0), 120, 0.2, f"{kind}: quiet after the burst")
         requests, busy = self.proxy.count(req0), self.proxy.statuses(503, req0)
         cpu = proc_cpu(w.proc.pid) - cpu0
         where_to = self.proxy.breakdown(req0)
