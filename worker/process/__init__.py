@@ -6,9 +6,8 @@ status, the reaper of re-parented orphans and the leftover sweep (``reaper``), o
 followed within a budget (``output``; ``inotify`` wakes it when written), the cost of a
 process tree (``usage``), the preloaded engine servers of ``warm_start`` (``warm``;
 ``engine_server`` runs in the flow's interpreter, stdlib and Prefect only), and per-run
-cgroups where systemd delegates a cgroup
-v2 subtree (``delegated``: the subtree and the worker's leaf; ``cgroups``: a run's cgroup;
-``placed``: a spawn started inside its cgroup).
+cgroups where systemd delegates a cgroup v2 subtree (``delegated``: the subtree and the
+worker's leaf; ``cgroups``: a run's cgroup; ``placed``: a spawn started inside its cgroup).
 
 May import: ``worker.host``, ``worker.rules``. Knows nothing of the Prefect API.
 """
