@@ -394,8 +394,8 @@ class Bench:
         rss = []
         while time.monotonic() - t0 < idle:
             rss.append(tree_rss(w.proc.pid))
-            time.sleep(1)
-        t1 = time.monotonic()
+            time.sleep(min(1.0, max(0.0, t0 + idle - time.monotonic())))
+        t1 = t0 + idle  # the same window for both workers: equal counts give a ratio of 1
         self.results[kind]["idle RSS of the process tree (MiB)"] = statistics.median(rss) / 2**20
         self.results[kind]["idle CPU (% of a core)"] = 100 * (proc_cpu(w.proc.pid) - cpu0) / (t1 - t0)
         self.results[kind][IDLE_REQUESTS] = 60 * self.proxy.count(t0, t1) / (t1 - t0)
@@ -820,7 +820,8 @@ def main() -> int:
         type=float,
         default=None,
         metavar="M",
-        help="the idle window of 'start-up and idle' (default 2; 0.5 with --quick)",
+        help="the idle window of 'start-up and idle' (default 5, which holds one look of a lone "
+        "flow-worker at its pool, every reclaim_after = 300 s; 0.5 with --quick)",
     )
     parser.add_argument(
         "--out",
@@ -841,7 +842,7 @@ def main() -> int:
         parser.error("--growth takes 20 runs at least (two windows of 10)")
     only = [o.strip() for arg in args.only for o in arg.split(",") if o.strip()]
     growth = args.growth if args.growth is not None else (100 if args.quick else 1000)
-    idle_minutes = args.idle_minutes if args.idle_minutes is not None else (0.5 if args.quick else 2.0)
+    idle_minutes = args.idle_minutes if args.idle_minutes is not None else (0.5 if args.quick else 5.0)
     home = Path(tempfile.mkdtemp(prefix="flow-worker-bench-"))
     server = PrefectServer(home)
     print(f"starting a Prefect server ({server.api_url}) ...", flush=True)

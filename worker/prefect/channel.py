@@ -163,13 +163,14 @@ class Channel:
     off: str | None = None
     """Why the server keeps no channel with us (REST heartbeats for good)."""
 
-    async def run(self, synced: trio.Event) -> None:
-        """Keep the channel open, after the first (REST) sync; return if the server has none."""
-        from trio_websocket import ConnectionClosed, HandshakeError
-
+    async def run(self, after: trio.Event) -> None:
+        """Keep the channel open, once ``after`` is set (the supervisor's first poll, which
+        follows the first REST sync: the websocket's import and handshake are not on the
+        way to it); return if the server has none."""
         if self.settings.once:
             return  # --once drains and exits: REST heartbeats suffice
-        await synced.wait()
+        await after.wait()
+        from trio_websocket import ConnectionClosed, HandshakeError
         assert self.settings.api_url is not None and self.settings.pool is not None
         socket = Socket.at(self.settings, channel_url(self.settings.api_url, self.settings.pool))
         failures = 0

@@ -210,7 +210,7 @@ class Supervisor:
                 ("uplink", self.runner.uplink.loop),
                 ("liveness", self.liveness.watch, self.notifier, self.status.line),
                 ("cgroups", cgroups.watch),
-                ("channel", self.channel.run, self.status.synced),
+                ("channel", self.channel.run, self.poller.polled),  # (after the first poll, as events)
             ):
                 loops.start_soon(guard.forever, name, loop, *args)
             await loops.start(self.control.serve)
