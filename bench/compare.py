@@ -498,7 +498,14 @@ class Bench:
             if done == window:
                 rss_first = tree_rss(w.proc.pid)
             if done % 100 == 0 or done == n:
-                print(f"[{time.strftime('%H:%M:%S')}]   {done} of {n} runs done", flush=True)
+                k = min(len(sizes), 10)  # the last 100 runs (10 batches)
+                recent = 1000 * (cpu[-1] - cpu[-1 - k]) / sum(sizes[-k:])
+                rss_now = tree_rss(w.proc.pid) / 2**20
+                print(
+                    f"[{time.strftime('%H:%M:%S')}]   {done} of {n} runs done; worker CPU per run over "
+                    f"the last {sum(sizes[-k:])}: {recent:.1f} ms; RSS {rss_now:.1f} MiB",
+                    flush=True,
+                )
         time.sleep(2)
         rss_end = tree_rss(w.proc.pid)
         completed = self.api.call(

@@ -339,7 +339,7 @@ async def test_the_wrapper_gives_up_cleanly_when_the_worker_does(unit: Path, tmp
     class GaveUp(Exception):
         pass
 
-    def place(pid: int) -> None:
+    async def place(pid: int) -> None:
         moved.append(pid)
         raise GaveUp  # as a cancellation there would
 

@@ -171,6 +171,7 @@ class Channel:
             return  # --once drains and exits: REST heartbeats suffice
         await after.wait()
         from trio_websocket import ConnectionClosed, HandshakeError
+
         assert self.settings.api_url is not None and self.settings.pool is not None
         socket = Socket.at(self.settings, channel_url(self.settings.api_url, self.settings.pool))
         failures = 0

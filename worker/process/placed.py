@@ -33,7 +33,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import trio
@@ -84,7 +84,7 @@ async def open_process(
     env: Mapping[str, str],
     stdout: int,
     stderr: int,
-    place: Callable[[int], None],
+    place: Callable[[int], Awaitable[None]],
 ) -> trio.Process:
     """Start ``argv`` (its own session, stdin ``/dev/null``) through the exec wrapper,
     calling ``place(pid)`` (the move into the run's cgroup) before it may exec. OSError as
@@ -114,7 +114,7 @@ async def open_process(
     done = False
     try:
         with trio.fail_after(START_TIMEOUT):
-            place(proc.pid)
+            await place(proc.pid)
             try:
                 await go.send_all(payload(argv, env))
                 await go.aclose()

@@ -139,14 +139,16 @@ class RunHandle(Supervised):
                     self.cgroup = None
         return self.process.pid
 
-    def _place(self, pid: int) -> None:
+    async def _place(self, pid: int) -> None:
         """Move the run's process into its cgroup before it may start the flow; if the kernel
-        refuses, the run goes on where it is (said in its log; without its limits)."""
+        refuses, the run goes on where it is (said in its log; without its limits). In a
+        thread: a move waits for an RCU grace period in the kernel (``cgroup_threadgroup_rwsem``),
+        tens of milliseconds, and the worker's other runs and loops go on meanwhile."""
         cgroup = self.cgroup
         if cgroup is None:
             return
         try:
-            cgroup.place(pid)
+            await trio.to_thread.run_sync(cgroup.place, pid)
         except OSError as exc:
             reason = f"cannot move it into {cgroup.path}: {exc.strerror or exc}"
             self.log.warning("run.not_in_cgroup", reason=reason)

@@ -41,7 +41,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -220,7 +220,9 @@ class EngineServer:
         assert self.process is not None and self.process.stdin is not None
         await self.process.stdin.send_all((json.dumps(message) + "\n").encode())
 
-    async def fork(self, request: dict[str, Any], before_go: Callable[[int], None] | None = None) -> int:
+    async def fork(
+        self, request: dict[str, Any], before_go: Callable[[int], Awaitable[None]] | None = None
+    ) -> int:
         """Fork a run's process; its pid is registered in ``reaper.CHILDREN``, and
         ``before_go(pid)`` called (the move into the run's cgroup), before it is told to go:
         the process waits on its go pipe until then. Call inside ``reaper.CHILDREN.spawning()``. Raises
@@ -237,7 +239,7 @@ class EngineServer:
                 self.wanted -= 1  # the run that server_for handed this server to
             self.last_used = trio.current_time()
 
-    async def _fork(self, request: dict[str, Any], before_go: Callable[[int], None] | None) -> int:
+    async def _fork(self, request: dict[str, Any], before_go: Callable[[int], Awaitable[None]] | None) -> int:
         async with self._lock:
             if self.problem is not None:
                 raise Unavailable(self.problem)
@@ -262,7 +264,7 @@ class EngineServer:
                 pid = int(answer["pid"])
                 reaper.CHILDREN.spawned.add(pid)
                 if before_go is not None:
-                    before_go(pid)
+                    await before_go(pid)
                 await self._send({"go": ident})
                 finished = True
                 return pid
