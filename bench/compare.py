@@ -14,6 +14,7 @@ PostgreSQL cluster; one ("runs in a row") runs flow-worker alone.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import itertools
@@ -67,6 +68,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PATCH|PUT|DELETE) (/api/[^ ]*) HTTP/1\.[01]\r\n")
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def endpoint(path: str) -> str:
+    """A request's path without its query, ids as ``{id}``: what the breakdowns count by."""
+    return UUID.sub("{id}", path.split("?")[0])
 
 
 # ---------------------------------------------------------------- counting proxy
@@ -196,19 +202,14 @@ class CountingProxy:
     ) -> dict[str, tuple[int, int]]:
         """Per request (path and method-less, ids as ``{id}``): requests sent since ``since``,
         and answers with ``status`` among them: where a scenario's requests went."""
-        out: dict[str, tuple[int, int]] = {}
+        sent: collections.Counter[str] = collections.Counter()
+        answered: collections.Counter[str] = collections.Counter()
         with self.lock:
-            for t, path in self.requests:
-                if since <= t <= until:
-                    key = UUID.sub("{id}", path.split("?")[0])
-                    sent, answered = out.get(key, (0, 0))
-                    out[key] = (sent + 1, answered)
-            for t, s, path in self.responses:
-                if since <= t <= until and s == status:
-                    key = UUID.sub("{id}", path.split("?")[0])
-                    sent, answered = out.get(key, (0, 0))
-                    out[key] = (sent, answered + 1)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
+            sent.update(endpoint(path) for t, path in self.requests if since <= t <= until)
+            answered.update(
+                endpoint(path) for t, s, path in self.responses if since <= t <= until and s == status
+            )
+        return {key: (sent[key], answered[key]) for key in sorted(sent | answered, key=lambda k: -sent[k])}
 
     def websocket_seconds(self, pattern: str, since: float, until: float) -> float:
         """For how much of ``[since, until]`` a websocket whose path contains ``pattern`` was
