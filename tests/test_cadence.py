@@ -159,6 +159,76 @@ async def test_a_lone_worker_looks_once_per_reclaim_after_and_still_catches_a_ne
     assert any(lost_at < t <= lost_at + 10 for t in pool.sweeps), "its runs were read"
 
 
+async def test_a_lone_worker_with_a_steady_stream_skips_its_looks_until_it_hears_of_a_claim(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 22 (idle requests): alone in its pool, with the events stream up since before
+    its look, a worker looks again only when the stream tells of a claim of a run not
+    its own, when the stream drops, or after ``ALONE_SAFETY_SECONDS``. A newcomer heard of
+    through its claim, which then dies, is still looked at as it crosses its line."""
+    pool = FakePool({"me": float("inf")})
+    r = reclaimer(pool)
+    r.ours = lambda: {"mine"}
+    synced = trio.Event()
+    synced.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.loop, synced)
+        await trio.sleep(3)
+        assert pool.reads == [], "the first look waits for the stream (at most FIRST_LOOK_WAIT)"
+        r.connected(True)
+        await trio.sleep(1)
+        assert len(pool.reads) == 1
+        await trio.sleep(1000)
+        r.claimed("mine")  # its own claim tells of no peer
+        await trio.sleep(2590)
+        assert len(pool.reads) == 1, pool.reads  # an hour: no look but the first
+        await trio.sleep(30)
+        assert len(pool.reads) == 2, "the safety look, an hour after the last"
+        # a newcomer claims a run, and dies 25 s later: looked at right away, and at its line
+        joins = trio.current_time() + 400  # (past reclaim_after after the last look)
+        pool.born = {"peer": joins}
+        pool.death["peer"] = joins + 25
+        await trio.sleep_until(joins + 1)
+        assert len(pool.reads) == 2
+        r.claimed("theirs")
+        await trio.sleep(1)
+        assert len(pool.reads) == 3 and pool.reads[-1] >= joins + 1, "heard of: looked at now"
+        await trio.sleep(400)
+        lost_at = pool.last_beat("peer") + 300
+        first_look_after = min(t for t in pool.reads if t > lost_at)
+        assert first_look_after - lost_at <= cadence.DEADLINE_MARGIN + 1.0 + 1.0
+        assert any(lost_at < t <= lost_at + 10 for t in pool.sweeps), "its runs were read"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_worker_looks_again_after_its_stream_drops_and_not_before_reclaim_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A stream that drops (events may have been missed) brings back the look every
+    ``reclaim_after``; a claim heard of soon after a look waits for ``reclaim_after``
+    after that look (a newcomer cannot cross its line sooner)."""
+    pool = FakePool({"me": float("inf")})
+    r = reclaimer(pool)
+    synced = trio.Event()
+    synced.set()
+    async with trio.open_nursery() as nursery:
+        r.connected(True)
+        nursery.start_soon(r.loop, synced)
+        await trio.sleep(700)
+        assert len(pool.reads) == 1
+        r.connected(False)
+        r.connected(True)
+        await trio.sleep(250)  # the look that was skipped at 600 s is due at 900 s
+        assert len(pool.reads) == 2 and 900 <= pool.reads[-1] <= 902, pool.reads
+        await trio.sleep(10)
+        r.claimed("theirs")
+        await trio.sleep(100)
+        assert len(pool.reads) == 2, "no sooner than reclaim_after after the look"
+        await trio.sleep(200)
+        assert len(pool.reads) == 3 and pool.reads[-1] - pool.reads[-2] < 302, pool.reads
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("dies_at", [100.0, 431.0, 1000.0, 1013.0])
 async def test_a_dead_peer_is_looked_at_as_it_crosses_its_line(
     autojump_clock: trio.testing.MockClock, dies_at: float

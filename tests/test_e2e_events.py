@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.conftest import Api, WorkerProcess, wait_for
+from tests.conftest import Api, WorkerProcess, free_port, wait_for
 
 SLOW_POLLS = {
     "FLOW_WORKER_QUERY_SECONDS": "60",
@@ -84,3 +85,40 @@ def first(worker: WorkerProcess, event: str, **fields: Any) -> dict[str, Any] | 
 
 def logged_at(event: dict[str, Any]) -> float:
     return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def looks(port: int) -> int:
+    """The worker's reads of its pool's workers so far (its /metrics)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    (line,) = [x for x in text.splitlines() if x.startswith("flow_worker_fleet_looks_total ")]
+    return int(float(line.split()[1]))
+
+
+@pytest.mark.no_engine_run
+def test_a_lone_worker_looks_at_its_pool_when_the_stream_tells_of_a_claim_not_its_own(
+    api: Api, pool_name: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Issue 22 (idle requests): alone in its pool with the stream up, a worker does not
+    read its pool's workers every ``reclaim_after``; a claim (PENDING) of a run it does
+    not hold, as a newcomer peer's, brings the look at once."""
+    port = free_port()
+    dep = api.deployment(pool_name, job_variables={"command": "true"})
+    worker = start_worker(
+        "--pool",
+        pool_name,
+        FLOW_WORKER_RECLAIM_AFTER="5",
+        FLOW_WORKER_WITH_HEALTHCHECK="true",
+        FLOW_WORKER_WEBSERVER_PORT=str(port),
+        **SLOW_POLLS,
+    )
+    wait_for(lambda: worker.saw("events.connected"), 30, what="the event subscription")
+    wait_for(lambda: looks(port) == 1, 30, what="the first look at the pool")
+    time.sleep(20)  # four times reclaim_after: a worker with no stream looked four more times
+    assert looks(port) == 1
+    later = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
+    state = {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}
+    run_id = str(api.call("POST", f"deployments/{dep}/create_flow_run", {"state": state})["id"])
+    claim = {"state": {"type": "PENDING", "name": "Pending"}}  # a peer's claim, as it sends it
+    assert api.call("POST", f"flow_runs/{run_id}/set_state", claim)["status"] == "ACCEPT"
+    wait_for(lambda: looks(port) == 2, 10, what="a look after the claim event")
+    api.call("POST", f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLED"}, "force": True})

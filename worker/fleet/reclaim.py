@@ -4,7 +4,8 @@ The decisions are the tables in ``fleet.py``; this module does the I/O around th
 
 * :class:`Reclaimer` — when a peer seen at the last look could cross its line, at the
   latest every ``look_ceiling`` (``cadence.next_look``; jittered, so peers do not act in
-  step): read the pool's workers (with the server's clock) and, when one has just gone
+  step; alone in its pool, see ``Reclaimer.quiet``): read the pool's workers (with the
+  server's clock) and, when one has just gone
   silent or a sweep is due, its PENDING, RUNNING and CANCELLING runs, and resolve each
   run ``fleet.reclaim_verdict`` says is lost. The
   proposal's transition id is derived from the state it replaces (``uuid5``), so a
@@ -87,6 +88,16 @@ def look_ceiling(settings: Settings) -> float:
     return max(settings.reclaim_after / 2, MIN_CHECK_SECONDS)
 
 
+FIRST_LOOK_WAIT: Final = 10.0
+"""The first look waits this long at most for the events stream to come up, so that a
+worker alone in its pool may rely on the stream from that look on (``Reclaimer.quiet``)."""
+
+ALONE_SAFETY_SECONDS: Final = 3600.0
+"""A worker alone in its pool whose events stream has been steady, and which has heard of no
+claim but its own, still looks this often: the stream is the server's word only as far as
+it delivers. What a missed event could cost is a dead newcomer's runs resolved within the
+hour instead of ``reclaim_after``."""
+
 SWEEP_EVERY: Final = 10
 """The pool's runs are read when a worker of the pool has just gone silent for longer
 than ``reclaim_after`` (within the last ``SWEEP_EVERY`` short intervals), and otherwise
@@ -108,6 +119,12 @@ class Reclaimer:
     once: Once = attrs.Factory(Once)
     seen: tuple[list[WorkerRecord], datetime.datetime] | None = None
     """The pool's workers and the server's clock, as the last look read them."""
+    up_since: float = math.inf
+    """trio time since which the events stream has been up (inf: it is down)."""
+    heard_at: float = -math.inf
+    """trio time of the last claim heard of (a PENDING or RUNNING event) of a run not ours."""
+    news: trio.Event = attrs.Factory(trio.Event)
+    """Set (and replaced) when the stream comes up or a claim not ours is heard of."""
 
     @property
     def pool(self) -> str:
@@ -120,12 +137,17 @@ class Reclaimer:
         await synced.wait()
         short, ceiling = check_seconds(self.settings), look_ceiling(self.settings)
         swept = -math.inf
-        while True:  # the first look right away: it learns when the peers could be lost
+        if self.settings.events:  # the first look soon: it learns when the peers could be lost
+            with trio.move_on_after(FIRST_LOOK_WAIT):
+                while self.up_since == math.inf:
+                    await self.news.wait()
+        while True:
             if self.unlabelled():  # no owner can be known: every run would be "unowned"
                 log.info("reclaim.off", reason="the server has no run labels (Prefect before 3.1)")
                 return
             self.seen = None
-            sweep = trio.current_time() - swept >= ceiling
+            looked = trio.current_time()
+            sweep = looked - swept >= ceiling
             try:
                 await self.check(sweep=sweep)
                 swept = trio.current_time() if sweep else swept
@@ -133,21 +155,65 @@ class Reclaimer:
                 self.outage.failed(exc, "reclaim")
             except Exception as exc:  # a bug here must never stop the supervision of runs
                 self.once.say(("bug", type(exc)), log, "exception", "reclaim.failed", error=repr(exc))
+            jitter = self.rng.uniform(0, 0.2 * short)
             if self.seen is None:
-                wait = short
+                await trio.sleep(short + jitter)
             elif self.alone():
-                wait = max(self.settings.reclaim_after, short)  # see `alone`
+                await self.quiet(looked, max(self.settings.reclaim_after, short) + jitter)
             else:
-                wait = self.next_look(short, ceiling)
-            await trio.sleep(wait + self.rng.uniform(0, 0.2 * short))
+                await trio.sleep(self.next_look(short, ceiling) + jitter)
 
     def alone(self) -> bool:
         """The last look found no other worker in the pool: nothing to sweep (a run is
         reclaimed only from a worker the pool lists as silent), and the next look may wait
         ``reclaim_after``: a worker first heard from after a look cannot cross its line
-        sooner (``look_ceiling``). A lone idle worker then asks once per ``reclaim_after``
-        (issue 22: no more idle requests than Prefect's worker)."""
+        sooner (``look_ceiling``). A lone idle worker then asks once per ``reclaim_after``,
+        or not at all while its events stream says no one else claims (``quiet``)."""
         return self.seen is not None and all(w.name == self.settings.worker_name for w in self.seen[0])
+
+    async def quiet(self, looked: float, every: float) -> None:
+        """Alone at the look made at ``looked``: wait for the next look.
+
+        It is due ``every`` (``reclaim_after``) after that look, and every ``every`` after
+        that one is skipped while the events stream has been up since before the look and
+        has told of no claim (PENDING or RUNNING) of a run not ours: a peer whose runs could
+        ever be reclaimed has claimed one, and the stream carries every state change of the
+        pool's runs (issue 22: a lone idle worker's look was its one request a minute beyond
+        Prefect's worker's polls). A claim heard of brings the look forward to now, but no
+        sooner than ``every`` after ``looked`` (see ``alone``); a stream that drops, or was
+        not up at the look, keeps the look once per ``every``; at most
+        ``ALONE_SAFETY_SECONDS`` pass between looks whatever the stream says."""
+        due = looked + every
+        while True:
+            with trio.move_on_at(due):
+                while self.heard_at < looked:
+                    await self.news.wait()
+            now = trio.current_time()
+            if self.heard_at >= looked:  # a claim not ours: a peer is at work in the pool
+                await trio.sleep_until(looked + every)
+                return
+            if self.up_since > looked or now - looked >= ALONE_SAFETY_SECONDS:
+                return
+            due += every  # steady, and no one else claims: this look is skipped
+
+    def connected(self, up: bool) -> None:
+        """The events stream is up, or dropped (``events.stream``'s ``on_connected``)."""
+        if up and self.up_since == math.inf:
+            self.up_since = trio.current_time()
+            self._tell()
+        elif not up:
+            self.up_since = math.inf
+
+    def claimed(self, run_id: str) -> None:
+        """The stream told of a PENDING or RUNNING run of the pool: a peer's, unless ours.
+        (An event can be forged: the worst it costs is one look, which is the server's word.)"""
+        if run_id not in self.ours():
+            self.heard_at = trio.current_time()
+            self._tell()
+
+    def _tell(self) -> None:
+        self.news.set()
+        self.news = trio.Event()
 
     def next_look(self, short: float, ceiling: float) -> float:
         """Seconds until the next look, from the workers the last one read."""
@@ -172,6 +238,7 @@ class Reclaimer:
         judged again on a fresh read of the pool's workers and of the run itself, right
         before anything is written.
         """
+        self.metrics.fleet_looks += 1
         workers, now = await self.client.read_workers(self.pool)
         self.seen = workers, now  # for the loop's next look (issue 22)
         window = SWEEP_EVERY * check_seconds(self.settings) * 1.2  # (the loop's jitter)

@@ -67,6 +67,8 @@ class Metrics:
     """Lost peers' runs this worker resolved, by action (reschedule, crash, cancel)."""
     runs_lost: int = 0
     """Runs of this worker that a peer resolved during a heartbeat gap (the fence)."""
+    fleet_looks: int = 0
+    """Reads of the pool's workers by the reclaim loop (what the fleet costs the API)."""
     runs_deferred: int = 0
     """Due runs not started for want of descriptors, memory or disk (back to the queue)."""
     runs_internal_errors: int = 0
@@ -127,6 +129,12 @@ class Metrics:
             "counter",
             "Runs of this worker resolved by a peer while it could not heartbeat (then stopped).",
             [({}, self.runs_lost)],
+        )
+        metric(
+            "fleet_looks_total",
+            "counter",
+            "Reads of the pool's workers by the reclaim loop (looks for lost peers).",
+            [({}, self.fleet_looks)],
         )
         metric(
             "runs_deferred_total",

@@ -171,6 +171,9 @@ def subscription(pool_id: str, now: datetime.datetime | None = None) -> dict[str
     }
 
 
+CLAIMED: Final = frozenset({"PENDING", "RUNNING"})
+"""State types that say a worker holds the run (``on_claimed``)."""
+
 POOL_CHANGED: Final = "POOL_CHANGED"
 """What :func:`classify` says of an event of the pool or one of its queues."""
 
@@ -277,11 +280,14 @@ async def stream(
     on_cancelling: Callable[[str], None],
     on_connected: Callable[[bool], None],
     pause: Callable[[float], Awaitable[None]] = trio.sleep,
+    on_claimed: Callable[[str], None] = lambda run_id: None,
 ) -> None:
     """Keep one event subscription open for the life of the worker (see module doc).
 
     ``pause`` is the wait before a reconnect: the supervisor's ends early when the API
-    is found to answer again, so the stream is back within seconds of an outage."""
+    is found to answer again, so the stream is back within seconds of an outage.
+    ``on_claimed`` hears of every PENDING and RUNNING run of the pool (the fleet's
+    reclaim loop: a claim not ours means a peer is at work)."""
     from trio_websocket import ConnectionClosed, HandshakeError
 
     failures = skipped = 0
@@ -322,6 +328,8 @@ async def stream(
                         on_scheduled("")  # a queue or the pool resumed: what it held may be due
                     elif state_type == "CANCELLING":
                         on_cancelling(run_id)
+                    elif state_type in CLAIMED:
+                        on_claimed(run_id)
         except EventsUnavailable as exc:
             on_connected(False)
             log.warning("events.unavailable", reason=str(exc), fallback="polling only")

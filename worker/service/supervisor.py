@@ -15,7 +15,7 @@ Shape (nested nurseries are the shutdown structure)::
                       ├── control channel  the engines' cancel/reschedule/relinquish intents
                       ├── signals          1st SIGTERM/SIGINT: drain; 2nd (or timeout): stop runs
                       ├── health server    (with --with-healthcheck)
-                      ├── events stream    SCHEDULED → poll now, CANCELLING → read, stop (events.py)
+                      ├── events stream    SCHEDULED → poll, CANCELLING → read, stop; a claim → look (events.py)
                       ├── liveness         WATCHDOG=1 while poll and heartbeat keep their word (liveness.py)
                       └── runs nursery ─── reconcile (reconcile.py: the previous worker's ledger),
                                            then the poll loop (poller.py) → one task per run (run.py)
@@ -103,10 +103,10 @@ class Supervisor:
     poller: Poller = attrs.field(init=False)
     """The poll loop: which due runs to take, and when to look again (``poller.py``)."""
     once: Once = attrs.Factory(Once)
-    cancels: CancelPoll = attrs.field(init=False)
     channel: Channel = attrs.field(init=False)  # heartbeats and the pool, where the server has it
-    channel_up: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) by each pool it brings
+    cancels: CancelPoll = attrs.field(init=False)
     """The cancellation poll, rarer while the events stream is up (``cancelpoll.py``)."""
+    channel_up: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) by each pool it brings
     stopper: Stopper = attrs.field(init=False)
     status: Status = attrs.field(init=False)
     poll_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -322,8 +322,7 @@ class Supervisor:
 
         pool_id = lambda: self.runner.pool.id if self.runner.pool is not None else None  # noqa: E731
         held = lambda run_id: self.in_hand.live.get(run_id) is not None  # noqa: E731
-        async with trio.open_nursery() as reads:
-            # a CANCELLING event is a hint: the run is read, and cancelled only if the server agrees
+        async with trio.open_nursery() as reads:  # a CANCELLING event is a hint: read, then stop
             check = events.CancelCheck(
                 self.client.read_flow_run, held, self.in_hand.cancel, reads, unchecked=self.cancels.unchecked
             )
@@ -334,12 +333,13 @@ class Supervisor:
                 check.heard,
                 self.connected,
                 self.outage.pause,
+                self.reclaimer.claimed,
             )
 
     def connected(self, up: bool) -> None:
-        """The events stream is up, or dropped: the poll and the cancellation poll adapt."""
-        self.poller.connected(up)
-        self.cancels.connected(up)
+        """The events stream is up, or dropped: the polls and the fleet's look adapt."""
+        for part in (self.poller, self.cancels, self.reclaimer):
+            part.connected(up)
 
     async def reporter_loop(self) -> None:
         while True:
