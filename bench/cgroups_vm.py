@@ -19,7 +19,8 @@ the guest: all its threads, not its children), before and after the N runs, divi
 also with the idle rate over the batch's wall time taken off. Prints a markdown table and
 adds it to ``bench/results/YYYY-MM-DD-cgroups-cpu.md`` (the day's runs, in order).
 ``--first off`` measures the other order (the first setting's batch also pays for a
-colder guest).
+colder guest); ``--rounds K`` measures both settings K times in one boot, the order
+alternating, and gives the medians (single runs moved by a third between runs of one build).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -176,6 +178,13 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=10.0, help="idle measure before each batch (s)")
     parser.add_argument("--first", choices=MODES, default="on", help="which setting is measured first")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of both settings in one boot, the order alternating (on off, off on, ...): "
+        "the table gives each figure's median, and every round's CPU per run",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="PY_SPY",
@@ -188,29 +197,43 @@ def main() -> int:
         print(f"cannot boot the VM: {reason}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with running_server(prefix="flow-worker-bench-vm-") as server:
         api = Api(server)
         print(f"Prefect server at {server.api_url}; booting the VM ...", flush=True)
         with installed_vm(server, [args.profile] if args.profile else []) as box:
             tick = int(box.sh("getconf CLK_TCK"))
             kernel = box.sh("uname -r").strip()
-            for mode in sorted(MODES, key=lambda m: m != args.first):
-                results[mode] = measure(
-                    box, api, mode, args.runs, args.sleep, args.idle, tick, args.profile is not None
-                )
+            order = sorted(MODES, key=lambda m: m != args.first)
+            for round_ in range(args.rounds):  # alternating: neither setting is always the colder
+                for mode in order if round_ % 2 == 0 else order[::-1]:
+                    sampled = args.profile is not None
+                    rounds[mode].append(
+                        measure(box, api, mode, args.runs, args.sleep, args.idle, tick, sampled)
+                    )
             accel, cpus, memory = box.accel, box.cpus, box.memory_mb
         api.http.close()
     meta = (
         f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `bench/cgroups-vm` "
-        f"(`--runs {args.runs} --sleep {args.sleep:g} --first {args.first}`): one VM ({accel}, "
+        f"(`--runs {args.runs} --sleep {args.sleep:g} --first {args.first} --rounds {args.rounds}`): "
+        f"one VM ({accel}, "
         f"{cpus} vCPUs, {memory} MiB, kernel {kernel}, cgroup v2) on a {os.cpu_count()}-core host, "
         f"flow-worker {__import__('worker').__version__} from the .deb; per setting {args.runs} "
         f"fake-engine runs of {args.sleep:g} s created together, after one warm-up run; cgroups "
         f"{args.first} first. Worker CPU = utime + stime of the unit's MainPID (not its children); "
         f"total {time.monotonic() - started:.0f} s."
     )
+    results = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in rounds.items()}
     text = table(results, meta)
+    if args.rounds > 1:
+        each = "; ".join(
+            f"{on['cpu_per_run_ms']:.0f} / {off['cpu_per_run_ms']:.0f}"
+            for on, off in zip(rounds["on"], rounds["off"], strict=True)
+        )
+        text += (
+            f"\n{args.rounds} rounds (medians above); worker CPU per run on / off, "
+            f"round by round (ms): {each}.\n"
+        )
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -96,5 +97,6 @@ def test_run_once_exits_as_prefects_worker(
 
 def test_another_type_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--pool", "p", "--type", "kubernetes"]) == cli.EXIT_USAGE
+    assert gc.isenabled(), "the collector, off while the worker starts, is on again whatever main returns"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--type 'kubernetes' is not supported" in err
