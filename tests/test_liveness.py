@@ -18,8 +18,9 @@ from worker.books.ledger import Ledger
 from worker.host.metrics import Metrics
 from worker.host.settings import Settings
 from worker.host.systemd import Notifier
-from worker.prefect.answers import ApiUnavailable
+from worker.prefect.answers import ApiNotFound, ApiUnavailable
 from worker.prefect.outage import Outage
+from worker.rules.models import WorkPool
 from worker.runs.inhand import InHand
 from worker.service import liveness
 from worker.service.liveness import CALL_SECONDS, SLACK, Liveness, Step, overdue
@@ -290,6 +291,52 @@ async def test_the_poll_loop_waiting_for_the_first_sync_is_not_judged(
     steps = await serve_loops(sup, 600)
     assert steps["poll"].doing == "wait"
     assert max_gap(notifier.pings(), 0, 600) <= 20.0 + 1e-6
+
+
+class SlowSync:
+    """The pool's read takes 1 s; the poll answers at once (404 while ``missing``)."""
+
+    def __init__(self, missing: bool = False) -> None:
+        self.missing = missing
+        self.polls: list[float] = []
+        self.pool_read_at: float | None = None
+
+    async def read_work_pool(self, name: str) -> WorkPool:
+        self.pool_read_at = trio.current_time()
+        await trio.sleep(1)
+        self.missing = False
+        return WorkPool("pool-id", name, base_job_template={"job_configuration": {}, "variables": {}})
+
+    async def send_heartbeat(self, *args: Any) -> None:
+        await trio.sleep(0.01)
+
+    async def get_scheduled_flow_runs(self, *args: Any) -> tuple[list[Any], list[Any]]:
+        self.polls.append(trio.current_time())
+        if self.missing:
+            raise ApiNotFound("POST", "/work_pools/p/get_scheduled_flow_runs", 404, "not found")
+        return [], []
+
+
+@pytest.mark.parametrize("missing", [False, True])
+async def test_the_first_poll_goes_beside_the_first_sync_and_its_answer_waits_for_it(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, missing: bool
+) -> None:
+    """Start → first poll without the pool read's round trip first (issue 22); what the
+    poll found waits for the sync (the pool's template); a pool not there yet (404) is
+    polled again once the sync has made it."""
+    api = SlowSync(missing)
+    sup = supervisor(tmp_path, api, Recorder(watchdog_seconds=60.0))
+    async with trio.open_nursery() as loops:
+        loops.start_soon(sup.heartbeat_loop)
+        loops.start_soon(sup.poller.poll_loop, loops)
+        await trio.sleep(0.5)
+        assert api.pool_read_at == 0 and api.polls == [0], "the poll went out beside the pool read"
+        assert not sup.poller.polled.is_set(), "its answer waits for the sync"
+        await sup.poller.polled.wait()
+        assert trio.current_time() >= 1 and sup.runner.pool is not None
+        assert api.polls == ([0, 1] if missing else [0]), "polled again once the pool is there"
+        assert "poll.not_found" not in sup.poller.once
+        loops.cancel_scope.cancel()
 
 
 async def test_the_drain_retires_the_poll_loop_and_the_pings_go_on(

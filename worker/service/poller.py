@@ -80,16 +80,23 @@ class Poller:
     """When a started run last ended (trio time): a shortage may have eased then."""
     short_held: int = 0
     """Due runs the last poll left SCHEDULED because the host was short (``_while_short``)."""
+    tried: bool = False
+    """The first poll was sent (``poll_once``)."""
 
     @property
     def pool_name(self) -> str:
         return self.runner.pool_name
 
     async def poll_once(self, runs: trio.Nursery) -> int:
-        """One poll; starts a task for each due run it could take. Returns how many."""
-        if not self.status.synced.is_set():
-            self.liveness.waiting("poll", "the first sync (the heartbeat loop)")
-            await self.status.synced.wait()
+        """One poll; starts a task for each due run it could take. Returns how many.
+
+        The first poll goes out beside the first sync, not after it (start → first poll:
+        one round trip less); its answer waits for the sync, which brings the pool's
+        template every run needs. A pool the sync has yet to create is polled again then."""
+        early = not self.status.synced.is_set() and not self.tried
+        self.tried = True
+        if not early:  # (after a failed first poll, the next ones wait for the sync as before)
+            await self._synced()
         self.liveness.calls("poll")
         began = trio.current_time()
         now = datetime.datetime.now(datetime.UTC)
@@ -101,6 +108,9 @@ class Poller:
                 self.pool_name, self.settings.work_queues, scheduled_before
             )
         except ApiNotFound as exc:
+            if early:  # the pool may not be there yet: the sync creates it
+                await self._synced()
+                return await self.poll_once(runs)
             # an unknown queue (or a deleted pool) is a configuration error: say so, once
             queues = list(self.settings.work_queues)
             self.once.say(
@@ -108,6 +118,8 @@ class Poller:
             )
             self.status.last_poll = trio.current_time()
             return 0
+        if early:
+            await self._synced()
         self.outage.succeeded()
         self.once.clear("poll.not_found")
         self.status.last_poll = trio.current_time()
@@ -131,6 +143,11 @@ class Poller:
             self.in_hand.live[flow_run.id] = None
             runs.start_soon(self.runner.run, flow_run)
         return len(admitted)
+
+    async def _synced(self) -> None:
+        if not self.status.synced.is_set():
+            self.liveness.waiting("poll", "the first sync (the heartbeat loop)")
+            await self.status.synced.wait()
 
     def _admit(self, due: list[FlowRun]) -> list[FlowRun]:
         """The due runs the host has memory for (``admission.py``); the rest stay

@@ -15,7 +15,7 @@ Shape (nested nurseries are the shutdown structure)::
                       ├── control channel  the engines' cancel/reschedule/relinquish intents
                       ├── signals          1st SIGTERM/SIGINT: drain; 2nd (or timeout): stop runs
                       ├── health server    (with --with-healthcheck)
-                      ├── events stream    SCHEDULED → poll, CANCELLING → read, stop; a claim → look (events.py)
+                      ├── events stream    SCHEDULED → poll, CANCELLING → stop, a claim → look (events.py)
                       ├── liveness         WATCHDOG=1 while poll and heartbeat keep their word (liveness.py)
                       └── runs nursery ─── reconcile (reconcile.py: the previous worker's ledger),
                                            then the poll loop (poller.py) → one task per run (run.py)
