@@ -6,7 +6,6 @@ transition → REJECT, else ACCEPT), and its history."""
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -359,18 +358,21 @@ async def test_a_deleted_run_does_not_turn_the_labels_off(autojump_clock: Any) -
 async def test_label_writes_go_one_at_a_time_and_a_waiting_one_goes_later(autojump_clock: Any) -> None:
     """Fifty runs started together sent fifty label writes at once, and a busy SQLite server
     refused each 4-5 times (the burst bench): one write is out at a time; a run's write that
-    would wait goes to the relabel pass, and a run's last (essential) write waits its turn."""
+    would wait goes to the relabel loop, and so does the write a run ends without: its end
+    waits for no write (1,000 runs in a row left a hundred ended runs waiting their turn);
+    the loop gives ended runs their essential writes, one at a time, then the live ones."""
     import httpx
 
     from tests.test_answers import client
     from worker.host.settings import Settings
     from worker.rules.models import WorkPool
     from worker.runs.inhand import InHand
-    from worker.runs.labels import Labeller
+    from worker.runs.labels import LAST_TRIES, Labeller
 
     out, most = 0, 0
     written: list[str] = []
     release = trio.Event()
+    refuse = {"r4"}
 
     async def handler(request: httpx.Request) -> httpx.Response:
         nonlocal out, most
@@ -378,22 +380,31 @@ async def test_label_writes_go_one_at_a_time_and_a_waiting_one_goes_later(autoju
         most = max(most, out)
         await release.wait()
         out -= 1
-        written.append(request.url.path.split("/")[-2])
-        return httpx.Response(204)
+        run_id = request.url.path.split("/")[-2]
+        written.append(run_id)
+        return httpx.Response(500 if run_id in refuse else 204)
 
     in_hand = InHand()
-    in_hand.live.update({"r1": None, "r2": None, "r3": None})
+    in_hand.live.update({"r1": None, "r2": None, "r3": None, "r4": None})
     labeller = Labeller(client(handler), Settings(pool="pool", api_url="http://x/api"), in_hand, {})
     pool = WorkPool("pool-id", "pool")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(labeller.label, FlowRun("r1"), LOG, pool)
         await trio.sleep(0.1)
-        await labeller.label(FlowRun("r2"), LOG, pool)  # r1's write is out: r2's goes later
-        assert labeller.unconfirmed("r2") and written == []
-        nursery.start_soon(functools.partial(labeller.label, FlowRun("r3"), LOG, pool, essential=True))
-        await trio.sleep(0.1)
-        assert most == 1, "the essential write waits for its turn"
+        for run_id in ("r2", "r3", "r4"):  # r1's write is out: theirs go later
+            assert not await labeller.label(FlowRun(run_id), LOG, pool)
+            assert labeller.unconfirmed(run_id)
+        del in_hand.live["r3"]  # r3 ends: its end waits for nothing
+        with trio.fail_after(0.01):
+            labeller.later(FlowRun("r3"))
+        assert written == [] and most == 1
         release.set()
-    assert written == ["r1", "r3"] and most == 1
-    await labeller.relabel(pool)  # the pass: r2, alone
-    assert written == ["r1", "r3", "r2"] and not labeller.unconfirmed("r2")
+    assert written == ["r1"] and not labeller.unconfirmed("r1")
+    await labeller.relabel(pool)  # the pass: the ended run first, then the live ones, one at a time
+    assert written == ["r1", "r3", "r2", "r4"] and most == 1
+    assert not labeller.unconfirmed("r2") and not labeller.unconfirmed("r3") and labeller.unconfirmed("r4")
+    del in_hand.live["r4"]  # r4 ends, its writes failing: LAST_TRIES essential writes, then given up
+    for _ in range(LAST_TRIES + 2):
+        await labeller.relabel(pool)
+    assert written.count("r4") >= 1 + LAST_TRIES and not labeller.unconfirmed("r4")
+    assert labeller.ended == {} and labeller.unlabelled == {}

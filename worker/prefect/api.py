@@ -232,7 +232,8 @@ class PrefectClient(Session):
 
     async def update_labels(self, run_id: str, labels: dict[str, str], essential: bool = False) -> None:
         """For the UI and the peers' reclaim (``labels.Labeller`` tries again until set):
-        not essential, so held back while the server is busy (``throttle.py``)."""
+        not essential but for an ended run's, so held back while the server is busy
+        (``throttle.py``)."""
         path = f"flow_runs/{run_id}/labels"
         self._read(await self.request("PATCH", path, json=labels, essential=essential))
 

@@ -334,9 +334,9 @@ class Runner:
             except Exception as exc:  # (a bug here must not cost the run: it is only the UI's)
                 run_log.warning("run.pid_not_reported", error=f"{type(exc).__name__}: {exc}"[:500])
 
-        async def label(essential: bool = False) -> None:  # the UI's and the fleet's labels, after the start
+        async def label() -> None:  # the UI's and the fleet's labels, after the start
             try:
-                await self.labels.label(flow_run, run_log, pool, essential)
+                await self.labels.label(flow_run, run_log, pool)
             except Exception as exc:  # (a bug here must not cost the run)
                 run_log.warning("run.labels_not_set", error=f"{type(exc).__name__}: {exc}"[:500])
 
@@ -385,8 +385,7 @@ class Runner:
             await self.reporter.finish(entry, run_log, kind, message)
         finally:
             self.hooks.live.pop(flow_run.id, None)
-        if self.labels.unconfirmed(flow_run.id):  # (a busy server at its start): once more, now,
-            await label(essential=True)  # as an essential write; the UI shows who ran it
+        self.labels.later(flow_run)  # not on yet (a busy server at its start): the relabel pass
 
     async def hook_context(self, run_id: str) -> HookContext | None:
         """The runtime of a run this worker did not start (adopted, or left by a previous

@@ -8,7 +8,7 @@ Shape (nested nurseries are the shutdown structure)::
     └── loops nursery ─── heartbeat loop   sync: read/create pool, fix an empty template, heartbeat
                       ├── worker channel   where the server has one: heartbeats, the pool (channel.py)
                       ├── cancel loop      CANCELLING among live runs → kill policy (cancelpoll.py)
-                      ├── reporter loop    delivers states owed to the API (reporter.py)
+                      ├── reporter, labels the states owed to the API (reporter.py), run labels (labels.py)
                       ├── reaper loop      reaps re-parented orphans (the worker is a subreaper)
                       ├── probe loop       while the API is unreachable: GET /health (outage.py)
                       ├── reclaim loop     a lost peer's runs → SCHEDULED / CRASHED (reclaim.py)
@@ -201,6 +201,7 @@ class Supervisor:
                 ("heartbeat", self.liveness.judged("heartbeat", self.heartbeat_loop)),
                 ("cancel", self.cancels.loop),
                 ("reporter", self.reporter_loop),
+                ("labels", self.runner.labels.loop, lambda: self.runner.pool),
                 ("reaper", reaper.reap_loop),
                 ("probe", self.outage.probe_loop, self.client),
                 ("reclaim", self.reclaimer.loop, self.status.synced),
@@ -346,4 +347,3 @@ class Supervisor:
             await self.outage.pause(REPORT_SECONDS)
             if await self.reconciler.resolve_pending():
                 await self.reporter.deliver_owed()
-                await self.runner.labels.relabel(self.runner.pool)
