@@ -353,6 +353,10 @@ async def test_a_deleted_run_does_not_turn_the_labels_off(autojump_clock: Any) -
     assert not labeller.unsupported and not labeller.unconfirmed("gone")
     await labeller.label(FlowRun("r1"), LOG, pool)
     assert labeller.unsupported
+    labeller.unlabelled["r2"] = FlowRun("r2")  # (put there before it was known)
+    labeller.ended["r3"] = (FlowRun("r3"), 0)
+    await labeller.relabel(pool)
+    assert labeller.unlabelled == {} and labeller.ended == {}, "nothing to write, ever: none kept"
 
 
 async def test_label_writes_go_one_at_a_time_and_a_waiting_one_goes_later(autojump_clock: Any) -> None:

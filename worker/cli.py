@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor is built: its imports and set-up make about 100,000 objects that live as
     long as the process, and the collections they would set off cost start-up about 20 ms
     for nothing (issue 22: start to first poll). (Not frozen with ``gc.freeze`` then: the
-    start's cyclic garbage would be kept for good, 1.7 MiB of idle RSS in the bench.)"""
+    start's cyclic garbage would be kept for good, 1.1 MiB of idle RSS side by side.)"""
     gc.disable()
     try:
         return _main(argv)

@@ -141,9 +141,13 @@ class Labeller:
         ended (adopted runs end elsewhere): it joins the ended."""
         if pool is None:
             return  # not synced yet: the pool's id is part of the labels
+        if self.unsupported:  # (learnt after these were put here): nothing to write, ever
+            self.unlabelled.clear()
+            self.ended.clear()
+            return
         for run_id in [r for r in self.unlabelled if r not in self.in_hand.live]:
             self.later(self.unlabelled[run_id])
-        while self.ended and not self.unsupported:
+        while self.ended and not self.unsupported:  # (learnt on the way: the next pass clears)
             run_id, (flow_run, tried) = next(iter(self.ended.items()))
             del self.ended[run_id]
             if not await self.label(flow_run, log.bind(flow_run_id=run_id), pool, essential=True):
