@@ -296,7 +296,7 @@ async def test_the_poll_loop_waiting_for_the_first_sync_is_not_judged(
 class SlowSync:
     """The pool's read takes 1 s; the poll answers at once (404 while ``missing``)."""
 
-    def __init__(self, missing: bool = False) -> None:
+    def __init__(self, missing: str = "") -> None:
         self.missing = missing
         self.polls: list[float] = []
         self.pool_read_at: float | None = None
@@ -304,7 +304,7 @@ class SlowSync:
     async def read_work_pool(self, name: str) -> WorkPool:
         self.pool_read_at = trio.current_time()
         await trio.sleep(1)
-        self.missing = False
+        self.missing = ""
         return WorkPool("pool-id", name, base_job_template={"job_configuration": {}, "variables": {}})
 
     async def send_heartbeat(self, *args: Any) -> None:
@@ -312,18 +312,21 @@ class SlowSync:
 
     async def get_scheduled_flow_runs(self, *args: Any) -> tuple[list[Any], list[Any]]:
         self.polls.append(trio.current_time())
-        if self.missing:
+        if self.missing == "404":
             raise ApiNotFound("POST", "/work_pools/p/get_scheduled_flow_runs", 404, "not found")
+        if self.missing == "405":  # (the UI's address: the sync says what is wrong, in one line)
+            raise ApiUnavailable("POST", "/work_pools/p/get_scheduled_flow_runs", 405, "Method Not Allowed")
         return [], []
 
 
-@pytest.mark.parametrize("missing", [False, True])
+@pytest.mark.parametrize("missing", ["", "404", "405"])
 async def test_the_first_poll_goes_beside_the_first_sync_and_its_answer_waits_for_it(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, missing: bool
+    tmp_path: Path, autojump_clock: trio.abc.Clock, missing: str
 ) -> None:
     """Start → first poll without the pool read's round trip first (issue 22); what the
-    poll found waits for the sync (the pool's template); a pool not there yet (404) is
-    polled again once the sync has made it."""
+    poll found waits for the sync (the pool's template); a first poll that failed (a pool
+    not there yet, an API that answers strangely) is sent again once the sync is done,
+    its failure unsaid (the sync says what is wrong)."""
     api = SlowSync(missing)
     sup = supervisor(tmp_path, api, Recorder(watchdog_seconds=60.0))
     async with trio.open_nursery() as loops:
@@ -335,7 +338,7 @@ async def test_the_first_poll_goes_beside_the_first_sync_and_its_answer_waits_fo
         await sup.poller.polled.wait()
         assert trio.current_time() >= 1 and sup.runner.pool is not None
         assert api.polls == ([0, 1] if missing else [0]), "polled again once the pool is there"
-        assert "poll.not_found" not in sup.poller.once
+        assert "poll.not_found" not in sup.poller.once and sup.outage.failures == 0
         loops.cancel_scope.cancel()
 
 

@@ -92,7 +92,9 @@ class Poller:
 
         The first poll goes out beside the first sync, not after it (start → first poll:
         one round trip less); its answer waits for the sync, which brings the pool's
-        template every run needs. A pool the sync has yet to create is polled again then."""
+        template every run needs. If it fails (a pool the sync has yet to create, an API
+        that is not answering as one), it is sent again after the sync, and only the
+        sync's failure is said."""
         early = not self.status.synced.is_set() and not self.tried
         self.tried = True
         if not early:  # (after a failed first poll, the next ones wait for the sync as before)
@@ -107,10 +109,12 @@ class Poller:
             flow_runs, problems = await self.client.get_scheduled_flow_runs(
                 self.pool_name, self.settings.work_queues, scheduled_before
             )
-        except ApiNotFound as exc:
-            if early:  # the pool may not be there yet: the sync creates it
-                await self._synced()
-                return await self.poll_once(runs)
+        except API_ERRORS as exc:
+            if early:  # the pool may not be there yet (the sync creates it), or the API is not
+                await self._synced()  # what it should be: the sync says so, in one line, not
+                return await self.poll_once(runs)  # the sync and this poll in two
+            if not isinstance(exc, ApiNotFound):
+                raise
             # an unknown queue (or a deleted pool) is a configuration error: say so, once
             queues = list(self.settings.work_queues)
             self.once.say(
