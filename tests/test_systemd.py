@@ -278,6 +278,14 @@ def test_service_under_real_systemd(
     assert samples[("flow_worker_runs_finished_total", (("state", "CRASHED"),))] == 1
     assert samples[("flow_worker_active_runs", ())] == 0
 
+    # ---- the default name under systemd is "<hostname> <pool>", the same after the restart
+    # below, so peers see the restarted worker as the one that owns these runs. Labels are
+    # written after the start, and a run's end hands a missing one to the relabel loop,
+    # which a busy server can hold up a few seconds: waited for, before the worker is frozen
+    name = f"{box.sh('cat /proc/sys/kernel/hostname').strip()} {POOL}"
+    label = lambda run_id: api.flow_run(run_id)["labels"].get("prefect.worker.name")  # noqa: E731
+    wait_for(lambda: label(good) == name, 30, what="the worker's name in the first run's labels")
+
     # ---- watchdog: freeze the worker with a run in flight; systemd restarts it; it adopts the run
     inflight = api.run(deployment(api, sleep=15))
     wait_for(lambda: api.state_type(inflight) == "RUNNING", 60, what="the in-flight run to be RUNNING")
@@ -303,11 +311,8 @@ def test_service_under_real_systemd(
     )
     assert api.wait_final(inflight, 60)["state_type"] == "COMPLETED"
 
-    # ---- the default name under systemd is "<hostname> <pool>", the same after the restart,
-    # so peers see the restarted worker as the one that owns these runs
-    name = f"{box.sh('cat /proc/sys/kernel/hostname').strip()} {POOL}"
-    assert api.flow_run(good)["labels"]["prefect.worker.name"] == name
-    assert api.flow_run(inflight)["labels"]["prefect.worker.name"] == name
+    # ---- the restarted worker, with the same name, labels the run it adopted
+    wait_for(lambda: label(inflight) == name, 30, what="the worker's name in the adopted run's labels")
     assert [w["name"] for w in api.call("POST", f"work_pools/{POOL}/workers/filter", {})] == [name]
 
     # ---- stop while a ~10 s flow runs: it finishes, the unit stops cleanly

@@ -22,8 +22,7 @@ Shape (nested nurseries are the shutdown structure)::
 
 Who does what: this module decides *when* (polls, pauses, limits, stopping); one run's
 life is ``run.Runner.run``; what is owed to the server is ``reporter.Reporter``; what a
-previous worker left is ``reconcile.Reconciler``; every decision is a table in
-``decisions.py``.
+previous worker left is ``reconcile.Reconciler``; every decision is a table in ``decisions.py``.
 
 Stopping: the first signal cancels only the poll scope; the runs nursery then waits for
 its runs (the drain) while heartbeats and cancellations go on. The second signal, or
@@ -253,10 +252,11 @@ class Supervisor:
     # ---------------------------------------------------------------- stop
 
     async def _flush_reports(self) -> None:
-        """On the way out, keep trying to deliver what is owed for a while."""
+        """On the way out, keep trying to deliver what is owed, then the ended runs' labels."""
         with trio.move_on_after(FINAL_REPORT_SECONDS):
             while not (await self.reconciler.resolve_pending() and await self.reporter.deliver_owed()):
                 await self.outage.pause(1.0)
+            await self.runner.labels.relabel(self.runner.pool)  # (the UI shows who ran them)
         self.reporter.give_up()
 
     # ---------------------------------------------------------------- heartbeat / sync
