@@ -1,35 +1,44 @@
-"""The worker's own CPU per run with per-run cgroups on, and off (/proc sampling), in one VM.
+"""The worker's own CPU per run with per-run cgroups on, and off (/proc sampling), side by side in one VM.
 
 Issue 23's last goal: "Worker CPU per run with cgroups on is lower than with /proc
 sampling (bench, same VM)". Run through ``bench/cgroups-vm`` (as root: it boots the VM of
-``tests/vm.py``). One Prefect server on the host, one VM booted with the ``.deb`` built
-from this checkout installed, as in ``tests/test_cgroups_vm.py`` (whose helpers this
-uses); its ``flow-worker@vm`` unit serves the pool. For each setting, cgroups on (the
-default) then ``cgroups = false`` in ``/etc/flow-worker/vm.toml`` and the unit restarted:
+``tests/vm.py``, with the ``.deb`` built from this checkout installed, as in
+``tests/test_cgroups_vm.py``, whose helpers this uses). One Prefect server on the host.
 
-1. one warm-up run that holds 64 MiB for a second (``vm_flows.py hold``): the peak memory
-   the worker reports for it (``memory.peak`` with cgroups, else its /proc samples) beside
-   the run's own ``VmHWM``;
-2. the worker idle for a while: its idle CPU rate;
-3. N fake-engine runs (``fake_engine.py``, each sleeping some seconds) created together,
-   all COMPLETED, their ``run.exited`` said and nothing of them left.
+**Side by side, not one after the other.** Two instances of the shipped unit run at once
+in the one VM: ``flow-worker@vm`` with cgroups on (the default) and ``flow-worker@vm-off``
+with ``cgroups = false``, each serving a pool of its own, and both are measured over the
+same seconds. The VM is emulated (TCG) on the host's 2 cores, beside the server: measured
+one setting after the other, every figure grew with time in the boot (by up to 2x over
+six batches, whatever the setting: the server's database grows, the host gets busier,
+and the guest's CPU accounting follows the host's wall clock), which drowned the
+difference sought. Two workers measured in the same window see the same guest, host and
+server. The ``off`` unit runs as a user of its own (a drop-in), so that its ``/proc`` pass
+sees only its own runs (the unit's ``ProtectProc=invisible``), as a lone worker's would.
 
-The worker's CPU is ``utime + stime`` of the unit's MainPID (``/proc/PID/stat``, read in
-the guest: all its threads, not its children), before and after the N runs, divided by N;
-also with the idle rate over the batch's wall time taken off. Prints a markdown table and
-adds it to ``bench/results/YYYY-MM-DD-cgroups-cpu.md`` (the day's runs, in order).
-``--first off`` measures the other order (the first setting's batch also pays for a
-colder guest); ``--rounds K`` measures both settings K times in one boot, the order
-alternating, and gives the medians (single runs moved by a third between runs of one build).
+Before the rounds, one warm-up run per pool that holds 64 MiB for a second
+(``vm_flows.py hold``): the peak memory each worker reports for it (``memory.peak`` with
+cgroups, else its /proc samples) beside the run's own ``VmHWM``. Then ``--rounds`` rounds:
+
+1. idle: both workers' CPU over ``--idle`` seconds (their idle rates);
+2. a batch: ``--runs`` fake-engine runs (``fake_engine.py``, each sleeping ``--sleep`` s)
+   in each pool, created interleaved (which pool's run first alternates by round), all
+   COMPLETED, their ``run.exited`` said and nothing of them left; both workers' CPU over
+   the batch's window.
+
+A worker's CPU is ``utime + stime`` of its unit's MainPID (``/proc/PID/stat``, read in the
+guest: all its threads, not its children). Per run: the batches' CPU over every round,
+divided by the runs; also with each worker's idle rate over the windows taken off.
+Prints a markdown table and adds it to ``bench/results/YYYY-MM-DD-cgroups-cpu.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import json
 import os
-import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,25 +47,27 @@ from typing import Any, Final
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import spy  # noqa: E402
 from tests.conftest import Api, running_server, wait_for  # noqa: E402
-from tests.test_cgroups_vm import (  # noqa: E402
-    SETTINGS,
-    UNIT,
-    Flows,
-    configure,
-    event,
-    first_said,
-    installed_vm,
-    only_the_worker_left,
-    show,
-    start,
-    tail,
-)
+from tests.test_cgroups_vm import SETTINGS, Flows, configure, installed_vm  # noqa: E402
 from tests.vm import Vm, why_not_available  # noqa: E402
 
-MODES = ("on", "off")
-HOLD_MIB = 64
+MODES: Final = ("on", "off")
+POOLS: Final = {"on": "vm", "off": "vm-off"}
+OFF_USER: Final = "flow-worker-off"
+"""The ``off`` unit's own user (a drop-in): its ``/proc`` pass sees only its own runs."""
+HOLD_MIB: Final = 64
+
+
+def unit(mode: str) -> str:
+    return f"flow-worker@{POOLS[mode]}.service"
+
+
+def show(box: Vm, mode: str, prop: str) -> str:
+    return box.run("systemctl", "show", "-P", prop, unit(mode)).stdout.strip()
+
+
+def tail(box: Vm, mode: str) -> str:
+    return box.run("journalctl", "-u", unit(mode), "-n", "60", "--no-pager", "-o", "cat", check=False).stdout
 
 
 def worker_times(box: Vm, pid: str, tick: int) -> tuple[float, float]:
@@ -65,97 +76,129 @@ def worker_times(box: Vm, pid: str, tick: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
 
 
-def worker_cpu(box: Vm, pid: str, tick: int) -> float:
-    return sum(worker_times(box, pid, tick))
+def both_cpu(box: Vm, pids: dict[str, str], tick: int) -> dict[str, float]:
+    return {mode: sum(worker_times(box, pid, tick)) for mode, pid in pids.items()}
 
 
-PROFILE: Final = "/tmp/flow-worker-profile.txt"
+def exited(box: Vm, run_id: str) -> dict[str, Any] | None:
+    """The worker's ``run.exited`` event about the run, once it is in the journal."""
+    out = box.run("journalctl", "-o", "json", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
+    found = [json.loads(line) for line in out.splitlines() if line.strip()]
+    ends = [e for e in found if e.get("FLOW_WORKER_EVENT") == "run.exited"]
+    return ends[-1] if ends else None
 
 
-def switch(box: Vm, mode: str) -> str:
-    """The unit (re)started with cgroups on or off; its MainPID, checked to be where that puts it."""
-    configure(box, [*SETTINGS, *(["cgroups = false"] if mode == "off" else [])])
-    if show(box, "ActiveState") == "active":
-        restarted = box.run("systemctl", "restart", UNIT, timeout=180, check=False)
-        assert restarted.returncode == 0, f"{UNIT} did not restart: {restarted.stderr}\n{tail(box)}"
-    else:
-        start(box, UNIT)
-    pid = show(box, "MainPID")
-    in_worker_cgroup = box.sh(f"cat /proc/{pid}/cgroup").strip().endswith("/worker")
-    assert in_worker_cgroup == (mode == "on"), f"cgroups {mode}, yet: {box.sh(f'cat /proc/{pid}/cgroup')}"
-    return pid
+def processes(box: Vm, user: str) -> dict[int, str]:
+    """pid → command name of every process of ``user`` (the guest has no ps)."""
+    out = box.sh(
+        f'for p in /proc/[0-9]*; do [ "$(stat -c %U $p 2>/dev/null)" = {user} ] && '
+        'echo "${p#/proc/} $(cat $p/comm 2>/dev/null)"; done; true'
+    )
+    return {int(line.split()[0]): line.split(maxsplit=1)[1] for line in out.splitlines() if " " in line}
 
 
-def measure(
-    box: Vm, api: Api, mode: str, runs: int, sleep: float, idle: float, tick: int, sampled: bool = False
-) -> dict[str, Any]:
-    flows = Flows(api)
-    pid = switch(box, mode)
-    print(f"[{time.strftime('%H:%M:%S')}] cgroups {mode}: worker pid {pid}", flush=True)
+def nothing_left(box: Vm, pids: dict[str, str]) -> bool:
+    """No run's cgroup, and each worker's user runs only the worker (and, with cgroups, its
+    dead man's switch: ``sh`` waiting on ``cat``)."""
+    cgroups = box.sh(f"ls -d '/sys/fs/cgroup{show(box, 'on', 'ControlGroup')}'/run-* 2>/dev/null; true")
+    on, off = processes(box, "flow-worker"), processes(box, OFF_USER)
+    return (
+        not cgroups.split()
+        and int(pids["on"]) in on
+        and set(on.values()) <= {"flow-worker", "sh", "cat"}
+        and list(off) == [int(pids["off"])]
+    )
 
-    # ---- warm-up, and what the worker says a run holding HOLD_MIB peaked at
-    held = flows.run(f"hold {HOLD_MIB} 1")
-    assert api.wait_final(held, 300)["state_type"] == "COMPLETED", tail(box)
-    hwm_mib = int(first_said(box, held, "VMHWM")) / 1024
-    peak_mib = float(event(box, held, "run.exited")["PEAK_MEMORY_MIB"])
-    wait_for(lambda: only_the_worker_left(box), 60, 0.5, what="the warm-up run gone")
 
-    # ---- idle
-    cpu0, t0 = worker_cpu(box, pid, tick), time.monotonic()
+def start_both(box: Vm) -> dict[str, str]:
+    """Both units started (the ``off`` one as :data:`OFF_USER`, ``cgroups = false``); their MainPIDs,
+    each checked to be where its setting puts it."""
+    box.sh(
+        f"id -u {OFF_USER} >/dev/null 2>&1 || "
+        f"useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {OFF_USER}; "
+        f"mkdir -p /etc/systemd/system/{unit('off')}.d && printf '%s\\n' '[Service]' "
+        f"'User={OFF_USER}' 'Group={OFF_USER}' 'SupplementaryGroups=flow-worker' "
+        f"> /etc/systemd/system/{unit('off')}.d/user.conf && systemctl daemon-reload"
+    )
+    pids = {}
+    for mode in MODES:
+        configure(box, [*SETTINGS, *(["cgroups = false"] if mode == "off" else [])], pool=POOLS[mode])
+        started = box.run("systemctl", "start", unit(mode), timeout=180, check=False)
+        assert started.returncode == 0, f"{unit(mode)} did not start: {started.stderr}\n{tail(box, mode)}"
+        pid = pids[mode] = show(box, mode, "MainPID")
+        cgroup = box.sh(f"cat /proc/{pid}/cgroup").strip()
+        assert cgroup.endswith("/worker") == (mode == "on"), f"cgroups {mode}, yet the worker is in {cgroup}"
+    return pids
+
+
+def warm_up(box: Vm, api: Api, pids: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """One run per pool holding :data:`HOLD_MIB`: (reported peak, its own VmHWM) in MiB."""
+    held = {mode: Flows(api, POOLS[mode]).run(f"hold {HOLD_MIB} 1") for mode in MODES}
+    figures = {}
+    for mode, run_id in held.items():
+        assert api.wait_final(run_id, 300)["state_type"] == "COMPLETED", tail(box, mode)
+        end = wait_for(functools.partial(exited, box, run_id), 120, 0.5, what=f"run.exited of {run_id}")
+        out = box.run("journalctl", "-o", "cat", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
+        hwm = next(line.split()[1] for line in out.splitlines() if line.startswith("VMHWM "))
+        figures[mode] = (float(end["PEAK_MEMORY_MIB"]), int(hwm) / 1024)
+    wait_for(lambda: nothing_left(box, pids), 120, 0.5, what="the warm-up runs gone")
+    return figures
+
+
+def round_(
+    box: Vm, api: Api, pids: dict[str, str], tick: int, runs: int, sleep: float, idle: float, first: str
+) -> dict[str, dict[str, float]]:
+    cpu0, t0 = both_cpu(box, pids, tick), time.monotonic()
     time.sleep(idle)
-    idle_rate = (worker_cpu(box, pid, tick) - cpu0) / (time.monotonic() - t0)
-
-    # ---- the batch
-    print(f"[{time.strftime('%H:%M:%S')}] cgroups {mode}: {runs} runs of {sleep:g} s", flush=True)
-    if sampled:  # py-spy samples the worker without stopping it (its own CPU is not the worker's)
-        record = shlex.join(spy.command("/opt/payload/py-spy", pid, PROFILE, rate=20))
-        box.sh(f"rm -f {PROFILE}; nohup {record} >/tmp/py-spy.log 2>&1 &")
-    (user0, system0), t0 = worker_times(box, pid, tick), time.monotonic()
-    cpu0 = user0 + system0
-    ids = [flows.engine(sleep) for _ in range(runs)]
-    for run_id in ids:
-        assert api.wait_final(run_id, 600)["state_type"] == "COMPLETED", tail(box)
-    for run_id in ids:
-        event(box, run_id, "run.exited", timeout=120)
-    wait_for(lambda: only_the_worker_left(box), 120, 0.5, what="every run gone")
-    (user1, system1), wall = worker_times(box, pid, tick), time.monotonic() - t0
-    cpu = user1 + system1 - cpu0
-    if sampled:
-        box.sh(
-            "pkill -INT -x py-spy; for i in $(seq 60); do pgrep -x py-spy >/dev/null || break; sleep 1; done",
-            timeout=120,
-        )
-        summary = spy.top(box.sh(f"cat {PROFILE} 2>/dev/null; true", timeout=300))
-        if summary.startswith("0 samples"):
-            summary += "\npy-spy said: " + box.sh("tail -c 2000 /tmp/py-spy.log; true")
-        Path(f"/tmp/flow-worker-profile-{mode}.txt").write_text(summary + "\n")
-        print(f"cgroups {mode}: profile of the batch\n{summary}", flush=True)
-    assert show(box, "MainPID") == pid, f"the worker restarted during the batch\n{tail(box)}"
-    result = {
-        "cpu_per_run_ms": 1000 * cpu / runs,
-        "net_cpu_per_run_ms": 1000 * (cpu - idle_rate * wall) / runs,
-        "user_per_run_ms": 1000 * (user1 - user0) / runs,
-        "system_per_run_ms": 1000 * (system1 - system0) / runs,
-        "wall_s": wall,
-        "idle_ms_per_s": 1000 * idle_rate,
-        "peak_mib": peak_mib,
-        "hwm_mib": hwm_mib,
-    }
-    print(f"[{time.strftime('%H:%M:%S')}] cgroups {mode}: {result}", flush=True)
+    cpu1, t1 = both_cpu(box, pids, tick), time.monotonic()
+    order = sorted(MODES, key=lambda m: m != first)
+    flows = {mode: Flows(api, POOLS[mode]) for mode in MODES}
+    ids: dict[str, list[str]] = {mode: [] for mode in MODES}
+    for _ in range(runs):  # interleaved: neither pool's runs all go first
+        for mode in order:
+            ids[mode].append(flows[mode].engine(sleep))
+    for mode in order:
+        for run_id in ids[mode]:
+            assert api.wait_final(run_id, 600)["state_type"] == "COMPLETED", tail(box, mode)
+    for mode in order:
+        for run_id in ids[mode]:
+            wait_for(functools.partial(exited, box, run_id), 120, 0.5, what=f"run.exited of {run_id}")
+    wait_for(lambda: nothing_left(box, pids), 120, 0.5, what="every run gone")
+    cpu2, t2 = both_cpu(box, pids, tick), time.monotonic()
+    for mode in MODES:
+        assert show(box, mode, "MainPID") == pids[mode], f"{unit(mode)} restarted\n{tail(box, mode)}"
+    result = {}
+    for mode in MODES:
+        rate = (cpu1[mode] - cpu0[mode]) / (t1 - t0)
+        batch = cpu2[mode] - cpu1[mode]
+        result[mode] = {"batch_cpu": batch, "net_cpu": batch - rate * (t2 - t1), "idle_rate": rate}
+    result["wall"] = {"s": t2 - t1}
+    print(f"[{time.strftime('%H:%M:%S')}] round ({first} first): {result}", flush=True)
     return result
 
 
-def table(results: dict[str, dict[str, Any]], meta: str) -> str:
-    on, off = results["on"], results["off"]
+def report(
+    rounds: list[dict[str, dict[str, float]]], held: dict[str, tuple[float, float]], runs: int, meta: str
+) -> str:
+    n = runs * len(rounds)
+
+    def total(mode: str, key: str) -> float:
+        return sum(r[mode][key] for r in rounds)
+
     rows = [
-        ("worker CPU per run (ms)", "cpu_per_run_ms", True),
-        ("worker CPU per run, idle rate taken off (ms)", "net_cpu_per_run_ms", True),
-        ("of which user time (ms)", "user_per_run_ms", True),
-        ("of which system time (ms)", "system_per_run_ms", True),
-        ("worker idle CPU (ms per s)", "idle_ms_per_s", True),
-        ("batch: created → all ended and gone (s)", "wall_s", True),
-        (f"reported peak memory of a run holding {HOLD_MIB} MiB (MiB)", "peak_mib", False),
-        ("that run's own VmHWM (MiB)", "hwm_mib", False),
+        ("worker CPU per run (ms)", {m: 1000 * total(m, "batch_cpu") / n for m in MODES}, True),
+        (
+            "worker CPU per run, idle rate taken off (ms)",
+            {m: 1000 * total(m, "net_cpu") / n for m in MODES},
+            True,
+        ),
+        ("worker idle CPU (ms per s)", {m: 1000 * total(m, "idle_rate") / len(rounds) for m in MODES}, True),
+        (
+            f"reported peak memory of a run holding {HOLD_MIB} MiB (MiB)",
+            {m: held[m][0] for m in MODES},
+            False,
+        ),
+        ("that run's own VmHWM (MiB)", {m: held[m][1] for m in MODES}, False),
     ]
     lines = [
         meta,
@@ -163,33 +206,34 @@ def table(results: dict[str, dict[str, Any]], meta: str) -> str:
         "| metric | cgroups on | cgroups off (/proc sampling) | ratio on/off |",
         "|---|---|---|---|",
     ]
-    for label, key, ratio in rows:
-        r = f"{on[key] / off[key]:.3g}" if ratio and off[key] else ""
-        lines.append(f"| {label} | {on[key]:.3g} | {off[key]:.3g} | {r} |")
-    met = "met" if on["cpu_per_run_ms"] < off["cpu_per_run_ms"] else "NOT met"
-    lines += ["", f"Goal: worker CPU per run with cgroups on lower than with /proc sampling: {met}."]
+    for label, value, ratio in rows:
+        r = f"{value['on'] / value['off']:.3g}" if ratio and value["off"] else ""
+        lines.append(f"| {label} | {value['on']:.3g} | {value['off']:.3g} | {r} |")
+    each = "; ".join(
+        f"{1000 * r['on']['batch_cpu'] / runs:.0f} / {1000 * r['off']['batch_cpu'] / runs:.0f}"
+        for r in rounds
+    )
+    lower = sum(r["on"]["batch_cpu"] < r["off"]["batch_cpu"] for r in rounds)
+    walls = ", ".join(f"{r['wall']['s']:.0f}" for r in rounds)
+    per_run = rows[0][1]
+    met = "met" if per_run["on"] < per_run["off"] else "NOT met"
+    lines += [
+        "",
+        f"Round by round, worker CPU per run on / off (ms): {each} (on lower in {lower} of {len(rounds)}); "
+        f"batches (s): {walls}.",
+        "",
+        f"Goal: worker CPU per run with cgroups on lower than with /proc sampling: {met}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=12, help="flow runs per setting, created together")
+    parser.add_argument("--runs", type=int, default=12, help="flow runs per pool and round, created together")
     parser.add_argument("--sleep", type=float, default=3.0, help="how long each run sleeps (s)")
-    parser.add_argument("--idle", type=float, default=10.0, help="idle measure before each batch (s)")
-    parser.add_argument("--first", choices=MODES, default="on", help="which setting is measured first")
+    parser.add_argument("--idle", type=float, default=20.0, help="idle measure before each batch (s)")
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="rounds of both settings in one boot, the order alternating (on off, off on, ...): "
-        "the table gives each figure's median, and every round's CPU per run",
-    )
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="PY_SPY",
-        help="a static py-spy binary: sample the worker during each batch (summaries in "
-        "/tmp/flow-worker-profile-MODE.txt; the wheel's binary is static)",
+        "--rounds", type=int, default=3, help="rounds of idle and batch (alternating which pool goes first)"
     )
     args = parser.parse_args()
     reason = why_not_available()
@@ -197,43 +241,32 @@ def main() -> int:
         print(f"cannot boot the VM: {reason}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with running_server(prefix="flow-worker-bench-vm-") as server:
         api = Api(server)
         print(f"Prefect server at {server.api_url}; booting the VM ...", flush=True)
-        with installed_vm(server, [args.profile] if args.profile else []) as box:
+        with installed_vm(server) as box:
             tick = int(box.sh("getconf CLK_TCK"))
             kernel = box.sh("uname -r").strip()
-            order = sorted(MODES, key=lambda m: m != args.first)
-            for round_ in range(args.rounds):  # alternating: neither setting is always the colder
-                for mode in order if round_ % 2 == 0 else order[::-1]:
-                    sampled = args.profile is not None
-                    rounds[mode].append(
-                        measure(box, api, mode, args.runs, args.sleep, args.idle, tick, sampled)
-                    )
+            pids = start_both(box)
+            print(f"[{time.strftime('%H:%M:%S')}] workers: {pids}", flush=True)
+            held = warm_up(box, api, pids)
+            rounds = [
+                round_(box, api, pids, tick, args.runs, args.sleep, args.idle, MODES[i % 2])
+                for i in range(args.rounds)
+            ]
             accel, cpus, memory = box.accel, box.cpus, box.memory_mb
         api.http.close()
     meta = (
         f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `bench/cgroups-vm` "
-        f"(`--runs {args.runs} --sleep {args.sleep:g} --first {args.first} --rounds {args.rounds}`): "
-        f"one VM ({accel}, "
-        f"{cpus} vCPUs, {memory} MiB, kernel {kernel}, cgroup v2) on a {os.cpu_count()}-core host, "
-        f"flow-worker {__import__('worker').__version__} from the .deb; per setting {args.runs} "
-        f"fake-engine runs of {args.sleep:g} s created together, after one warm-up run; cgroups "
-        f"{args.first} first. Worker CPU = utime + stime of the unit's MainPID (not its children); "
-        f"total {time.monotonic() - started:.0f} s."
+        f"(`--runs {args.runs} --sleep {args.sleep:g} --idle {args.idle:g} --rounds {args.rounds}`): "
+        f"one VM ({accel}, {cpus} vCPUs, {memory} MiB, kernel {kernel}, cgroup v2) on a "
+        f"{os.cpu_count()}-core host, flow-worker {__import__('worker').__version__} from the .deb; "
+        f"two workers side by side in it (cgroups on, and off as a user of its own), measured over "
+        f"the same windows; per round {args.runs} fake-engine runs of {args.sleep:g} s in each pool, "
+        f"created interleaved. Worker CPU = utime + stime of the unit's MainPID (not its "
+        f"children); total {time.monotonic() - started:.0f} s."
     )
-    results = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in rounds.items()}
-    text = table(results, meta)
-    if args.rounds > 1:
-        each = "; ".join(
-            f"{on['cpu_per_run_ms']:.0f} / {off['cpu_per_run_ms']:.0f}"
-            for on, off in zip(rounds["on"], rounds["off"], strict=True)
-        )
-        text += (
-            f"\n{args.rounds} rounds (medians above); worker CPU per run on / off, "
-            f"round by round (ms): {each}.\n"
-        )
+    text = report(rounds, held, args.runs, meta)
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

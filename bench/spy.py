@@ -1,6 +1,6 @@
 """py-spy's collapsed stacks summed up: where a worker's CPU went during a bench scenario.
 
-Both benches can sample the worker with a static ``py-spy`` binary (``pip download
+``bench/compare --profile`` samples the worker with a static ``py-spy`` binary (``pip download
 py-spy``: the wheel's ``py-spy`` is static): ``--nonblocking``, so the worker is never
 stopped, and py-spy's own CPU is its own, not the worker's. :func:`top` turns the raw
 output (one ``frame;frame;… count`` line per distinct stack) into the frames most often

@@ -48,11 +48,10 @@ SETTINGS: Final = (
 
 
 @contextlib.contextmanager
-def installed_vm(server: PrefectServer, extra: Sequence[Path] = ()) -> Iterator[Vm]:
+def installed_vm(server: PrefectServer) -> Iterator[Vm]:
     """A booted VM with the ``.deb`` built from this checkout installed (with apt, from the
     payload disk), the guest reaching ``server`` at :data:`API_PORT`; shut down on exit,
-    saying how long each step took. Also used by ``bench/cgroups_vm.py``. ``extra``: files
-    copied to the payload disk too (``/opt/payload/NAME`` in the guest)."""
+    saying how long each step took. Also used by ``bench/cgroups_vm.py``."""
     work = Path(tempfile.mkdtemp(prefix="flow-worker-vm-"))
     payload = work / "payload"
     payload.mkdir()
@@ -60,8 +59,6 @@ def installed_vm(server: PrefectServer, extra: Sequence[Path] = ()) -> Iterator[
     build_deb(payload / "flow-worker.deb")
     for flow in ("fake_engine.py", "vm_flows.py"):
         shutil.copy(FLOWS / flow, payload / flow)
-    for path in extra:
-        shutil.copy(path, payload / path.name)
     box = Vm(work, forwards={API_PORT: server.port}, payload=payload)
     box.timings["build-deb"] = time.monotonic() - t0
     try:
@@ -87,10 +84,10 @@ def vm(prefect_server: PrefectServer) -> Iterator[Vm]:
         yield box
 
 
-def configure(box: Vm, settings: Sequence[str] = SETTINGS) -> None:
+def configure(box: Vm, settings: Sequence[str] = SETTINGS, pool: str = POOL) -> None:
     """The pool's secrets file (the API's URL as the guest reaches it) and its settings
     (``/etc/flow-worker/POOL.toml``, TOML lines), read by the unit at its next start."""
-    env_file, toml = f"/etc/flow-worker/{POOL}.env", f"/etc/flow-worker/{POOL}.toml"
+    env_file, toml = f"/etc/flow-worker/{pool}.env", f"/etc/flow-worker/{pool}.toml"
     box.sh(f"printf 'PREFECT_API_URL={box.url(API_PORT, '/api')}\\n' > {env_file} && chmod 600 {env_file}")
     box.sh(f"printf '%s\\n' {' '.join(repr(s) for s in settings)} > {toml}")
 
@@ -176,17 +173,19 @@ def only_the_worker_left(box: Vm) -> bool:
 class Flows:
     """Deployments of the VM's flows (one per command and limits)."""
 
-    def __init__(self, api: Api) -> None:
-        self.api = api
+    def __init__(self, api: Api, pool: str = POOL) -> None:
+        self.api, self.pool = api, pool
 
     def run(self, args: str, **job_variables: Any) -> str:
         command = f"/usr/bin/python3 /opt/payload/vm_flows.py {args}"
-        return self.api.run(self.api.deployment(POOL, job_variables={"command": command, **job_variables}))
+        return self.api.run(
+            self.api.deployment(self.pool, job_variables={"command": command, **job_variables})
+        )
 
     def engine(self, sleep: float) -> str:
         env = {"FAKE_ENGINE_SLEEP": str(sleep)}
         command = "/usr/bin/python3 /opt/payload/fake_engine.py"
-        return self.api.run(self.api.deployment(POOL, job_variables={"command": command, "env": env}))
+        return self.api.run(self.api.deployment(self.pool, job_variables={"command": command, "env": env}))
 
     def cancel(self, run_id: str) -> None:
         self.api.cancel(run_id)

@@ -39,7 +39,8 @@ log = structlog.get_logger("flow_worker")
 RELABEL_SECONDS: Final = 5.0
 """A pass of the relabel loop at least this often."""
 LAST_TRIES: Final = 3
-"""Essential writes an ended run gets (each one retried as every essential request is)."""
+"""Essential writes an ended run gets, one a relabel pass (so over 10 s at least), each one
+retried as every essential request is."""
 MAX_ENDED: Final = 1000
 """Ended runs waiting for their labels at most (then the oldest is given up, said at INFO):
 a server that refuses label writes for long costs a bounded memory."""
@@ -135,7 +136,7 @@ class Labeller:
 
     async def relabel(self, pool: WorkPool | None) -> None:
         """One pass. Ended runs first, oldest first, one essential write each in turn (the
-        UI shows who ran it), ``LAST_TRIES`` at most; then the live runs whose write failed
+        UI shows who ran it), one a pass and ``LAST_TRIES`` at most; then the live runs whose write failed
         or went later (or, adopted, may lack ours), one non-essential write each while the
         server is not said busy. A run in ``unlabelled`` that is no longer in hand has
         ended (adopted runs end elsewhere): it joins the ended."""
@@ -147,9 +148,12 @@ class Labeller:
             return
         for run_id in [r for r in self.unlabelled if r not in self.in_hand.live]:
             self.later(self.unlabelled[run_id])
-        while self.ended and not self.unsupported:  # (learnt on the way: the next pass clears)
-            run_id, (flow_run, tried) = next(iter(self.ended.items()))
-            del self.ended[run_id]
+        for run_id in list(self.ended):  # one try each per pass: its LAST_TRIES span as many passes
+            if self.unsupported:  # (learnt on the way: the next pass clears)
+                break
+            if run_id not in self.ended:  # (given up meanwhile: more than MAX_ENDED)
+                continue
+            flow_run, tried = self.ended.pop(run_id)
             if not await self.label(flow_run, log.bind(flow_run_id=run_id), pool, essential=True):
                 if tried + 1 < LAST_TRIES:
                     self.ended[run_id] = (flow_run, tried + 1)
