@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Api, running_server, wait_for  # noqa: E402
-from tests.test_cgroups_vm import SETTINGS, Flows, configure, installed_vm  # noqa: E402
+from tests.test_cgroups_vm import SETTINGS, Flows, configure, flow_worker_processes, installed_vm  # noqa: E402
 from tests.vm import Vm, why_not_available  # noqa: E402
 
 MODES: Final = ("on", "off")
@@ -88,20 +88,11 @@ def exited(box: Vm, run_id: str) -> dict[str, Any] | None:
     return ends[-1] if ends else None
 
 
-def processes(box: Vm, user: str) -> dict[int, str]:
-    """pid → command name of every process of ``user`` (the guest has no ps)."""
-    out = box.sh(
-        f'for p in /proc/[0-9]*; do [ "$(stat -c %U $p 2>/dev/null)" = {user} ] && '
-        'echo "${p#/proc/} $(cat $p/comm 2>/dev/null)"; done; true'
-    )
-    return {int(line.split()[0]): line.split(maxsplit=1)[1] for line in out.splitlines() if " " in line}
-
-
 def nothing_left(box: Vm, pids: dict[str, str]) -> bool:
     """No run's cgroup, and each worker's user runs only the worker (and, with cgroups, its
     dead man's switch: ``sh`` waiting on ``cat``)."""
     cgroups = box.sh(f"ls -d '/sys/fs/cgroup{show(box, 'on', 'ControlGroup')}'/run-* 2>/dev/null; true")
-    on, off = processes(box, "flow-worker"), processes(box, OFF_USER)
+    on, off = flow_worker_processes(box), flow_worker_processes(box, OFF_USER)
     return (
         not cgroups.split()
         and int(pids["on"]) in on

@@ -149,10 +149,10 @@ def the_unit(box: Vm) -> str:
     return f"'/sys/fs/cgroup{show(box, 'ControlGroup')}'"
 
 
-def flow_worker_processes(box: Vm) -> dict[int, str]:
-    """pid → command name of every process of the flow-worker user (the guest has no ps)."""
+def flow_worker_processes(box: Vm, user: str = "flow-worker") -> dict[int, str]:
+    """pid → command name of every process of ``user`` (the guest has no ps)."""
     out = box.sh(
-        'for p in /proc/[0-9]*; do [ "$(stat -c %U $p 2>/dev/null)" = flow-worker ] && '
+        f'for p in /proc/[0-9]*; do [ "$(stat -c %U $p 2>/dev/null)" = {user} ] && '
         'echo "${p#/proc/} $(cat $p/comm 2>/dev/null)"; done; true'
     )
     return {int(line.split()[0]): line.split(maxsplit=1)[1] for line in out.splitlines() if " " in line}
