@@ -39,8 +39,8 @@ log = structlog.get_logger("flow_worker")
 RELABEL_SECONDS: Final = 5.0
 """A pass of the relabel loop at least this often."""
 LAST_TRIES: Final = 3
-"""Essential writes an ended run gets, one a relabel pass (so over 10 s at least), each one
-retried as every essential request is."""
+"""Essential writes an ended run gets, one a relabel pass (a pass every 5 s, or sooner when
+another run ends), each one retried as every essential request is."""
 MAX_ENDED: Final = 1000
 """Ended runs waiting for their labels at most (then the oldest is given up, said at INFO):
 a server that refuses label writes for long costs a bounded memory."""
