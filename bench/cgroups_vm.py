@@ -36,19 +36,27 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Api, running_server, wait_for  # noqa: E402
-from tests.test_cgroups_vm import SETTINGS, Flows, configure, flow_worker_processes, installed_vm  # noqa: E402
+from tests.test_cgroups_vm import (  # noqa: E402
+    SETTINGS,
+    Flows,
+    configure,
+    event,
+    first_said,
+    flow_worker_processes,
+    installed_vm,
+    show,
+    tail,
+)
 from tests.vm import Vm, why_not_available  # noqa: E402
 
 MODES: Final = ("on", "off")
@@ -62,14 +70,6 @@ def unit(mode: str) -> str:
     return f"flow-worker@{POOLS[mode]}.service"
 
 
-def show(box: Vm, mode: str, prop: str) -> str:
-    return box.run("systemctl", "show", "-P", prop, unit(mode)).stdout.strip()
-
-
-def tail(box: Vm, mode: str) -> str:
-    return box.run("journalctl", "-u", unit(mode), "-n", "60", "--no-pager", "-o", "cat", check=False).stdout
-
-
 def worker_times(box: Vm, pid: str, tick: int) -> tuple[float, float]:
     """``utime`` and ``stime`` of the worker process, in seconds (its children are not counted)."""
     fields = box.sh(f"cat /proc/{pid}/stat").rpartition(")")[2].split()
@@ -80,18 +80,10 @@ def both_cpu(box: Vm, pids: dict[str, str], tick: int) -> dict[str, float]:
     return {mode: sum(worker_times(box, pid, tick)) for mode, pid in pids.items()}
 
 
-def exited(box: Vm, run_id: str) -> dict[str, Any] | None:
-    """The worker's ``run.exited`` event about the run, once it is in the journal."""
-    out = box.run("journalctl", "-o", "json", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
-    found = [json.loads(line) for line in out.splitlines() if line.strip()]
-    ends = [e for e in found if e.get("FLOW_WORKER_EVENT") == "run.exited"]
-    return ends[-1] if ends else None
-
-
 def nothing_left(box: Vm, pids: dict[str, str]) -> bool:
     """No run's cgroup, and each worker's user runs only the worker (and, with cgroups, its
     dead man's switch: ``sh`` waiting on ``cat``)."""
-    cgroups = box.sh(f"ls -d '/sys/fs/cgroup{show(box, 'on', 'ControlGroup')}'/run-* 2>/dev/null; true")
+    cgroups = box.sh(f"ls -d '/sys/fs/cgroup{show(box, 'ControlGroup', unit('on'))}'/run-* 2>/dev/null; true")
     on, off = flow_worker_processes(box), flow_worker_processes(box, OFF_USER)
     return (
         not cgroups.split()
@@ -115,8 +107,10 @@ def start_both(box: Vm) -> dict[str, str]:
     for mode in MODES:
         configure(box, [*SETTINGS, *(["cgroups = false"] if mode == "off" else [])], pool=POOLS[mode])
         started = box.run("systemctl", "start", unit(mode), timeout=180, check=False)
-        assert started.returncode == 0, f"{unit(mode)} did not start: {started.stderr}\n{tail(box, mode)}"
-        pid = pids[mode] = show(box, mode, "MainPID")
+        assert started.returncode == 0, (
+            f"{unit(mode)} did not start: {started.stderr}\n{tail(box, unit=unit(mode))}"
+        )
+        pid = pids[mode] = show(box, "MainPID", unit(mode))
         cgroup = box.sh(f"cat /proc/{pid}/cgroup").strip()
         assert cgroup.endswith("/worker") == (mode == "on"), f"cgroups {mode}, yet the worker is in {cgroup}"
     return pids
@@ -127,11 +121,9 @@ def warm_up(box: Vm, api: Api, pids: dict[str, str]) -> dict[str, tuple[float, f
     held = {mode: Flows(api, POOLS[mode]).run(f"hold {HOLD_MIB} 1") for mode in MODES}
     figures = {}
     for mode, run_id in held.items():
-        assert api.wait_final(run_id, 300)["state_type"] == "COMPLETED", tail(box, mode)
-        end = wait_for(functools.partial(exited, box, run_id), 120, 0.5, what=f"run.exited of {run_id}")
-        out = box.run("journalctl", "-o", "cat", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
-        hwm = next(line.split()[1] for line in out.splitlines() if line.startswith("VMHWM "))
-        figures[mode] = (float(end["PEAK_MEMORY_MIB"]), int(hwm) / 1024)
+        assert api.wait_final(run_id, 300)["state_type"] == "COMPLETED", tail(box, unit=unit(mode))
+        end = event(box, run_id, "run.exited", timeout=120)
+        figures[mode] = (float(end["PEAK_MEMORY_MIB"]), int(first_said(box, run_id, "VMHWM")) / 1024)
     wait_for(lambda: nothing_left(box, pids), 120, 0.5, what="the warm-up runs gone")
     return figures
 
@@ -150,14 +142,16 @@ def round_(
             ids[mode].append(flows[mode].engine(sleep))
     for mode in order:
         for run_id in ids[mode]:
-            assert api.wait_final(run_id, 600)["state_type"] == "COMPLETED", tail(box, mode)
+            assert api.wait_final(run_id, 600)["state_type"] == "COMPLETED", tail(box, unit=unit(mode))
     for mode in order:
         for run_id in ids[mode]:
-            wait_for(functools.partial(exited, box, run_id), 120, 0.5, what=f"run.exited of {run_id}")
+            event(box, run_id, "run.exited", timeout=120)
     wait_for(lambda: nothing_left(box, pids), 120, 0.5, what="every run gone")
     cpu2, t2 = both_cpu(box, pids, tick), time.monotonic()
     for mode in MODES:
-        assert show(box, mode, "MainPID") == pids[mode], f"{unit(mode)} restarted\n{tail(box, mode)}"
+        assert show(box, "MainPID", unit(mode)) == pids[mode], (
+            f"{unit(mode)} restarted\n{tail(box, unit=unit(mode))}"
+        )
     result = {}
     for mode in MODES:
         rate = (cpu1[mode] - cpu0[mode]) / (t1 - t0)

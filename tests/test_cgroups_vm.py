@@ -102,13 +102,14 @@ def start(box: Vm, unit: str) -> None:
     assert started.returncode == 0, f"{unit} did not start: {started.stderr}\n{tail(box)}"
 
 
-def tail(box: Vm, lines: int = 60) -> str:
-    return box.run("journalctl", "-u", UNIT, "-n", str(lines), "--no-pager", "-o", "cat", check=False).stdout
+def tail(box: Vm, lines: int = 60, unit: str = UNIT) -> str:
+    return box.run("journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat", check=False).stdout
 
 
 def journal(box: Vm, run_id: str) -> list[dict[str, Any]]:
-    """The worker's journal entries about one run (its events and its output lines)."""
-    out = box.run("journalctl", "-u", UNIT, "-o", "json", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
+    """The worker's journal entries about one run (its events and its output lines), from
+    whichever unit ran it (a run's id is its own: the bench runs two units)."""
+    out = box.run("journalctl", "-o", "json", "--no-pager", f"FLOW_RUN_ID={run_id}").stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 

@@ -151,9 +151,10 @@ class Labeller:
         for run_id in list(self.ended):  # one try each per pass: its LAST_TRIES span as many passes
             if self.unsupported:  # (learnt on the way: the next pass clears)
                 break
-            if run_id not in self.ended:  # (given up meanwhile: more than MAX_ENDED)
+            entry = self.ended.pop(run_id, None)
+            if entry is None:  # (given up meanwhile: more than MAX_ENDED)
                 continue
-            flow_run, tried = self.ended.pop(run_id)
+            flow_run, tried = entry
             if not await self.label(flow_run, log.bind(flow_run_id=run_id), pool, essential=True):
                 if tried + 1 < LAST_TRIES:
                     self.ended[run_id] = (flow_run, tried + 1)
